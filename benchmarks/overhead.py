@@ -1,0 +1,79 @@
+"""Training-step cost of a gated model against the plain model.
+
+Usage:
+    python -m benchmarks.overhead [--steps 50] [--repeats 5]
+
+For each network (LeNet-300-100 at batch 128, MobileNetV2 alpha=1 at 32x32 at
+batch 64) it times, in one process and on the same batch, a compiled `fit`
+step of (a) the plain model with trainable weights and (b) the gated model in
+`slt` mode. Prints the median step time of each and their ratio; the target
+is a ratio <= 1.15.
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_stg  # noqa: E402
+from keras_stg import models  # noqa: E402
+
+
+def _step_time(model, x, y, steps, repeats):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, batch_size=len(x), epochs=2, verbose=0)  # trace and warm up
+    xs = np.concatenate([x] * steps)
+    ys = np.concatenate([y] * steps)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.fit(xs, ys, batch_size=len(x), epochs=1, verbose=0, shuffle=False)
+        times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times))
+
+
+def measure(name, build, batch, steps, repeats):
+    rng = np.random.default_rng(0)
+    plain = build()
+    x = rng.standard_normal((batch,) + tuple(plain.input_shape[1:])).astype("float32")
+    y = rng.integers(0, 10, batch)
+    t_plain = _step_time(plain, x, y, steps, repeats)
+    gated = keras_stg.wrap(build(), mode="slt", target_sparsity=0.9, seed=0)
+    t_gated = _step_time(gated, x, y, steps, repeats)
+    return {"model": name, "batch": batch, "plain_ms": 1e3 * t_plain,
+            "gated_ms": 1e3 * t_gated, "ratio": t_gated / t_plain}
+
+
+NETWORKS = {
+    "lenet_300_100": (lambda: models.lenet_300_100(), 128),
+    "mobilenet_v2_32px": (
+        lambda: keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10),
+        64,
+    ),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    rows = []
+    for name, (build, batch) in NETWORKS.items():
+        keras.backend.clear_session()
+        rows.append(measure(name, build, batch, args.steps, args.repeats))
+        r = rows[-1]
+        print(f"{r['model']:<20} batch {r['batch']:>3}  plain {r['plain_ms']:7.2f} ms  "
+              f"gated {r['gated_ms']:7.2f} ms  ratio {r['ratio']:.3f}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""`GatedModel`: any Keras 3 model with a stochastic gate on every kernel.
+
+The wrapped model is not rewritten or cloned. For each forward pass the gated
+kernels `W * z` are substituted for the kernel variables with
+`keras.StatelessScope`, which works the same for Sequential, Functional and
+nested subclassed models (keras-hub backbones). Updates the wrapped model makes
+to its own state during the call (BatchNormalization moving statistics,
+dropout seed generators) are collected by the scope and applied afterwards,
+and losses its layers add are passed on.
+
+Modes:
+- `"slt"`: strong lottery ticket. Weights stay frozen at their (random)
+  initial values; only the gates train.
+- `"post_training"`: a trained model's weights stay frozen; only gates train.
+- `"joint"`: weights and gates train together.
+
+Normalization policy: gates are never put on normalization layers. In the two
+frozen modes their affine parameters (gamma, beta) stay frozen with the other
+weights, while BatchNormalization's moving mean and variance keep being
+updated during `fit`, so inference statistics describe the masked network and
+not the dense one they were first computed on. In `"joint"` mode every
+parameter trains as usual. Frozen weights are bit-identical after `fit`.
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_stg import gates as gate_math
+from keras_stg import granularity as granularity_lib
+from keras_stg.layers import StochasticGate
+from keras_stg.targets import find_targets
+
+MODES = ("slt", "post_training", "joint")
+
+def _replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _scale_for_replicas(value):
+    # Keras divides each replica's loss by the replica count and sums the
+    # gradients; a quantity computed once per model must be scaled the same way.
+    n = _replicas()
+    return value if n == 1 else value * (1.0 / n)
+
+
+#: Bound of the adaptive lambda, so a bad start cannot blow it up.
+_LAM_MAX = 1e3
+
+
+def _check_args(mode, lam, target_sparsity, sigma, controller_rate):
+    if mode not in MODES:
+        raise ValueError(
+            f"Unknown mode {mode!r}. Use one of {', '.join(repr(m) for m in MODES)}: "
+            "'slt' (random weights frozen), 'post_training' (trained weights "
+            "frozen) or 'joint' (weights and gates train together)."
+        )
+    if lam is not None and not (isinstance(lam, (int, float)) and lam >= 0):
+        raise ValueError(
+            f"`lam` must be a number >= 0, got {lam!r}. Use `lam=0` for no "
+            "sparsity penalty, or `target_sparsity=` to adapt it automatically."
+        )
+    if target_sparsity is not None and not (
+        isinstance(target_sparsity, (int, float)) and 0 < target_sparsity < 1
+    ):
+        raise ValueError(
+            f"`target_sparsity` must be strictly between 0 and 1 (a fraction of "
+            f"weights to remove, e.g. 0.9), got {target_sparsity!r}."
+        )
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"`sigma` must be a number > 0, got {sigma!r}.")
+    if not controller_rate > 0:
+        raise ValueError(f"`controller_rate` must be > 0, got {controller_rate!r}.")
+
+
+@keras.saving.register_keras_serializable(package="keras_stg")
+class GatedModel(keras.Model):
+    """A Keras model whose kernels are multiplied by learned stochastic gates.
+
+    Build it with `keras_stg.wrap(model, ...)`; see there for the arguments.
+    The object is a regular `keras.Model`: compile, fit, evaluate, predict,
+    save to `.keras` and load back with `keras.models.load_model` (import
+    `keras_stg` first so the class is registered).
+
+    Besides the compiled metrics, `fit` and `evaluate` log `sparsity` (share
+    of gated kernel weights removed by the binary mask), `expected_l0`
+    (expected share kept under the relaxation, i.e. the expected L0 norm
+    divided by the weight count) and `lam` (the current penalty weight).
+
+    Attributes:
+        base_model: the wrapped model (its kernels are not modified).
+        targets: list of `keras_stg.targets.GateTarget`, one per gated kernel.
+        gates: list of `StochasticGate`, aligned with `targets`.
+        skipped: layers with trainable weights that are not gated, with reasons.
+    """
+
+    def __init__(
+        self,
+        model,
+        mode="slt",
+        granularity="weight",
+        lam=None,
+        target_sparsity=None,
+        sigma=0.5,
+        include=None,
+        exclude=None,
+        init_mu=0.5,
+        mu_bound=1.0,
+        seed=None,
+        controller_rate=0.01,
+        target_ramp=0.5,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", f"gated_{model.name}")
+        super().__init__(**kwargs)
+        _check_args(mode, lam, target_sparsity, sigma, controller_rate)
+        self.base_model = model
+        self.mode = mode
+        self.granularity = granularity_lib.get(granularity)
+        self.sigma = float(sigma)
+        self.target_sparsity = None if target_sparsity is None else float(target_sparsity)
+        self.initial_lam = float(1.0 if lam is None else lam)
+        self.include = include
+        self.exclude = exclude
+        self.init_mu = float(init_mu)
+        self.mu_bound = mu_bound
+        self.seed = seed
+        self.controller_rate = float(controller_rate)
+        if not 0 <= target_ramp <= 1:
+            raise ValueError(f"`target_ramp` must be in [0, 1], got {target_ramp!r}.")
+        self.target_ramp = float(target_ramp)
+
+        self.targets, self.skipped = find_targets(model, include, exclude)
+        if not self.targets:
+            raise ValueError(
+                f"Model {model.name!r} has no kernel that stochastic gates can "
+                "control. Supported layers: Dense, EinsumDense (and so "
+                "MultiHeadAttention), Conv1D/2D/3D, Conv1D/2D/3DTranspose, "
+                "DepthwiseConv1D/2D, SeparableConv1D/2D. Not gated: "
+                + (", ".join(f"{s.path} ({s.reason})" for s in self.skipped) or "nothing")
+            )
+        self.gates = []
+        self._n_weights = []
+        for i, t in enumerate(self.targets):
+            shape = tuple(t.variable.shape)
+            gate_shape = self.granularity.gate_shape(shape, t.out_axes, t.in_axes)
+            self.gates.append(
+                StochasticGate(
+                    sigma=self.sigma,
+                    gate_shape=gate_shape,
+                    init_mu=self.init_mu,
+                    mu_bound=mu_bound,
+                    seed=None if seed is None else int(seed) * 100003 + i,
+                    name=f"gate_{i}",
+                )
+            )
+            self._n_weights.append(math.prod(shape))
+        self._total_weights = float(sum(self._n_weights))
+        self.lam = self.add_weight(
+            name="lam",
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_lam),
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        # Total optimizer steps of the current `fit` (set by a callback), for
+        # the ramp of the sparsity target; 0 means no ramp.
+        self.total_steps = self.add_weight(
+            name="total_steps",
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        # Values of the gated biases are gated too for unit-like granularities.
+        self._gated_bias = [
+            t.bias is not None
+            and self.granularity.gates_bias
+            and math.prod(t.bias.shape) == math.prod(g.gate_shape)
+            for t, g in zip(self.targets, self.gates)
+        ]
+        self._substituted = {id(t.variable) for t in self.targets}
+        self._substituted |= {
+            id(t.bias) for t, b in zip(self.targets, self._gated_bias) if b
+        }
+        self.frozen = []
+        if mode != "joint":
+            for v in model.trainable_variables:
+                v.trainable = False
+                self.frozen.append(v)
+
+    # ------------------------------------------------------------------ forward
+
+    def effective_kernels(self, training=False):
+        """`(variable, value)` pairs: every gated kernel (and bias) times its gate."""
+        mapping = []
+        for target, gate, gated_bias in zip(self.targets, self.gates, self._gated_bias):
+            kernel = target.variable
+            shape = tuple(kernel.shape)
+            z = gate.gate(training)
+            z_full = self.granularity.expand(z, shape, target.out_axes, target.in_axes)
+            value = kernel.value
+            mapping.append((kernel, value * ops.cast(z_full, value.dtype)))
+            if gated_bias:
+                bias = target.bias.value
+                mapping.append(
+                    (target.bias, bias * ops.cast(ops.reshape(z, bias.shape), bias.dtype))
+                )
+        return mapping
+
+    def call(self, inputs, training=False):
+        mapping = self.effective_kernels(training=bool(training))
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            outputs = self.base_model(inputs, training=training)
+        # State the wrapped model updated inside the scope (BatchNormalization
+        # moving statistics, dropout seeds) is applied now.
+        for v in self.base_model.variables:
+            if id(v) in self._substituted:
+                continue
+            new_value = scope.get_current_value(v)
+            if new_value is not None:
+                v.assign(new_value)
+        for loss in scope.losses:
+            self.add_loss(loss)
+        return outputs
+
+    # ------------------------------------------------------------- gate state
+
+    def _expected_density(self):
+        """Expected share of gated kernel weights kept under the relaxation."""
+        total = 0.0
+        for gate, n in zip(self.gates, self._n_weights):
+            per_gate = n / math.prod(gate.gate_shape)
+            total = total + gate.expected_l0() * per_gate
+        return total / self._total_weights
+
+    def _hard_density(self):
+        kept = 0.0
+        for target, gate in zip(self.targets, self.gates):
+            mask = gate_math.binary_mask(gate.mu)
+            kept = kept + ops.cast(
+                self.granularity.kept_weights(
+                    mask, tuple(target.variable.shape), target.out_axes, target.in_axes
+                ),
+                "float32",
+            )
+        return kept / self._total_weights
+
+    def _gate_logs(self):
+        return {
+            "sparsity": 1.0 - self._hard_density(),
+            "expected_l0": self._expected_density(),
+            "lam": ops.convert_to_tensor(self.lam),
+        }
+
+    def current_target(self):
+        """The sparsity target of this step: ramps up cubically, then holds.
+
+        Over the first `target_ramp` share of the `fit` call's steps the target
+        rises as `target * (1 - (1 - t)^3)` (the gradual-pruning schedule of
+        Zhu and Gupta 2017), so that lambda never has to chase a large error:
+        the hard sparsity lags lambda by hundreds of steps, and a controller
+        chasing the full target from step 0 winds up and overshoots.
+        """
+        target = ops.convert_to_tensor(self.target_sparsity, "float32")
+        if self.target_ramp == 0:
+            return target
+        ramp = ops.cast(self.total_steps, "float32") * self.target_ramp
+        t = ops.cast(self.optimizer.iterations, "float32") / ops.maximum(ramp, 1.0)
+        t = ops.where(ramp > 0, ops.minimum(t, 1.0), 1.0)
+        return target * (1.0 - (1.0 - t) ** 3)
+
+    def _update_lambda(self):
+        """Integral control of lambda towards the current target.
+
+        The sparsity target is an equality constraint, so lambda is its
+        Lagrange multiplier and may turn negative: on a frozen random network
+        the task loss alone prunes many weights (most random weights hurt), and
+        a target below that natural sparsity needs a reward for keeping weights.
+        """
+        sparsity = 1.0 - self._hard_density()
+        lam = self.lam + self.controller_rate * (self.current_target() - sparsity)
+        self.lam.assign(ops.clip(lam, -_LAM_MAX, _LAM_MAX))
+
+    # ----------------------------------------------------------- train / test
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            # The penalty is a per-model quantity: scale it like a per-replica
+            # loss so that summing replica gradients counts it once.
+            penalty = ops.cast(self.lam, "float32") * self._expected_density()
+            loss = loss + _scale_for_replicas(ops.cast(penalty, loss.dtype))
+            self._loss_tracker.update_state(
+                loss * _replicas(),
+                sample_weight=tf.shape(next(i for i in keras.tree.flatten(x) if i is not None))[0],
+            )
+            scaled_loss = self.optimizer.scale_loss(loss)
+        variables = self.trainable_weights
+        gradients = tape.gradient(scaled_loss, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        if self.target_sparsity is not None:
+            self._update_lambda()
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs.update(self._gate_logs())
+        return logs
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`; also tells the sparsity schedule how long training runs."""
+        callbacks = list(callbacks or [])
+        callbacks.append(_TotalSteps(self))
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        logs.update(self._gate_logs())
+        return logs
+
+    # ----------------------------------------------------------------- export
+
+    def masks(self):
+        """Binary masks, one NumPy array per gated kernel, broadcast to its shape."""
+        out = []
+        for target, gate in zip(self.targets, self.gates):
+            shape = tuple(target.variable.shape)
+            m = self.granularity.expand(
+                gate_math.binary_mask(gate.mu), shape, target.out_axes, target.in_axes
+            )
+            out.append(np.broadcast_to(ops.convert_to_numpy(m), shape).astype(bool))
+        return out
+
+    def sparsity(self):
+        """Share of gated kernel weights removed by the binary mask (a float)."""
+        return float(ops.convert_to_numpy(1.0 - self._hard_density()))
+
+    def strip(self):
+        """Returns a plain Keras model with `kernel * mask` and no gate state.
+
+        Same architecture and layer names as the wrapped model; its outputs
+        equal this model's inference outputs. See `keras_stg.strip`.
+        """
+        from keras_stg.strip import strip
+
+        return strip(self)
+
+    # ------------------------------------------------------------- serialize
+
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "model": keras.saving.serialize_keras_object(self.base_model),
+            "mode": self.mode,
+            "granularity": self.granularity.get_config(),
+            "lam": self.initial_lam,
+            "target_sparsity": self.target_sparsity,
+            "sigma": self.sigma,
+            "include": self.include,
+            "exclude": self.exclude,
+            "init_mu": self.init_mu,
+            "mu_bound": self.mu_bound,
+            "seed": self.seed,
+            "controller_rate": self.controller_rate,
+            "target_ramp": self.target_ramp,
+        }
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects
+        )
+        return cls(model, **config)
+
+
+class _TotalSteps(keras.callbacks.Callback):
+    """Stores `epochs * steps` of the running `fit` in the gated model."""
+
+    def __init__(self, gated):
+        super().__init__()
+        self._gated = gated
+
+    def on_train_begin(self, logs=None):
+        epochs = self.params.get("epochs") or 0
+        steps = self.params.get("steps") or 0
+        self._gated.total_steps.assign(float(epochs * steps))

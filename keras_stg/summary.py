@@ -1,0 +1,72 @@
+"""Per-layer sparsity report of a gated model."""
+
+import numpy as np
+from keras import ops
+
+
+def layer_stats(gated):
+    """One dict per gated kernel: name, class, params, kept, sparsity, fractional.
+
+    `fractional` is the share of the kernel's gates whose noise-free value
+    `clip(mu + 0.5, 0, 1)` is strictly between 0 and 1; the binary mask rounds
+    them, so a high share means training has not settled.
+    """
+    rows = []
+    for target, mask in zip(gated.targets, gated.masks()):
+        gate = next(g for t, g in zip(gated.targets, gated.gates) if t is target)
+        mu = ops.convert_to_numpy(gate.mu)
+        params = int(mask.size)
+        kept = int(mask.sum())
+        rows.append(
+            {
+                "name": target.name,
+                "class": type(target.layer).__name__,
+                "params": params,
+                "kept": kept,
+                "sparsity": 1.0 - kept / params,
+                "gates": int(mu.size),
+                "fractional": float(np.mean((mu > -0.5) & (mu < 0.5))),
+            }
+        )
+    return rows
+
+
+def summary(gated):
+    """A text table of the gated layers: params, kept, sparsity, fractional gates.
+
+    Example:
+
+    ```python
+    print(keras_stg.summary(gated))
+    ```
+    """
+    rows = layer_stats(gated)
+    total = sum(r["params"] for r in rows)
+    kept = sum(r["kept"] for r in rows)
+    gates = sum(r["gates"] for r in rows)
+    frac = sum(r["fractional"] * r["gates"] for r in rows) / max(1, gates)
+    width = max([len(r["name"]) for r in rows] + [5])
+    head = (
+        f"{'layer':<{width}}  {'class':<16} {'params':>10} {'kept':>10} "
+        f"{'sparsity':>9} {'fractional':>10}"
+    )
+    lines = [
+        f"Gated model {gated.name!r}: mode={gated.mode}, "
+        f"granularity={gated.granularity.get_config()}, lambda={float(gated.lam.numpy()):.4g}",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<{width}}  {r['class']:<16} {r['params']:>10,} {r['kept']:>10,} "
+            f"{r['sparsity']:>8.2%} {r['fractional']:>10.2%}"
+        )
+    lines.append("-" * len(head))
+    lines.append(
+        f"{'total':<{width}}  {'':<16} {total:>10,} {kept:>10,} "
+        f"{1 - kept / max(1, total):>8.2%} {frac:>10.2%}"
+    )
+    if gated.skipped:
+        lines.append("Not gated:")
+        lines.extend(f"  {s.path} ({s.class_name}): {s.reason}" for s in gated.skipped)
+    return "\n".join(lines)

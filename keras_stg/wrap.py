@@ -1,0 +1,111 @@
+"""`wrap`: put a stochastic gate on every kernel of a Keras 3 model."""
+
+import keras
+
+from keras_stg import init as init_lib
+from keras_stg.model import GatedModel
+
+
+def wrap(
+    model,
+    mode="slt",
+    granularity="weight",
+    lam=None,
+    target_sparsity=None,
+    sigma=0.5,
+    include=None,
+    exclude=None,
+    init="auto",
+    init_mu=0.5,
+    mu_bound=1.0,
+    seed=None,
+    controller_rate=0.01,
+    target_ramp=0.5,
+):
+    """Wraps a built Keras 3 model so that `fit` learns binary masks over its kernels.
+
+    The returned `GatedModel` owns `model`: in the frozen modes it marks the
+    model's variables non-trainable, and with an `init` it re-draws the kernels.
+
+    Args:
+        model: a built Keras 3 model (Sequential, Functional, or subclassed
+            such as keras-hub backbones).
+        mode: `"slt"` (default; weights frozen at their random initial values,
+            the strong lottery ticket), `"post_training"` (trained weights
+            frozen) or `"joint"` (weights and gates trained together).
+        granularity: `"weight"` (one gate per kernel entry, default), `"unit"`
+            (one gate per output neuron/channel), `"block4"`/`"block16"`, or a
+            `keras_stg.granularity.Granularity`.
+        lam: weight of the expected-L0 penalty (the penalty is the expected
+            share of weights kept). Default 1.0. With `target_sparsity` it is
+            the starting value of the adaptive lambda.
+        target_sparsity: in (0, 1); lambda then adapts every step (and may go
+            negative) so that the binary mask's sparsity settles at this value.
+        sigma: noise scale of the gates (0.5 in the paper).
+        include: layer names or regexes (full match on name or path) to gate;
+            default every supported layer.
+        exclude: layer names or regexes to leave ungated.
+        init: `"auto"` (signed Kaiming constant in `slt` mode, the model's own
+            weights otherwise), None (keep the weights), or a name from
+            `keras_stg.init.INITIALIZERS`.
+        init_mu: initial gate location (0.5: every gate fully open).
+        mu_bound: gate locations are kept in `[-mu_bound, mu_bound]` so that
+            closed gates can reopen (see `StochasticGate`); None: unbounded.
+        seed: int; makes the init and the gate noise deterministic.
+        controller_rate: gain of the adaptive-lambda controller (per step).
+        target_ramp: share of `fit`'s steps over which the sparsity target
+            rises (cubically) from 0 to `target_sparsity`; 0: no ramp.
+
+    Returns:
+        A `keras_stg.GatedModel`.
+
+    Example:
+
+    ```python
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+    gated = keras_stg.wrap(model, mode="slt", target_sparsity=0.9, seed=0)
+    gated.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    gated.fit(train_ds, epochs=10)
+    pruned = gated.strip()
+    ```
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"keras_stg needs the TensorFlow backend, but Keras runs on "
+            f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before "
+            "importing keras."
+        )
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"wrap() takes a keras.Model, got {type(model).__name__}. Wrap single "
+            "layers in a keras.Sequential first."
+        )
+    if isinstance(model, GatedModel):
+        raise ValueError("This model is already gated; call wrap() on the plain model.")
+    if not model.built or not model.weights:
+        raise ValueError(
+            f"Model {model.name!r} is not built, so its kernels do not exist yet. "
+            "Build it first: give it an input shape (keras.Input(...) or "
+            "`input_shape=`), call `model.build(input_shape)`, or call it on a batch."
+        )
+    if init == "auto":
+        init = "signed_constant" if mode == "slt" else None
+    initializer = init_lib.get(init) if init is not None else None
+    gated = GatedModel(
+        model,
+        mode=mode,
+        granularity=granularity,
+        lam=lam,
+        target_sparsity=target_sparsity,
+        sigma=sigma,
+        include=include,
+        exclude=exclude,
+        init_mu=init_mu,
+        mu_bound=mu_bound,
+        seed=seed,
+        controller_rate=controller_rate,
+        target_ramp=target_ramp,
+    )
+    if initializer is not None:
+        initializer(gated, seed=0 if seed is None else seed)
+    return gated
