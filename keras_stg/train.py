@@ -76,7 +76,7 @@ def run(cfg, data_dir=None, out=None):
     from keras_stg import data
 
     keras.utils.set_random_seed(cfg.seed)
-    flatten = cfg.model == "lenet_300_100"
+    flatten = False  # models take images; LeNet flattens them itself
     train = data.dataset(cfg.dataset, "train", cfg.batch_size, data_dir,
                          seed=cfg.seed, flatten=flatten, limit=cfg.limit)
     test = data.dataset(cfg.dataset, "test", 1000, data_dir, flatten=flatten)
