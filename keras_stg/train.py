@@ -76,10 +76,10 @@ def run(cfg, data_dir=None, out=None):
     from keras_stg import data
 
     keras.utils.set_random_seed(cfg.seed)
-    flatten = False  # models take images; LeNet flattens them itself
+    # Models take images (LeNet flattens them itself).
     train = data.dataset(cfg.dataset, "train", cfg.batch_size, data_dir,
-                         seed=cfg.seed, flatten=flatten, limit=cfg.limit)
-    test = data.dataset(cfg.dataset, "test", 1000, data_dir, flatten=flatten)
+                         seed=cfg.seed, limit=cfg.limit)
+    test = data.dataset(cfg.dataset, "test", 1000, data_dir)
     model = build_model(cfg)
     gated = keras_stg.wrap(
         model, mode=cfg.mode, granularity=cfg.granularity, lam=cfg.lam,
