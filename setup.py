@@ -17,6 +17,7 @@ setup(
         "numpy>=2.0,<2.5",
         "pyyaml>=6.0,<7",
         "matplotlib>=3.8,<3.12",
+        "tensorboard>=2.21,<2.22",
     ],
     extras_require={
         "hub": ["keras-hub>=0.32,<0.33"],
