@@ -31,6 +31,10 @@ setup(
         "test": [
             "pytest>=8,<10",
             "keras-hub>=0.32,<0.33",
+            "ai-edge-litert>=2.3,<2.4",
+            "tf2onnx>=1.17,<1.18",
+            "onnx>=1.17,<1.24",
+            "onnxruntime>=1.31,<1.32",
         ],
     },
 )

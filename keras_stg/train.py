@@ -32,27 +32,14 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from keras_stg._files import atomic_write  # noqa: E402
 
-def _atomic_write(path, write):
-    """Writes through `write(tmp_path)` then renames: no half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+_atomic_write = atomic_write
 
 
 STRATEGIES = ("default", "mirrored", "multi_worker")

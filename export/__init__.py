@@ -1,0 +1,24 @@
+"""Edge export of strong lottery tickets: pruned TFLite/LiteRT and ONNX files.
+
+Commands:
+
+    python -m export.tflite --model M --out model.tflite [--sparse]
+        [--int8 --calibration DATA] [--edgetpu] [--shrink] [--report FILE]
+    python -m export.onnx --model M --out model.onnx [--opset N] [--report FILE]
+
+`M` is a gated or stripped `.keras` file, or a training run's output folder
+(`python -m keras_stg.train ... --out DIR`). The same exports are functions:
+
+```python
+from export import tflite, onnx
+
+report = tflite.export("runs/lenet", "lenet.tflite", sparse=True)
+report = onnx.export("runs/lenet/stripped.keras", "lenet.onnx")
+```
+
+Submodules: `tflite`, `onnx`, `shrink` (remove pruned units physically),
+`edgetpu` (Edge TPU readiness check). Importing this package has no side
+effects; TensorFlow is imported only when an export runs.
+"""
+
+__all__ = ["edgetpu", "onnx", "shrink", "tflite"]

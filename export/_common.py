@@ -1,0 +1,449 @@
+"""Shared pieces of the exporters: model loading, sample data, atomic writes, reports."""
+
+import gzip
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+#: Default number of real samples the parity check runs.
+DEFAULT_SAMPLES = 64
+#: Default number of timed runs of the latency measurement (after warm-up).
+DEFAULT_RUNS = 50
+
+
+class ExportError(ValueError):
+    """A problem with the user's request (paths, options, model, data).
+
+    The command-line tools turn it into `error: <message>` and exit status 2,
+    without a traceback.
+    """
+
+    exit_code = 2
+
+
+class ReadinessError(ExportError):
+    """The exported file breaks target rules (e.g. Edge TPU); `report` has the details."""
+
+    exit_code = 1
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+# --------------------------------------------------------------------- paths
+
+
+def check_out_path(out, ext):
+    """Raises `ExportError` if `out` does not end with `ext` or its folder is missing."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise ExportError(f"Output path must be a file path, got {out!r}.")
+    out = os.fspath(out)
+    if not out.lower().endswith(ext):
+        raise ExportError(
+            f"Output file {out!r} must end with {ext!r}; e.g. --out "
+            f"{os.path.splitext(out)[0] or 'model'}{ext}."
+        )
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ExportError(f"Output folder {parent!r} does not exist; create it first.")
+    if os.path.isdir(out):
+        raise ExportError(f"Output path {out!r} is a folder; give a file name ending in {ext}.")
+    return out
+
+
+def check_report_path(report):
+    if report is None:
+        return None
+    report = os.fspath(report)
+    if not report.lower().endswith(".json"):
+        raise ExportError(f"Report file {report!r} must end with '.json'.")
+    parent = os.path.dirname(os.path.abspath(report))
+    if not os.path.isdir(parent):
+        raise ExportError(f"Report folder {parent!r} does not exist; create it first.")
+    return report
+
+
+def resolve_model_path(path):
+    """The `.keras` file behind `path` (a file or a training run's folder)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("gated.keras", "stripped.keras"):
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise ExportError(
+            f"Folder {path!r} holds no gated.keras or stripped.keras; pass a "
+            "training run's --out folder or a .keras file."
+        )
+    if not os.path.exists(path):
+        raise ExportError(
+            f"Model {path!r} does not exist; pass a gated or stripped .keras file "
+            "or a training run's output folder."
+        )
+    if not path.endswith(".keras"):
+        raise ExportError(
+            f"Model {path!r} is not a .keras file; pass a gated or stripped .keras "
+            "file (GatedModel.save / keras_stg.train --out) or a run folder."
+        )
+    return path
+
+
+def atomic_write(path, write):
+    """`keras_stg._files.atomic_write`, imported on use (importing keras_stg
+    loads TensorFlow, and importing `export` must not)."""
+    from keras_stg._files import atomic_write as _atomic_write
+
+    _atomic_write(path, write)
+
+
+def atomic_write_bytes(path, data):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def write_report(path, report):
+    text = json.dumps(report, indent=2, default=_json_default)
+    atomic_write(path, lambda tmp: open(tmp, "w", encoding="utf-8").write(text + "\n"))
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+# -------------------------------------------------------------------- models
+
+
+def load_model(model):
+    """Returns `(plain keras.Model, GatedModel or None, source path or None)`.
+
+    `model` is a `keras_stg.GatedModel`, a plain `keras.Model`, a `.keras` file
+    (gated or stripped) or a training run's output folder. Gated models are
+    stripped (`kernel * mask`, pruned weights exact zeros).
+    """
+    import keras
+
+    import keras_stg
+
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source = resolve_model_path(model)
+        try:
+            model = keras.models.load_model(source)
+        except Exception as e:  # Corrupt file, unknown custom layer, ...
+            raise ExportError(f"Could not load {source!r}: {e}") from None
+    if isinstance(model, keras_stg.GatedModel):
+        return model.strip(), model, source
+    if not isinstance(model, keras.Model):
+        raise ExportError(
+            f"Expected a keras.Model, a keras_stg.GatedModel or a path, got "
+            f"{type(model).__name__}."
+        )
+    return model, None, source
+
+
+def input_shape(model):
+    """The model's single input shape without the batch axis (a tuple)."""
+    shapes = model.input_shape if hasattr(model, "input_shape") else None
+    if shapes is None or (isinstance(shapes, list) and len(shapes) != 1):
+        raise ExportError(
+            f"Model {model.name!r} must have exactly one input tensor to be exported "
+            f"(found {shapes!r})."
+        )
+    if isinstance(shapes, list):
+        shapes = shapes[0]
+    return tuple(shapes[1:])
+
+
+def check_static(model, why):
+    """Raises `ExportError` if a non-batch input dimension is dynamic."""
+    shape = input_shape(model)
+    if any(d is None for d in shape):
+        raise ExportError(
+            f"Model {model.name!r} has a dynamic input shape {(None,) + shape}; {why} "
+            "needs static shapes. Rebuild the model with a fixed input shape, e.g. "
+            "keras.Input((224, 224, 3)), and load its weights."
+        )
+
+
+def run_dataset(source):
+    """The dataset name recorded in a training run's metrics.json, or None."""
+    if source is None:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(source)), "metrics.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)["config"]["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def weight_stats(model):
+    """Kernel weight count, non-zeros and sparsity of every gateable kernel."""
+    from keras_stg.targets import all_layers, kernel_targets
+
+    total = nonzero = 0
+    seen = set()
+    for layer in all_layers(model):
+        found = kernel_targets(layer)
+        if not found:
+            continue
+        for _, variable, _, _ in found:
+            if variable is None or id(variable) in seen:
+                continue
+            seen.add(id(variable))
+            value = np.asarray(variable.numpy())
+            total += value.size
+            nonzero += int(np.count_nonzero(value))
+    params = int(sum(int(np.prod(v.shape)) for v in model.weights))
+    return {
+        "kernel_weights": total,
+        "kernel_nonzero": nonzero,
+        "sparsity": (1.0 - nonzero / total) if total else 0.0,
+        "parameters": params,
+    }
+
+
+# ---------------------------------------------------------------------- data
+
+
+def is_dataset_name(value):
+    from keras_stg import data
+
+    return isinstance(value, str) and value in data.DATASETS
+
+
+def check_data_arg(value, what):
+    """Raises `ExportError` unless `value` is a dataset name, an existing .npy or an array."""
+    if value is None or isinstance(value, np.ndarray):
+        return value
+    from keras_stg import data
+
+    value = os.fspath(value)
+    if value in data.DATASETS:
+        return value
+    if value.endswith(".npy"):
+        if not os.path.isfile(value):
+            raise ExportError(f"{what} file {value!r} does not exist.")
+        return value
+    raise ExportError(
+        f"{what} {value!r} is neither a dataset name ({', '.join(sorted(data.DATASETS))}) "
+        "nor a .npy file of input samples."
+    )
+
+
+def _fit_to_shape(x, shape, what):
+    """Reshapes / repeats channels / resizes `x` (N, ...) to samples of `shape`."""
+    x = np.asarray(x, dtype=np.float32)
+    if tuple(x.shape[1:]) == tuple(shape):
+        return x
+    if any(d is None for d in shape):
+        return x
+    n = x.shape[0]
+    if int(np.prod(x.shape[1:])) == int(np.prod(shape)):
+        return x.reshape((n,) + tuple(shape))
+    if x.ndim == 4 and len(shape) == 3:
+        import tensorflow as tf
+
+        if x.shape[-1] != shape[-1]:
+            if shape[-1] % x.shape[-1]:
+                raise ExportError(
+                    f"{what} has {x.shape[-1]} channels; the model takes {shape[-1]}."
+                )
+            x = np.repeat(x, shape[-1] // x.shape[-1], axis=-1)
+        if tuple(x.shape[1:3]) != tuple(shape[:2]):
+            x = tf.image.resize(x, shape[:2]).numpy()
+        return x.astype(np.float32)
+    raise ExportError(
+        f"{what} samples have shape {tuple(x.shape[1:])}, which does not fit the "
+        f"model input {tuple(shape)}."
+    )
+
+
+def load_samples(spec, model, split, n, data_dir=None, seed=0, what="Data"):
+    """Input samples (and labels or None) fitted to the model's input shape.
+
+    Args:
+        spec: a dataset name of `keras_stg.data` (normalised like training),
+            a `.npy` file or an array of inputs, or None.
+        split: dataset split (`"train"` for calibration, `"test"` for parity).
+        n: number of samples (None: all).
+    """
+    shape = input_shape(model)
+    labels = None
+    if spec is None:
+        return None, None
+    if isinstance(spec, np.ndarray):
+        x = spec
+    elif is_dataset_name(spec):
+        from keras_stg import data
+
+        try:
+            images, labels = data.load(spec, split, data_dir)
+        except (ValueError, data.DataError) as e:
+            raise ExportError(f"Could not load dataset {spec!r}: {e}") from None
+        if n is not None:
+            images, labels = images[:n], labels[:n]
+        x = data.normalize(images, spec)
+    else:
+        try:
+            x = np.load(os.fspath(spec), allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ExportError(f"Could not read {spec!r} as a NumPy .npy array: {e}") from None
+        if not np.issubdtype(x.dtype, np.number):
+            raise ExportError(f"{spec!r} holds {x.dtype} values; expected numbers.")
+    if n is not None:
+        x = x[:n]
+    if len(x) == 0:
+        raise ExportError(f"{what} {spec!r} holds no samples.")
+    x = _fit_to_shape(x, shape, f"{what} {spec!r}" if not isinstance(spec, np.ndarray) else what)
+    return x, (None if labels is None else np.asarray(labels[: len(x)]))
+
+
+def random_samples(model, n, seed=0):
+    shape = tuple(1 if d is None else d for d in input_shape(model))
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n,) + shape).astype(np.float32)
+
+
+def parity_samples(model, samples, calibration, source, data_dir, n):
+    """Samples for the parity check and where they come from.
+
+    Order: `samples`, the calibration data's test split, the dataset of the
+    training run the model came from, and only then Gaussian noise (named as
+    such in the report).
+    """
+    note = ""
+    for spec, origin in (
+        (samples, "samples"),
+        (calibration, "calibration"),
+        (run_dataset(source), "training run's dataset"),
+    ):
+        if spec is None:
+            continue
+        try:
+            x, y = load_samples(spec, model, "test", n, data_dir, what="Samples")
+        except Exception as e:  # noqa: BLE001
+            if origin != "training run's dataset":
+                raise
+            # Found automatically: fall back to noise rather than fail the export.
+            note = f"; {spec} not loadable: {str(e).splitlines()[0][:120]}"
+            continue
+        name = spec if isinstance(spec, str) else f"array ({origin})"
+        return x, y, name
+    return random_samples(model, n), None, f"random normal (pass samples for real data{note})"
+
+
+# ------------------------------------------------------------------- metrics
+
+
+def gzip_size(data):
+    return len(gzip.compress(data, compresslevel=9, mtime=0))
+
+
+def median_latency_ms(run_once, runs=DEFAULT_RUNS, warmup=5):
+    """Median wall time of `run_once()` in milliseconds."""
+    for _ in range(warmup):
+        run_once()
+    times = []
+    for _ in range(max(1, runs)):
+        start = time.perf_counter()
+        run_once()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def parity(reference, outputs, labels=None):
+    reference = np.asarray(reference, np.float32).reshape(len(reference), -1)
+    outputs = np.asarray(outputs, np.float32).reshape(len(outputs), -1)
+    result = {
+        "samples": int(len(reference)),
+        "max_abs_diff": float(np.max(np.abs(reference - outputs))),
+    }
+    if reference.shape[-1] > 1:
+        ref_top = reference.argmax(-1)
+        out_top = outputs.argmax(-1)
+        result["top1_agreement"] = float(np.mean(ref_top == out_top))
+        if labels is not None:
+            labels = np.asarray(labels).reshape(-1)
+            result["keras_accuracy"] = float(np.mean(ref_top == labels))
+            result["export_accuracy"] = float(np.mean(out_top == labels))
+    return result
+
+
+def size_entry(data, baseline):
+    """File and gzip sizes of `data` against the dense float export `baseline`."""
+    size, gz = len(data), gzip_size(data)
+    base, base_gz = len(baseline), gzip_size(baseline)
+    return {
+        "bytes": size,
+        "gzip_bytes": gz,
+        "dense_float_bytes": base,
+        "dense_float_gzip_bytes": base_gz,
+        "ratio_vs_dense_float": size / base,
+        "gzip_ratio_vs_dense_float": gz / base,
+    }
+
+
+def format_report(report):
+    """A short human-readable rendering of a report dict."""
+    lines = [f"{report['format']} export: {report['out']}"]
+    s = report.get("size", {})
+    if s:
+        lines.append(
+            f"  size        {s['bytes']:,} B (gzip {s['gzip_bytes']:,} B); dense float "
+            f"{s['dense_float_bytes']:,} B (gzip {s['dense_float_gzip_bytes']:,} B); "
+            f"ratio {s['ratio_vs_dense_float']:.3f} (gzip {s['gzip_ratio_vs_dense_float']:.3f})"
+        )
+    w = report.get("weights", {})
+    if w:
+        lines.append(
+            f"  weights     {w['kernel_nonzero']:,} of {w['kernel_weights']:,} kernel weights "
+            f"non-zero, sparsity {w['sparsity']:.4f}"
+        )
+    sh = report.get("shrink")
+    if sh:
+        lines.append(
+            f"  shrink      parameters {sh['parameters_before']:,} -> {sh['parameters_after']:,}; "
+            + ", ".join(f"{k} {a}->{b}" for k, (a, b) in sh["units"].items())
+        )
+    p = report.get("parity", {})
+    if p:
+        text = f"  parity      {p['samples']} samples ({report.get('parity_data')}): max abs diff {p['max_abs_diff']:.3g}"
+        if "top1_agreement" in p:
+            text += f", top-1 agreement {p['top1_agreement']:.4f}"
+        if "keras_accuracy" in p:
+            text += f", accuracy keras {p['keras_accuracy']:.4f} / export {p['export_accuracy']:.4f}"
+        lines.append(text)
+    lat = report.get("latency_ms")
+    if lat is not None:
+        text = f"  latency     median {lat:.4f} ms (batch 1, {report.get('runtime')})"
+        if report.get("dense_float_latency_ms") is not None:
+            text += f"; dense float {report['dense_float_latency_ms']:.4f} ms"
+        lines.append(text)
+    e = report.get("edgetpu")
+    if e:
+        lines.append(f"  edgetpu     {'READY' if e['ready'] else 'NOT READY'}; compile with: {e['command']}")
+        for problem in e["problems"]:
+            lines.append(f"    - {problem}")
+    return "\n".join(lines)
+
+
+def run_cli(parser, args, work):
+    """Runs `work(args)`; user errors exit with status 2 and one clear message."""
+    try:
+        return work(args)
+    except ExportError as e:
+        parser.exit(e.exit_code, f"{parser.prog}: error: {e}\n")

@@ -1,0 +1,227 @@
+"""Export a ticket to ONNX.
+
+Usage:
+    python -m export.onnx --model M --out model.onnx [--opset N] [--report FILE]
+        [--samples DATA] [--data-dir D]
+
+`M` is a gated or stripped `.keras` file or a training run's output folder.
+
+The model's inference function is traced once (`tf.function`, dynamic batch),
+frozen to constants and converted by tf2onnx (`tf2onnx.convert.from_keras`
+does not understand Keras 3 models). Two things Keras' own
+`model.export(format="onnx")` gets wrong today are fixed here:
+
+- Exact GELU (keras-hub ViT, Swin) lowers to TensorFlow's `Erfc`, which
+  tf2onnx cannot convert; it is mapped to `1 - Erf(x)` (ONNX `Erf`, opset 9+),
+  equal to within float rounding (about 1e-7 on GELU outputs).
+- Tensors a layer captures as eager constants (keras-hub position ids) would
+  become extra graph inputs; they are frozen into constants.
+
+The file is written atomically and a report is printed (and written as JSON
+with `--report`): file and gzip size, kernel weights and sparsity, parity
+with the Keras model on real samples and the median batch-1 latency in
+onnxruntime on this CPU.
+"""
+
+import argparse
+import os
+
+import numpy as np
+
+from export import _common
+from export._common import ExportError
+
+#: Default ONNX opset (onnxruntime 1.31 runs 7 to 23).
+DEFAULT_OPSET = 17
+MIN_OPSET = 9
+
+
+def _erfc_handler(ctx, node, name, args):
+    """tf2onnx handler: `Erfc(x)` -> `Sub(1, Erf(x))`."""
+    from tf2onnx import utils
+
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1, dtype=dtype))
+    erf = ctx.make_node("Erf", [node.input[0]], name=utils.make_name(f"{node.name}_erf"))
+    outputs = list(node.output)
+    ctx.remove_node(node.name)
+    ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=outputs, name=node.name)
+
+
+def _frozen_graph(model):
+    """`(graph_def, input names, output names)` of the model's inference function."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    shape = _common.input_shape(model)
+    spec = tf.TensorSpec((None,) + shape, tf.float32, name="input")
+    function = tf.function(lambda x: model(x, training=False))
+    concrete = function.get_concrete_function(spec)
+    frozen = convert_variables_to_constants_v2(
+        concrete, lower_control_flow=False, aggressive_inlining=True
+    )
+    graph_def = frozen.graph.as_graph_def(add_shapes=True)
+    # Eager tensors the layers captured (not variables) are still placeholders.
+    captured = {
+        internal.name.split(":")[0]: external
+        for external, internal in concrete.graph.captures
+        if external.dtype != tf.resource and hasattr(external, "numpy")
+    }
+    for node in graph_def.node:
+        if node.op == "Placeholder" and node.name in captured:
+            value = captured[node.name].numpy()
+            shapes = node.attr["_output_shapes"] if "_output_shapes" in node.attr else None
+            node.op = "Const"
+            node.attr.clear()
+            if shapes is not None:
+                node.attr["_output_shapes"].CopyFrom(shapes)
+            node.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
+            node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+    inputs = [t.name for t in frozen.inputs if t.name.split(":")[0] not in captured]
+    outputs = [t.name for t in frozen.outputs]
+    return graph_def, inputs, outputs
+
+
+def convert(model, opset=DEFAULT_OPSET):
+    """Converts a Keras model (single input, dynamic batch) to ONNX bytes."""
+    import tf2onnx
+
+    try:  # tf2onnx 1.17 still uses NumPy 1 aliases; Keras ships the patch.
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+        patch_tf2onnx()
+    except ImportError:  # pragma: no cover
+        pass
+    graph_def, inputs, outputs = _frozen_graph(model)
+    try:
+        proto, _ = tf2onnx.convert.from_graph_def(
+            graph_def, name=model.name, input_names=inputs, output_names=outputs,
+            opset=opset, custom_op_handlers={"Erfc": (_erfc_handler, [])},
+        )
+    except Exception as e:
+        raise ExportError(f"ONNX conversion of {model.name!r} failed: {e}") from e
+    unsupported = [n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
+    if unsupported:
+        raise ExportError(
+            f"ONNX conversion of {model.name!r} left ops tf2onnx could not map: "
+            f"{sorted(set(unsupported))}."
+        )
+    return proto.SerializeToString()
+
+
+class Runner:
+    """Runs an ONNX model in onnxruntime on the CPU (one intra-op thread)."""
+
+    def __init__(self, data, num_threads=1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+
+    def __call__(self, x):
+        return self.session.run(None, {self.input.name: np.asarray(x, np.float32)})[0]
+
+    def latency_ms(self, shape, runs=_common.DEFAULT_RUNS):
+        sample = np.zeros((1,) + tuple(1 if d is None else d for d in shape), np.float32)
+        feed = {self.input.name: sample}
+        return _common.median_latency_ms(lambda: self.session.run(None, feed), runs)
+
+
+def export(
+    model,
+    out,
+    opset=DEFAULT_OPSET,
+    report=None,
+    samples=None,
+    data_dir=None,
+    num_samples=_common.DEFAULT_SAMPLES,
+    latency_runs=_common.DEFAULT_RUNS,
+    verbose=True,
+):
+    """Exports `model` to the `.onnx` file `out` and returns the report dict.
+
+    Args:
+        model: gated or stripped `.keras` file, training run folder,
+            `keras_stg.GatedModel` or plain Keras model.
+        out: output path ending in `.onnx`; written atomically.
+        opset: ONNX opset version (>= 9).
+        report: optional `.json` path for the report.
+        samples: dataset name / `.npy` / array for the parity check (default:
+            the training run's dataset, else Gaussian noise).
+        data_dir: folder with the raw dataset files.
+        num_samples: parity samples; latency_runs: timed runs (0 skips).
+    """
+    out = _common.check_out_path(out, ".onnx")
+    report = _common.check_report_path(report)
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= 23:
+        raise ExportError(f"--opset must be an integer from {MIN_OPSET} to 23, got {opset!r}.")
+    samples = _common.check_data_arg(samples, "Samples")
+    if isinstance(model, (str, os.PathLike)):
+        _common.resolve_model_path(model)
+    keras_model, gated, source = _common.load_model(model)
+    shape = _common.input_shape(keras_model)
+    result = {"format": "onnx", "out": out, "model": source or keras_model.name,
+              "options": {"opset": opset}}
+    if gated is not None:
+        result["granularity"] = gated.granularity.get_config()
+    x, y, origin = _common.parity_samples(keras_model, samples, None, source, data_dir,
+                                          num_samples)
+
+    data = convert(keras_model, opset)
+    runner = Runner(data)
+    reference = np.asarray(keras_model.predict(x, batch_size=32, verbose=0))
+    result["size"] = _common.size_entry(data, data)
+    result["weights"] = _common.weight_stats(keras_model)
+    result["parity_data"] = origin
+    result["parity"] = _common.parity(reference, runner(x), y)
+    result["runtime"] = "onnxruntime CPUExecutionProvider, 1 thread"
+    if latency_runs:
+        result["latency_ms"] = runner.latency_ms(shape, latency_runs)
+
+    _common.atomic_write_bytes(out, data)
+    if report:
+        _common.write_report(report, result)
+    if verbose:
+        print(_common.format_report(result))
+    return result
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow C++ logs
+    parser = argparse.ArgumentParser(
+        prog="python -m export.onnx",
+        description="Export a gated or stripped Keras model to ONNX.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="gated or stripped .keras file, or a training run's output folder")
+    parser.add_argument("--out", required=True, help="output file, ending in .onnx")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help="ONNX opset version (default %(default)s)")
+    parser.add_argument("--samples", metavar="DATA",
+                        help="parity samples: a dataset name or a .npy file (default: the "
+                             "training run's dataset)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the raw dataset files (default $KERAS_STG_DATA)")
+    parser.add_argument("--num-samples", type=int, default=_common.DEFAULT_SAMPLES)
+    parser.add_argument("--runs", type=int, default=_common.DEFAULT_RUNS,
+                        help="timed onnxruntime runs for the median latency")
+    parser.add_argument("--report", metavar="FILE", help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+
+    def work(a):
+        if a.num_samples < 1 or a.runs < 0:
+            raise ExportError("--num-samples must be >= 1 and --runs >= 0.")
+        return export(a.model, a.out, opset=a.opset, report=a.report, samples=a.samples,
+                      data_dir=a.data_dir, num_samples=a.num_samples, latency_runs=a.runs)
+
+    _common.run_cli(parser, args, work)
+
+
+if __name__ == "__main__":
+    main()
