@@ -31,6 +31,7 @@ class Config:
         exclude: layer names or regexes left ungated (e.g. `[fc3]`).
         target_sparsity: sparsity the adaptive lambda aims for (None: fixed lam).
         target_ramp: share of the steps over which the target ramps up.
+        controller_horizon: the lambda controller's look-ahead, in epochs.
         lam: fixed lambda, or the adaptive lambda's start.
         sigma: gate noise scale.
         init_mu: initial gate location (0.5: every gate fully open).
@@ -60,7 +61,8 @@ class Config:
     granularity: str = "weight"
     exclude: typing.Optional[list] = None
     target_sparsity: typing.Optional[float] = 0.9
-    target_ramp: float = 0.5
+    target_ramp: float = 0.4
+    controller_horizon: float = 3.0
     lam: float = 1.0
     sigma: float = 0.5
     init_mu: float = 0.5

@@ -111,7 +111,8 @@ class GatedModel(keras.Model):
         mu_bound=1.0,
         seed=None,
         controller_rate=0.01,
-        target_ramp=0.5,
+        target_ramp=0.4,
+        controller_horizon=3.0,
         **kwargs,
     ):
         kwargs.setdefault("name", f"gated_{model.name}")
@@ -132,6 +133,11 @@ class GatedModel(keras.Model):
         if not 0 <= target_ramp <= 1:
             raise ValueError(f"`target_ramp` must be in [0, 1], got {target_ramp!r}.")
         self.target_ramp = float(target_ramp)
+        if not controller_horizon >= 0:
+            raise ValueError(
+                f"`controller_horizon` must be >= 0 (epochs), got {controller_horizon!r}."
+            )
+        self.controller_horizon = float(controller_horizon)
 
         self.targets, self.skipped = find_targets(model, include, exclude)
         if not self.targets:
@@ -166,16 +172,15 @@ class GatedModel(keras.Model):
             trainable=False,
             aggregation="only_first_replica",
         )
-        # Total optimizer steps of the current `fit` (set by a callback), for
-        # the ramp of the sparsity target; 0 means no ramp.
-        self.total_steps = self.add_weight(
-            name="total_steps",
-            shape=(),
-            initializer="zeros",
-            dtype="float32",
-            trainable=False,
-            aggregation="only_first_replica",
-        )
+        # Total optimizer steps of the current `fit` and steps per epoch (set
+        # by a callback), for the ramp of the sparsity target and the
+        # controller's look-ahead; 0 means no ramp / no look-ahead.
+        self.total_steps = self._state_weight("total_steps")
+        self.epoch_steps = self._state_weight("epoch_steps")
+        # Controller state: last hard sparsity and the smoothed change of it
+        # per step (its velocity).
+        self._last_sparsity = self._state_weight("last_sparsity", -1.0)
+        self._velocity = self._state_weight("sparsity_velocity")
         # Values of the gated biases are gated too for unit-like granularities.
         self._gated_bias = [
             t.bias is not None
@@ -192,6 +197,16 @@ class GatedModel(keras.Model):
             for v in model.trainable_variables:
                 v.trainable = False
                 self.frozen.append(v)
+
+    def _state_weight(self, name, value=0.0):
+        return self.add_weight(
+            name=name,
+            shape=(),
+            initializer=keras.initializers.Constant(value),
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
 
     # ------------------------------------------------------------------ forward
 
@@ -250,21 +265,25 @@ class GatedModel(keras.Model):
             )
         return kept / self._total_weights
 
-    def _gate_logs(self):
+    def _gate_logs(self, hard_density=None, expected_density=None):
+        if hard_density is None:
+            hard_density = self._hard_density()
+        if expected_density is None:
+            expected_density = self._expected_density()
         return {
-            "sparsity": 1.0 - self._hard_density(),
-            "expected_l0": self._expected_density(),
+            "sparsity": 1.0 - hard_density,
+            "expected_l0": expected_density,
             "lam": ops.convert_to_tensor(self.lam),
         }
 
     def current_target(self):
-        """The sparsity target of this step: ramps up cubically, then holds.
+        """The sparsity target of this step: ramps up, then holds.
 
         Over the first `target_ramp` share of the `fit` call's steps the target
-        rises as `target * (1 - (1 - t)^3)` (the gradual-pruning schedule of
-        Zhu and Gupta 2017), so that lambda never has to chase a large error:
-        the hard sparsity lags lambda by hundreds of steps, and a controller
-        chasing the full target from step 0 winds up and overshoots.
+        rises as `target * (1 - cos(pi * t)) / 2`: slowly at first, while the
+        gates (which start fully open) are still far from their threshold,
+        and flattening into the target so that the controller does not chase
+        a moving goal when the mask has to settle.
         """
         target = ops.convert_to_tensor(self.target_sparsity, "float32")
         if self.target_ramp == 0:
@@ -272,18 +291,43 @@ class GatedModel(keras.Model):
         ramp = ops.cast(self.total_steps, "float32") * self.target_ramp
         t = ops.cast(self.optimizer.iterations, "float32") / ops.maximum(ramp, 1.0)
         t = ops.where(ramp > 0, ops.minimum(t, 1.0), 1.0)
-        return target * (1.0 - (1.0 - t) ** 3)
+        return target * 0.5 * (1.0 - ops.cos(math.pi * t))
 
-    def _update_lambda(self):
-        """Integral control of lambda towards the current target.
+    def _update_lambda(self, hard_density):
+        """Predictive integral control of lambda towards the current target.
 
         The sparsity target is an equality constraint, so lambda is its
         Lagrange multiplier and may turn negative: on a frozen random network
         the task loss alone prunes many weights (most random weights hurt), and
         a target below that natural sparsity needs a reward for keeping weights.
+
+        Two things keep it from overshooting. (1) The binary mask lags lambda
+        by epochs (a gate flips only once `mu` crosses 0), so the error is
+        taken on the sparsity predicted `controller_horizon` epochs ahead from
+        its smoothed velocity: lambda stops growing while the mask is already
+        on its way to the target, instead of winding up, and starts falling
+        before the mask overshoots. (2) The step is
+        `rate * (1 + |lambda|) * error`: additive near 0 (so it can change
+        sign), relative when lambda is large (so it rises and unwinds in an
+        epoch or two whatever the scale the task needs).
         """
-        sparsity = 1.0 - self._hard_density()
-        lam = self.lam + self.controller_rate * (self.current_target() - sparsity)
+        sparsity = 1.0 - hard_density
+        last = ops.convert_to_tensor(self._last_sparsity)
+        step_change = ops.where(last < 0, 0.0, sparsity - last)
+        velocity = 0.99 * self._velocity + 0.01 * step_change
+        self._velocity.assign(velocity)
+        self._last_sparsity.assign(sparsity)
+        # Look ahead at most to the end of `fit`: the mask that matters is the
+        # final one.
+        horizon = self.controller_horizon * ops.cast(self.epoch_steps, "float32")
+        remaining = ops.cast(self.total_steps, "float32") - ops.cast(
+            self.optimizer.iterations, "float32"
+        )
+        horizon = ops.where(self.total_steps > 0, ops.clip(remaining, 0.0, horizon), horizon)
+        predicted = sparsity + horizon * velocity
+        error = self.current_target() - predicted
+        lam = ops.convert_to_tensor(self.lam)
+        lam = lam + self.controller_rate * (1.0 + ops.abs(lam)) * error
         self.lam.assign(ops.clip(lam, -_LAM_MAX, _LAM_MAX))
 
     # ----------------------------------------------------------- train / test
@@ -297,7 +341,8 @@ class GatedModel(keras.Model):
             )
             # The penalty is a per-model quantity: scale it like a per-replica
             # loss so that summing replica gradients counts it once.
-            penalty = ops.cast(self.lam, "float32") * self._expected_density()
+            expected_density = self._expected_density()
+            penalty = ops.cast(self.lam, "float32") * expected_density
             loss = loss + _scale_for_replicas(ops.cast(penalty, loss.dtype))
             self._loss_tracker.update_state(
                 loss * _replicas(),
@@ -307,10 +352,11 @@ class GatedModel(keras.Model):
         variables = self.trainable_weights
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
+        hard_density = self._hard_density()
         if self.target_sparsity is not None:
-            self._update_lambda()
+            self._update_lambda(hard_density)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        logs.update(self._gate_logs())
+        logs.update(self._gate_logs(hard_density, expected_density))
         return logs
 
     def fit(self, *args, callbacks=None, **kwargs):
@@ -369,6 +415,7 @@ class GatedModel(keras.Model):
             "seed": self.seed,
             "controller_rate": self.controller_rate,
             "target_ramp": self.target_ramp,
+            "controller_horizon": self.controller_horizon,
         }
         return config
 
@@ -392,3 +439,4 @@ class _TotalSteps(keras.callbacks.Callback):
         epochs = self.params.get("epochs") or 0
         steps = self.params.get("steps") or 0
         self._gated.total_steps.assign(float(epochs * steps))
+        self._gated.epoch_steps.assign(float(steps))

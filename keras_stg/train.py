@@ -378,6 +378,7 @@ def run(cfg, data_dir=None, out=None, strategy="default", verbose=None):
             target_sparsity=cfg.target_sparsity, sigma=cfg.sigma, exclude=cfg.exclude,
             init=cfg.init if cfg.mode == "slt" else None, init_mu=cfg.init_mu,
             seed=cfg.seed, target_ramp=cfg.target_ramp,
+            controller_horizon=cfg.controller_horizon,
         )
         gated.compile(
             optimizer=keras.optimizers.Adam(cfg.learning_rate),

@@ -16,11 +16,13 @@ def wrap(
     include=None,
     exclude=None,
     init="auto",
+    init_density="auto",
     init_mu=0.5,
     mu_bound=1.0,
     seed=None,
     controller_rate=0.01,
-    target_ramp=0.5,
+    target_ramp=0.4,
+    controller_horizon=3.0,
 ):
     """Wraps a built Keras 3 model so that `fit` learns binary masks over its kernels.
 
@@ -48,13 +50,20 @@ def wrap(
         init: `"auto"` (signed Kaiming constant in `slt` mode, the model's own
             weights otherwise), None (keep the weights), or a name from
             `keras_stg.init.INITIALIZERS`.
+        init_density: scale-fan for `init` (edge-popup's "scale fan-in"): the
+            new weights are scaled by `1/sqrt(init_density)` so that a ticket
+            keeping that share of each layer's inputs has the activation
+            scale of the dense network. `"auto"`: `1 - target_sparsity` when
+            a target is given, else no scaling; None: no scaling.
         init_mu: initial gate location (0.5: every gate fully open).
         mu_bound: gate locations are kept in `[-mu_bound, mu_bound]` so that
             closed gates can reopen (see `StochasticGate`); None: unbounded.
         seed: int; makes the init and the gate noise deterministic.
         controller_rate: gain of the adaptive-lambda controller (per step).
         target_ramp: share of `fit`'s steps over which the sparsity target
-            rises (cubically) from 0 to `target_sparsity`; 0: no ramp.
+            rises (a half cosine) from 0 to `target_sparsity`; 0: no ramp.
+        controller_horizon: the controller acts on the sparsity predicted
+            this many epochs ahead (0: on the current sparsity).
 
     Returns:
         A `keras_stg.GatedModel`.
@@ -91,6 +100,8 @@ def wrap(
     if init == "auto":
         init = "signed_constant" if mode == "slt" else None
     initializer = init_lib.get(init) if init is not None else None
+    if init_density == "auto":
+        init_density = None if target_sparsity is None else 1.0 - target_sparsity
     gated = GatedModel(
         model,
         mode=mode,
@@ -105,7 +116,8 @@ def wrap(
         seed=seed,
         controller_rate=controller_rate,
         target_ramp=target_ramp,
+        controller_horizon=controller_horizon,
     )
     if initializer is not None:
-        initializer(gated, seed=0 if seed is None else seed)
+        initializer(gated, seed=0 if seed is None else seed, density=init_density)
     return gated
