@@ -35,6 +35,9 @@ setup(
             "tf2onnx>=1.17,<1.18",
             "onnx>=1.17,<1.24",
             "onnxruntime>=1.31,<1.32",
+            # benchmarks.run --quick runs tfmot in its own process.
+            "tf_keras>=2.21,<2.22",
+            "tensorflow-model-optimization>=0.8.1,<0.9",
         ],
     },
 )

@@ -1,0 +1,183 @@
+"""Edge-popup (Ramanujan et al. 2020, "What's Hidden in a Randomly Weighted Neural Network?").
+
+A baseline for the benchmarks, not part of the library. Every kernel of a
+frozen random network gets a score of the same shape. The forward pass keeps,
+in each layer, the top `k` share of the weights by `|score|` (the mask is
+recomputed every step: one top-k per layer and step) and the backward pass is
+straight-through: the gradient of the masked kernel times the weight reaches
+the score as if the mask were the identity of `|score|`.
+
+Faithful to allenai/hidden-networks (`SubnetConv`, `GetSubnet`):
+- scores initialised Kaiming-uniform with `a = sqrt(5)` (`U(-1/sqrt(fan_in), +)`),
+- per-layer mask keeping `round(k * n)` weights with the largest `|score|`,
+- SGD, momentum 0.9, cosine learning-rate decay (lr 0.1), L2 weight decay on
+  the scores added to the gradient before momentum (PyTorch's `weight_decay`),
+- weights frozen (bit-identical after training), no bias; `init_like_ours`
+  gives them the very weights our `slt` run starts from (signed Kaiming
+  constant, the paper's best init, with the library's scale-fan if any).
+
+The kernels are substituted with `keras.StatelessScope` for the duration of the
+wrapped model's call, as `keras_stg.GatedModel` does, so any Keras 3 model works
+without cloning and the two methods run the same forward code.
+
+Example:
+
+```python
+model = init_like_ours(keras_stg.models.lenet_300_100((28, 28, 1)), sparsity=0.5, seed=0)
+ep = EdgePopupModel(model, density=0.5, seed=0)
+ep.compile(optimizer=sgd_cosine(0.1, steps), loss=..., metrics=["accuracy"])
+ep.fit(train, epochs=20)
+```
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_stg.targets import find_targets
+
+
+def topk_mask(scores, density):
+    """Binary mask (same shape as `scores`) keeping the `round(density*n)` largest `|scores|`.
+
+    One partial top-k per call over the smaller side (the kept weights when
+    `k <= 50%`, the pruned ones otherwise) and a scatter of its indices:
+    cheaper on CPU than the full sort of the reference implementation, and the
+    kept count is exact even when scores tie (float32 scores do tie).
+    """
+    n = math.prod(scores.shape)
+    keep = kept_count(n, density)
+    a = tf.abs(scores)
+    if keep == n:
+        return tf.ones_like(a)
+    flat = tf.reshape(a, [-1])
+    if keep <= n - keep:
+        idx = tf.math.top_k(flat, k=keep, sorted=False).indices
+        mask = tf.scatter_nd(idx[:, None], tf.ones([keep], a.dtype), [n])
+    else:
+        # The n - keep smallest are pruned.
+        idx = tf.math.top_k(-flat, k=n - keep, sorted=False).indices
+        mask = 1.0 - tf.scatter_nd(idx[:, None], tf.ones([n - keep], a.dtype), [n])
+    return tf.reshape(mask, scores.shape)
+
+
+def kept_count(n, density):
+    """Number of weights a layer of `n` weights keeps at `density` (at least 1)."""
+    return max(1, min(n, int(round(density * n))))
+
+
+class EdgePopupModel(keras.Model):
+    """Edge-popup supermask over the kernels of a (frozen) Keras 3 model.
+
+    Args:
+        model: a built Keras 3 model; its weights are frozen (set them first,
+            e.g. with `init_like_ours`).
+        density: `k`, the share of each layer's weights kept (1 - sparsity).
+        weight_decay: L2 coefficient on the scores (added to their gradient).
+        seed: seed of the score initialisation.
+    """
+
+    def __init__(self, model, density=0.5, weight_decay=1e-4, seed=0, **kwargs):
+        kwargs.setdefault("name", f"edge_popup_{model.name}")
+        super().__init__(**kwargs)
+        if not 0 < density <= 1:
+            raise ValueError(f"`density` must be in (0, 1], got {density!r}.")
+        self.base_model = model
+        self.density = float(density)
+        self.weight_decay = float(weight_decay)
+        self.targets, _ = find_targets(model)
+        if not self.targets:
+            raise ValueError(f"Model {model.name!r} has no kernel to put scores on.")
+        rng = np.random.default_rng(seed)
+        self.scores = []
+        for i, t in enumerate(self.targets):
+            bound = 1.0 / math.sqrt(t.fan_in)  # kaiming_uniform_(a=sqrt(5))
+            value = rng.uniform(-bound, bound, tuple(t.variable.shape)).astype("float32")
+            self.scores.append(
+                self.add_weight(
+                    name=f"score_{i}",
+                    shape=tuple(t.variable.shape),
+                    initializer=keras.initializers.Constant(value),
+                    trainable=True,
+                )
+            )
+        self._substituted = {id(t.variable) for t in self.targets}
+        self.frozen = []
+        for v in model.trainable_variables:
+            v.trainable = False
+            self.frozen.append(v)
+
+    def masks(self):
+        """Binary masks as NumPy arrays, one per kernel."""
+        return [ops.convert_to_numpy(topk_mask(s.value, self.density)).astype(bool)
+                for s in self.scores]
+
+    def sparsity(self):
+        """Share of kernel weights removed (exactly `1 - k` up to rounding per layer)."""
+        total = sum(math.prod(s.shape) for s in self.scores)
+        kept = sum(kept_count(math.prod(s.shape), self.density) for s in self.scores)
+        return 1.0 - kept / total
+
+    def effective_kernels(self):
+        mapping = []
+        for target, score in zip(self.targets, self.scores):
+            s = score.value
+            a = tf.abs(s)
+            mask = topk_mask(s, self.density)
+            # Straight-through: forward value `mask`, gradient of `|s|`.
+            m = mask + a - tf.stop_gradient(a)
+            kernel = target.variable.value
+            mapping.append((target.variable, kernel * ops.cast(m, kernel.dtype)))
+        return mapping
+
+    def call(self, inputs, training=False):
+        with keras.StatelessScope(state_mapping=self.effective_kernels()) as scope:
+            outputs = self.base_model(inputs, training=training)
+        for v in self.base_model.variables:
+            if id(v) in self._substituted:
+                continue
+            new_value = scope.get_current_value(v)
+            if new_value is not None:
+                v.assign(new_value)
+        return outputs
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            self._loss_tracker.update_state(
+                loss, sample_weight=tf.shape(keras.tree.flatten(x)[0])[0]
+            )
+        grads = tape.gradient(loss, self.scores)
+        if self.weight_decay:
+            grads = [g + self.weight_decay * s.value for g, s in zip(grads, self.scores)]
+        self.optimizer.apply_gradients(zip(grads, self.scores))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def init_like_ours(model, sparsity, seed=0):
+    """Draws, in place, the frozen weights our `slt` run at `sparsity` starts from.
+
+    `keras_stg.wrap(model, mode="slt", target_sparsity=sparsity, seed=seed)`
+    re-draws the kernels with the library's default init (signed Kaiming
+    constant, scale-fan included when the library applies it); the wrapper is
+    dropped and the model keeps those weights, marked non-trainable. Whatever
+    the library's defaults become, both methods then search the very same
+    random network.
+    """
+    import keras_stg
+
+    keras_stg.wrap(model, mode="slt", target_sparsity=sparsity, seed=seed)
+    return model
+
+
+def sgd_cosine(learning_rate, total_steps, momentum=0.9):
+    """SGD with momentum and cosine decay to 0 over `total_steps` (edge-popup's optimizer)."""
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, int(total_steps)))
+    return keras.optimizers.SGD(schedule, momentum=momentum)

@@ -1,0 +1,190 @@
+"""The benchmark suite: edge-popup baseline invariants and a `--quick` smoke run.
+
+No accuracy and no timing is asserted: the quick run's numbers mean nothing.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_stg
+from benchmarks import run as bench
+from benchmarks.edge_popup import (EdgePopupModel, init_like_ours, kept_count, sgd_cosine,
+                                   topk_mask)
+from keras_stg import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _edge_popup(density, model=None):
+    model = init_like_ours(model or models.lenet_300_100((28, 28, 1)), 1 - density, seed=0)
+    return EdgePopupModel(model, density=density, weight_decay=1e-4, seed=0)
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.3, 0.1, 0.05, 0.02])
+def test_topk_mask_keeps_exact_fraction_per_layer(density):
+    ep = _edge_popup(density)
+    for score, mask in zip(ep.scores, ep.masks()):
+        n = math.prod(score.shape)
+        assert mask.shape == tuple(score.shape)
+        assert int(mask.sum()) == kept_count(n, density) == round(density * n)
+        # The kept weights are exactly those with the largest |score|.
+        a = np.abs(np.asarray(score.value))
+        assert a[mask].min() >= a[~mask].max()
+    assert ep.sparsity() == pytest.approx(1 - density, abs=1e-5)
+
+
+def test_topk_mask_on_conv_kernel_and_edges():
+    s = tf.random.normal((3, 3, 8, 16), seed=1)
+    for density in (1.0, 0.999, 0.5, 1e-6):
+        m = topk_mask(s, density).numpy()
+        assert m.shape == (3, 3, 8, 16)
+        assert set(np.unique(m)) <= {0.0, 1.0}
+        assert int(m.sum()) == kept_count(s.shape.num_elements(), density)
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1])
+def test_same_frozen_weights_as_ours(density):
+    ep = _edge_popup(density)
+    gated = keras_stg.wrap(models.lenet_300_100((28, 28, 1)), mode="slt",
+                           target_sparsity=1 - density, seed=0)
+    for t_ep, t_ours in zip(ep.targets, gated.targets):
+        np.testing.assert_array_equal(np.asarray(t_ep.variable), np.asarray(t_ours.variable))
+
+
+def test_training_moves_scores_not_weights():
+    ep = _edge_popup(0.1)
+    before = [np.array(v) for v in ep.base_model.weights]
+    scores_before = [np.array(s) for s in ep.scores]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, 64)
+    ep.compile(optimizer=sgd_cosine(0.1, 4), loss=_loss())
+    ep.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert [v.path for v in ep.trainable_weights] == [s.path for s in ep.scores]
+    for b, v in zip(before, ep.base_model.weights):
+        np.testing.assert_array_equal(b, np.asarray(v))
+    assert any(not np.array_equal(b, np.asarray(s)) for b, s in zip(scores_before, ep.scores))
+    for score, mask in zip(ep.scores, ep.masks()):
+        assert int(mask.sum()) == kept_count(math.prod(score.shape), 0.1)
+
+
+def test_straight_through_gradient_reaches_all_scores():
+    ep = _edge_popup(0.1)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((32, 28, 28, 1)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, 32))
+    with tf.GradientTape(persistent=True) as tape:
+        mapping = ep.effective_kernels()
+        with keras.StatelessScope(state_mapping=mapping):
+            logits = ep.base_model(x)
+        loss = tf.reduce_mean(_loss()(y, logits))
+    grads = tape.gradient(loss, [s.value for s in ep.scores])
+    eff_grads = tape.gradient(loss, [value for _, value in mapping])
+    for score, target, g, g_eff, mask in zip(ep.scores, ep.targets, grads, eff_grads,
+                                             ep.masks()):
+        assert g is not None
+        g = g.numpy()
+        # Straight-through: dL/ds = dL/d(W*m) * W * sign(s), also where the mask is 0.
+        expected = g_eff.numpy() * np.asarray(target.variable) * np.sign(np.asarray(score))
+        np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-9)
+        assert np.count_nonzero(g[~mask]) > 0.5 * (~mask).sum()
+
+
+def test_edge_popup_rejects_bad_density():
+    with pytest.raises(ValueError, match="`density` must be in"):
+        EdgePopupModel(models.lenet_300_100((28, 28, 1)), density=0.0)
+
+
+def test_replace_section_keeps_hand_written_text(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    bench.replace_section(str(path), "first")
+    assert path.read_text() == f"{bench.BEGIN}\nfirst\n{bench.END}\n"
+    path.write_text("# Title\n\nhand\n\n" + path.read_text() + "\n## After\nkept\n")
+    bench.replace_section(str(path), "second\nrun")
+    text = path.read_text()
+    assert text.startswith("# Title\n\nhand\n\n")
+    assert f"{bench.BEGIN}\nsecond\nrun\n{bench.END}" in text
+    assert "first" not in text and text.endswith("## After\nkept\n")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_table_says_why_tfmot_was_skipped():
+    results = {"frontier": {}, "cost": {}, "export": {"ok": False, "reason": "export stage "
+                                                      "not available (import failed)"},
+               "joint": {"lenet_mnist": {"title": "LeNet", "epochs": 1, "skipped": None,
+                                         "ours": [{"target": 0.9, "accuracy": 0.5,
+                                                   "sparsity": 0.9, "wall_time_s": 1.0}],
+                                         "tfmot": {"ok": False, "reason": "not importable"}}}}
+    table = bench.markdown_table(bench.table_rows(results))
+    assert "skipped: not importable" in table
+    assert "export stage not available" in table
+
+
+def test_quick_suite_end_to_end(tmp_path, shared_data):
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    results.write_text(f"# Hand-written\n\nkeep me\n\n{bench.BEGIN}\nold\n{bench.END}\n\ntail\n")
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--results", str(results),
+         "--out", str(out), "--data-dir", shared_data],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = proc.stdout
+
+    # One printed table with every part.
+    header = "| " + " | ".join(bench.HEADER) + " |"
+    assert header in stdout
+    table = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert all(line.count("|") == len(bench.HEADER) + 1 for line in table)
+    for part in ("frontier", "joint", "cost", "export"):
+        assert any(line.startswith(f"| {part} |") for line in table), part
+    for method in ("ours (slt)", "edge-popup", "ours (joint)", "tfmot magnitude",
+                   "gated step (slt)"):
+        assert f"| {method} |" in stdout, method
+    assert "| Conv-4 / CIFAR-10 |" in stdout  # run, or skipped with its reason
+
+    # tfmot ran in its own process (the test extras install it).
+    data = json.loads((out / "results.json").read_text())
+    for task in ("lenet_mnist", "conv4_fashion"):
+        tfmot = data["joint"][task]["tfmot"]
+        assert tfmot["ok"], tfmot
+        assert [r["sparsity_target"] for r in tfmot["results"]] == [0.9, 0.95]
+        assert all(0 <= r["accuracy"] <= 1 for r in tfmot["results"])
+        front = data["frontier"][task]
+        assert [r["target"] for r in front["ours"]] == [0.5, 0.9]
+        assert [r["sparsity"] for r in front["edge_popup"]] == pytest.approx([0.5, 0.9], abs=1e-4)
+    assert data["cost"]["lenet_mnist"]["gated_ms"] > 0
+
+    # Generated section replaced between the markers, the rest kept.
+    text = results.read_text()
+    assert text.startswith("# Hand-written\n\nkeep me\n\n") and text.endswith("\n\ntail\n")
+    assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
+    assert "\nold\n" not in text
+    generated = text[text.index(bench.BEGIN):text.index(bench.END)]
+    assert header in generated and "Quick run" in generated
+
+    # Well-formed PNGs, linked from the section.
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"frontier_conv4_fashion.png", "frontier_lenet_mnist.png",
+            "joint_vs_tfmot.png"} <= set(pngs)
+    import matplotlib.image
+
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert name in generated
