@@ -37,6 +37,10 @@ class Config:
         init_mu: initial gate location (0.5: every gate fully open).
         init: SLT initialisation (`signed_constant`, `kaiming_normal`, ...);
             used in `slt` mode only.
+        scale_fan: scale the `init` weights by `1/sqrt(1 - target_sparsity)`
+            (edge-popup's scale-fan; `wrap(init_density="auto")`). Helps
+            shallow MLPs; on deep nets without normalisation it blows up the
+            activations of the initial, dense network.
         epochs, batch_size, learning_rate: optimisation (Adam on the gates,
             and on the weights too in `joint` mode).
         pretrain_epochs: `post_training` only: first train the dense model
@@ -67,6 +71,7 @@ class Config:
     sigma: float = 0.5
     init_mu: float = 0.5
     init: typing.Optional[str] = "signed_constant"
+    scale_fan: bool = False
     epochs: int = 20
     batch_size: int = 128
     learning_rate: float = 0.01

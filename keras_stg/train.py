@@ -377,6 +377,7 @@ def run(cfg, data_dir=None, out=None, strategy="default", verbose=None):
             model, mode=cfg.mode, granularity=cfg.granularity, lam=cfg.lam,
             target_sparsity=cfg.target_sparsity, sigma=cfg.sigma, exclude=cfg.exclude,
             init=cfg.init if cfg.mode == "slt" else None, init_mu=cfg.init_mu,
+            init_density="auto" if cfg.scale_fan else None,
             seed=cfg.seed, target_ramp=cfg.target_ramp,
             controller_horizon=cfg.controller_horizon,
         )

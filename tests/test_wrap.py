@@ -121,3 +121,18 @@ def test_target_sparsity_controller_moves_lambda_both_ways():
         gated.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         gated.fit(x, y, epochs=3, batch_size=16, verbose=0)
         assert direction * (float(gated.lam.numpy()) - 0.5) > 0, target
+
+
+def test_init_density_scales_for_the_target():
+    plain = keras_stg.wrap(mlp(), target_sparsity=0.75, seed=3)
+    scaled = keras_stg.wrap(mlp(), target_sparsity=0.75, seed=3, init_density="auto")
+    explicit = keras_stg.wrap(mlp(), target_sparsity=0.75, seed=3, init_density=0.25)
+    for a, b, c in zip(plain.targets, scaled.targets, explicit.targets):
+        a, b, c = (np.asarray(t.variable.value) for t in (a, b, c))
+        # 1/sqrt(0.25) = 2: same signs, twice the magnitude.
+        np.testing.assert_allclose(b, 2.0 * a, rtol=1e-6)
+        np.testing.assert_array_equal(b, c)
+    # Without a target, "auto" has nothing to scale for.
+    no_target = keras_stg.wrap(mlp(), lam=1.0, seed=3, init_density="auto")
+    for a, b in zip(plain.targets, no_target.targets):
+        np.testing.assert_array_equal(np.asarray(a.variable.value), np.asarray(b.variable.value))
