@@ -107,6 +107,13 @@ def wrap(
     initializer = init_lib.get(init) if init is not None else None
     if init_density == "auto":
         init_density = None if target_sparsity is None else 1.0 - target_sparsity
+    elif init_density is not None and not (
+        isinstance(init_density, (int, float)) and 0 < init_density <= 1
+    ):
+        raise ValueError(
+            f"`init_density` must be in (0, 1], 'auto' or None, got {init_density!r}: "
+            "the share of weights the ticket keeps, e.g. 0.1 for 90% sparsity."
+        )
     gated = GatedModel(
         model,
         mode=mode,

@@ -68,6 +68,8 @@ def test_error_already_gated():
         ({"exclude": ["zz.*"]}, "`exclude=\\['zz.\\*'\\]` matches no layer of the model"),
         ({"sigma": 0}, "`sigma` must be a number > 0"),
         ({"init": "xavier"}, "Unknown init 'xavier'"),
+        ({"controller_horizon": -1}, "`controller_horizon` must be >= 0 \\(epochs\\), got -1"),
+        ({"target_sparsity": 0.5, "init_density": 1.5}, "`init_density` must be in \\(0, 1\\], 'auto' or None, got 1.5"),
     ],
 )
 def test_bad_arguments(kwargs, message):
