@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_stg.model import call_with_values
 from keras_stg.targets import find_targets
 
 
@@ -134,14 +135,9 @@ class EdgePopupModel(keras.Model):
         return mapping
 
     def call(self, inputs, training=False):
-        with keras.StatelessScope(state_mapping=self.effective_kernels()) as scope:
-            outputs = self.base_model(inputs, training=training)
-        for v in self.base_model.variables:
-            if id(v) in self._substituted:
-                continue
-            new_value = scope.get_current_value(v)
-            if new_value is not None:
-                v.assign(new_value)
+        outputs, _ = call_with_values(
+            self.base_model, inputs, self.effective_kernels(), self._substituted, training
+        )
         return outputs
 
     def train_step(self, data):

@@ -165,16 +165,21 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def train_ours(setup, task, sparsity, mode, train, test):
-    """Our method with the library defaults; returns accuracy, sparsity, time, model."""
+def train_ours(setup, task, sparsity, mode, train, test, prepare=None):
+    """Our method with the library defaults; returns accuracy, sparsity, time, model.
+
+    `prepare(model)`, if given, runs on the freshly built model before it is wrapped.
+    """
     import keras
 
     import keras_stg
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(setup.seed)
-    gated = keras_stg.wrap(setup.build(task), mode=mode, target_sparsity=sparsity,
-                           seed=setup.seed)
+    model = setup.build(task)
+    if prepare is not None:
+        prepare(model)
+    gated = keras_stg.wrap(model, mode=mode, target_sparsity=sparsity, seed=setup.seed)
     gated.compile(optimizer=keras.optimizers.Adam(setup.learning_rate), loss=_loss(),
                   metrics=["accuracy"])
     start = time.time()
@@ -355,25 +360,17 @@ def _log_tfmot(t):
 
 
 def _train_joint(setup, task, sparsity, init_path, train, test):
-    import keras
     import numpy as np
 
-    import keras_stg
-
-    model = setup.build(task)
     init = np.load(init_path)
-    for layer in model.layers:
-        if layer.name in init:
-            layer.kernel.assign(init[layer.name])
-    gated = keras_stg.wrap(model, mode="joint", target_sparsity=sparsity, seed=setup.seed)
-    gated.compile(optimizer=keras.optimizers.Adam(setup.learning_rate), loss=_loss(),
-                  metrics=["accuracy"])
-    start = time.time()
-    gated.fit(train, epochs=setup.epochs_for(task), verbose=setup.verbose)
-    wall = time.time() - start
-    acc = gated.evaluate(test, verbose=0, return_dict=True)["accuracy"]
-    return {"target": sparsity, "accuracy": float(acc), "sparsity": gated.sparsity(),
-            "wall_time_s": wall}
+
+    def load_init(model):
+        for layer in model.layers:
+            if layer.name in init:
+                layer.kernel.assign(init[layer.name])
+
+    r, _ = train_ours(setup, task, sparsity, "joint", train, test, prepare=load_init)
+    return {"target": sparsity, **r}
 
 
 def _step_time(model, optimizer, x, y, steps, repeats):

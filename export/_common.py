@@ -441,6 +441,33 @@ def format_report(report):
     return "\n".join(lines)
 
 
+def finish(out, data, result, report=None, verbose=True):
+    """Writes the exported bytes and the report (both atomically), prints it."""
+    atomic_write_bytes(out, data)
+    if report:
+        write_report(report, result)
+    if verbose:
+        print(format_report(result))
+    return result
+
+
+def add_common_args(parser, samples_help, runs_help):
+    """The arguments every export command takes, after its own."""
+    parser.add_argument("--samples", metavar="DATA", help=samples_help)
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the raw dataset files (default $KERAS_STG_DATA)")
+    parser.add_argument("--num-samples", type=int, default=DEFAULT_SAMPLES,
+                        help="parity samples to compare (default %(default)s)")
+    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                        help=runs_help + " (default %(default)s)")
+    parser.add_argument("--report", metavar="FILE", help="also write the report as JSON here")
+
+
+def check_counts(args):
+    if args.num_samples < 1 or args.runs < 0:
+        raise ExportError("--num-samples must be >= 1 and --runs >= 0.")
+
+
 def run_cli(parser, args, work):
     """Runs `work(args)`; user errors exit with status 2 and one clear message."""
     try:

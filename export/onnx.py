@@ -184,12 +184,7 @@ def export(
     if latency_runs:
         result["latency_ms"] = runner.latency_ms(shape, latency_runs)
 
-    _common.atomic_write_bytes(out, data)
-    if report:
-        _common.write_report(report, result)
-    if verbose:
-        print(_common.format_report(result))
-    return result
+    return _common.finish(out, data, result, report, verbose)
 
 
 def main(argv=None):
@@ -203,20 +198,14 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output file, ending in .onnx")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help="ONNX opset version (default %(default)s)")
-    parser.add_argument("--samples", metavar="DATA",
-                        help="parity samples: a dataset name or a .npy file (default: the "
-                             "training run's dataset)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the raw dataset files (default $KERAS_STG_DATA)")
-    parser.add_argument("--num-samples", type=int, default=_common.DEFAULT_SAMPLES)
-    parser.add_argument("--runs", type=int, default=_common.DEFAULT_RUNS,
-                        help="timed onnxruntime runs for the median latency")
-    parser.add_argument("--report", metavar="FILE", help="also write the report as JSON here")
+    _common.add_common_args(
+        parser, samples_help="parity samples: a dataset name or a .npy file (default: the "
+                             "training run's dataset)",
+        runs_help="timed onnxruntime runs for the median latency")
     args = parser.parse_args(argv)
 
     def work(a):
-        if a.num_samples < 1 or a.runs < 0:
-            raise ExportError("--num-samples must be >= 1 and --runs >= 0.")
+        _common.check_counts(a)
         return export(a.model, a.out, opset=a.opset, report=a.report, samples=a.samples,
                       data_dir=a.data_dir, num_samples=a.num_samples, latency_runs=a.runs)
 

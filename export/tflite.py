@@ -314,12 +314,7 @@ def export(
             result["dense_float_latency_ms"] = Runner(dense).latency_ms(latency_runs)
             result["latency_ratio_vs_dense_float"] = result["latency_ms"] / result["dense_float_latency_ms"]
 
-    _common.atomic_write_bytes(out, data)
-    if report:
-        _common.write_report(report, result)
-    if verbose:
-        print(_common.format_report(result))
-    return result
+    return _common.finish(out, data, result, report, verbose)
 
 
 def main(argv=None):
@@ -341,21 +336,14 @@ def main(argv=None):
                         help="Coral Edge TPU ready int8 file, checked; implies --int8")
     parser.add_argument("--shrink", action="store_true",
                         help="physically remove pruned units (unit-gated models)")
-    parser.add_argument("--samples", metavar="DATA",
-                        help="parity samples (default: the calibration data's test split, else the "
-                             "training run's dataset)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the raw dataset files (default $KERAS_STG_DATA)")
-    parser.add_argument("--num-samples", type=int, default=_common.DEFAULT_SAMPLES,
-                        help="parity samples to compare (default %(default)s)")
-    parser.add_argument("--runs", type=int, default=_common.DEFAULT_RUNS,
-                        help="timed interpreter runs for the median latency (default %(default)s)")
-    parser.add_argument("--report", metavar="FILE", help="also write the report as JSON here")
+    _common.add_common_args(
+        parser, samples_help="parity samples (default: the calibration data's test split, "
+                             "else the training run's dataset)",
+        runs_help="timed interpreter runs for the median latency")
     args = parser.parse_args(argv)
 
     def work(a):
-        if a.num_samples < 1 or a.runs < 0:
-            raise ExportError("--num-samples must be >= 1 and --runs >= 0.")
+        _common.check_counts(a)
         result = export(a.model, a.out, sparse=a.sparse, int8=a.int8, calibration=a.calibration,
                         edgetpu=a.edgetpu, shrink=a.shrink, report=a.report, samples=a.samples,
                         data_dir=a.data_dir, num_samples=a.num_samples, latency_runs=a.runs)

@@ -76,6 +76,24 @@ def _check_args(mode, lam, target_sparsity, sigma, controller_rate):
         raise ValueError(f"`controller_rate` must be > 0, got {controller_rate!r}.")
 
 
+def call_with_values(model, inputs, mapping, substituted, training=False):
+    """Calls `model` with the `(variable, value)` pairs of `mapping` substituted.
+
+    State the model updates inside the call (BatchNormalization moving
+    statistics, dropout seeds) is applied afterwards, except to the variables
+    whose `id` is in `substituted`. Returns `(outputs, losses the layers added)`.
+    """
+    with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        outputs = model(inputs, training=training)
+    for v in model.variables:
+        if id(v) in substituted:
+            continue
+        new_value = scope.get_current_value(v)
+        if new_value is not None:
+            v.assign(new_value)
+    return outputs, scope.losses
+
+
 @keras.saving.register_keras_serializable(package="keras_stg")
 class GatedModel(keras.Model):
     """A Keras model whose kernels are multiplied by learned stochastic gates.
@@ -229,17 +247,10 @@ class GatedModel(keras.Model):
 
     def call(self, inputs, training=False):
         mapping = self.effective_kernels(training=bool(training))
-        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-            outputs = self.base_model(inputs, training=training)
-        # State the wrapped model updated inside the scope (BatchNormalization
-        # moving statistics, dropout seeds) is applied now.
-        for v in self.base_model.variables:
-            if id(v) in self._substituted:
-                continue
-            new_value = scope.get_current_value(v)
-            if new_value is not None:
-                v.assign(new_value)
-        for loss in scope.losses:
+        outputs, losses = call_with_values(
+            self.base_model, inputs, mapping, self._substituted, training
+        )
+        for loss in losses:
             self.add_loss(loss)
         return outputs
 
