@@ -11,6 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["keras_stg", "keras_stg.*", "export", "export.*"]),
+    # The fused CPU gate kernels are compiled from this source on first use.
+    package_data={"keras_stg": ["_ops/*.cc"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<3.16",

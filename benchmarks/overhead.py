@@ -5,9 +5,11 @@ Usage:
 
 For each network (LeNet-300-100 at batch 128, MobileNetV2 alpha=1 at 32x32 at
 batch 64) it times, in one process and on the same batch, a compiled `fit`
-step of (a) the plain model with trainable weights and (b) the gated model in
-`slt` mode, alternating the two. Prints the median step time of each and their ratio; the target
-is a ratio <= 1.15.
+step of (a) the plain model with trainable weights, (b) the gated model in
+`slt` mode as `wrap` builds it (fused CPU gate kernels, see `keras_stg.fused`)
+and (c) the same gated model on the pure-TensorFlow gate path (`fused=False`),
+alternating the three. Prints the median step time of each and the ratios to
+the plain step; the target is a ratio <= 1.15 for (b).
 """
 
 import argparse
@@ -49,15 +51,19 @@ def measure(name, build, batch, steps, repeats):
     x = rng.standard_normal((batch,) + tuple(plain.input_shape[1:])).astype("float32")
     y = rng.integers(0, 10, batch)
     gated = keras_stg.wrap(build(), mode="slt", target_sparsity=0.9, seed=0)
+    gated_tf = keras_stg.wrap(build(), mode="slt", target_sparsity=0.9, seed=0, fused=False)
     xs, ys = _prepare(plain, x, y, steps)
     _prepare(gated, x, y, steps)
-    t_plain, t_gated = [], []
+    _prepare(gated_tf, x, y, steps)
+    times = {"plain": [], "gated": [], "gated_tf": []}
     for _ in range(repeats):
-        t_plain.append(_time_epoch(plain, xs, ys, batch, steps))
-        t_gated.append(_time_epoch(gated, xs, ys, batch, steps))
-    t_plain, t_gated = float(np.median(t_plain)), float(np.median(t_gated))
-    return {"model": name, "batch": batch, "plain_ms": 1e3 * t_plain,
-            "gated_ms": 1e3 * t_gated, "ratio": t_gated / t_plain}
+        for key, model in (("plain", plain), ("gated", gated), ("gated_tf", gated_tf)):
+            times[key].append(_time_epoch(model, xs, ys, batch, steps))
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    return {"model": name, "batch": batch, "plain_ms": 1e3 * t["plain"],
+            "gated_ms": 1e3 * t["gated"], "ratio": t["gated"] / t["plain"],
+            "gated_tf_ms": 1e3 * t["gated_tf"], "ratio_tf": t["gated_tf"] / t["plain"],
+            "fused": gated._fused_lib() is not None}
 
 
 NETWORKS = {
@@ -74,7 +80,7 @@ NETWORKS = {
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     rows = []
     for name, (build, batch) in NETWORKS.items():
@@ -82,7 +88,9 @@ def main(argv=None):
         rows.append(measure(name, build, batch, args.steps, args.repeats))
         r = rows[-1]
         print(f"{r['model']:<20} batch {r['batch']:>3}  plain {r['plain_ms']:7.2f} ms  "
-              f"gated {r['gated_ms']:7.2f} ms  ratio {r['ratio']:.3f}", flush=True)
+              f"gated {r['gated_ms']:7.2f} ms  ratio {r['ratio']:.3f}"
+              f"{'' if r['fused'] else ' (fused kernels unavailable)'}  |  "
+              f"TF-op gates {r['gated_tf_ms']:7.2f} ms  ratio {r['ratio_tf']:.3f}", flush=True)
     return rows
 
 

@@ -21,18 +21,20 @@ from keras import random
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 
 
-def relaxed_gate(mu, sigma, seed):
+def relaxed_gate(mu, sigma, seed=None, eps=None):
     """Samples the training-time gate `clip(mu + 0.5 + sigma * eps, 0, 1)`.
 
     Args:
         mu: Tensor of gate locations.
         sigma: Python float or scalar tensor, the noise scale.
         seed: A `keras.random.SeedGenerator`; a new `eps` is drawn per call.
+        eps: the standard normal noise, shaped like `mu`, instead of `seed`.
 
     Returns:
         A tensor shaped like `mu` with values in [0, 1].
     """
-    eps = random.normal(ops.shape(mu), dtype=mu.dtype, seed=seed)
+    if eps is None:
+        eps = random.normal(ops.shape(mu), dtype=mu.dtype, seed=seed)
     return ops.clip(mu + 0.5 + sigma * eps, 0.0, 1.0)
 
 

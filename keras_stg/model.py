@@ -23,12 +23,14 @@ parameter trains as usual. Frozen weights are bit-identical after `fit`.
 """
 
 import math
+import threading
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_stg import fused as fused_lib
 from keras_stg import gates as gate_math
 from keras_stg import granularity as granularity_lib
 from keras_stg.layers import StochasticGate
@@ -131,6 +133,7 @@ class GatedModel(keras.Model):
         controller_rate=0.01,
         target_ramp=0.4,
         controller_horizon=3.0,
+        fused="auto",
         **kwargs,
     ):
         kwargs.setdefault("name", f"gated_{model.name}")
@@ -156,6 +159,9 @@ class GatedModel(keras.Model):
                 f"`controller_horizon` must be >= 0 (epochs), got {controller_horizon!r}."
             )
         self.controller_horizon = float(controller_horizon)
+        if fused not in ("auto", True, False):
+            raise ValueError(f"`fused` must be 'auto', True or False, got {fused!r}.")
+        self.fused = fused
 
         self.targets, self.skipped = find_targets(model, include, exclude)
         if not self.targets:
@@ -183,6 +189,28 @@ class GatedModel(keras.Model):
             )
             self._n_weights.append(math.prod(shape))
         self._total_weights = float(sum(self._n_weights))
+        # Training noise: one table of N(0, 1) draws, one entry per gate, made
+        # from the seed; each step reads it at a random offset, so gate i sees
+        # `table[(start + i + offset) mod size]`. Over steps that is an i.i.d.
+        # draw from the table for every gate, and within a step the gates get
+        # distinct table entries. Reading a table costs nothing; drawing 266k
+        # fresh Gaussians costs more than LeNet-300-100's whole training step
+        # on a CPU. The table is rebuilt from the seed, not saved.
+        self._gate_sizes = [math.prod(g.gate_shape) for g in self.gates]
+        self._gate_starts = [sum(self._gate_sizes[:i]) for i in range(len(self.gates))]
+        self._noise_size = sum(self._gate_sizes)
+        noise_seed = int(seed) if seed is not None else int(np.random.randint(2**31 - 1))
+        with tf.init_scope():
+            self._noise_table = tf.Variable(
+                tf.random.stateless_normal([self._noise_size], seed=[noise_seed, 0x57A7]),
+                trainable=False,
+                name="gate_noise_table",
+            )
+        self.noise_seed = keras.random.SeedGenerator(noise_seed + 1)
+        # `call` hands the expected density of its gate draw to `train_step`
+        # through this; thread-local because MirroredStrategy traces the
+        # replicas' steps in concurrent threads.
+        object.__setattr__(self, "_step", threading.local())
         self.lam = self.add_weight(
             name="lam",
             shape=(),
@@ -228,25 +256,87 @@ class GatedModel(keras.Model):
 
     # ------------------------------------------------------------------ forward
 
-    def effective_kernels(self, training=False):
-        """`(variable, value)` pairs: every gated kernel (and bias) times its gate."""
+    def _fused_lib(self):
+        """The fused CPU kernels if this model should use them, else None."""
+        if self.fused is False or getattr(self, "jit_compile", False) is True:
+            return None  # XLA cannot compile custom ops
+        if self.fused == "auto" and tf.config.list_logical_devices("GPU"):
+            return None  # GPU steps are fused by XLA; the kernels are CPU-only
+        lib = fused_lib.load()
+        if lib is None and self.fused is True:
+            raise RuntimeError(
+                "GatedModel(fused=True) but the fused gate kernels are unavailable: "
+                f"{fused_lib.error() or 'disabled by KERAS_STG_FUSED=0'}. "
+                "Use fused='auto' to fall back to the pure-TensorFlow path."
+            )
+        return lib
+
+    def _weight_shaped(self, target, gate):
+        return (
+            tuple(gate.gate_shape) == tuple(target.variable.shape)
+            and target.variable.dtype == "float32"
+            and gate.mu.dtype == "float32"
+        )
+
+    def _relaxed_kernels(self):
+        """`(mapping, expected density)` for a training step, with fresh noise."""
+        table = self._noise_table
+        offset = keras.random.randint(
+            (), 0, self._noise_size, dtype="int64", seed=self.noise_seed
+        )
+        lib = self._fused_lib()
+        rolled = None
         mapping = []
-        for target, gate, gated_bias in zip(self.targets, self.gates, self._gated_bias):
+        expected = 0.0
+        for target, gate, gated_bias, start, size, n in zip(
+            self.targets, self.gates, self._gated_bias, self._gate_starts,
+            self._gate_sizes, self._n_weights,
+        ):
             kernel = target.variable
             shape = tuple(kernel.shape)
-            z = gate.gate(training)
-            z_full = self.granularity.expand(z, shape, target.out_axes, target.in_axes)
-            value = kernel.value
-            mapping.append((kernel, value * ops.cast(z_full, value.dtype)))
-            if gated_bias:
-                bias = target.bias.value
-                mapping.append(
-                    (target.bias, bias * ops.cast(ops.reshape(z, bias.shape), bias.dtype))
+            if lib is not None and self._weight_shaped(target, gate):
+                begin = tf.math.floormod(offset + start, self._noise_size)
+                value, l0 = lib.stg_weight_gate(
+                    kernel.value, gate.mu.value, table, begin,
+                    sigma=gate.sigma, kernel_grad=bool(kernel.trainable),
                 )
+                mapping.append((kernel, value))
+                expected = expected + l0
+                continue
+            if rolled is None:
+                rolled = tf.roll(table, -offset, axis=0)
+            eps = tf.reshape(rolled[start:start + size], gate.gate_shape)
+            z = gate_math.relaxed_gate(gate.mu, gate.sigma, eps=eps)
+            self._append_gated(mapping, target, gate, gated_bias, z)
+            expected = expected + gate.expected_l0() * (n / size)
+        return mapping, expected / self._total_weights
+
+    def _append_gated(self, mapping, target, gate, gated_bias, z):
+        kernel = target.variable
+        shape = tuple(kernel.shape)
+        z_full = self.granularity.expand(z, shape, target.out_axes, target.in_axes)
+        value = kernel.value
+        mapping.append((kernel, value * ops.cast(z_full, value.dtype)))
+        if gated_bias:
+            bias = target.bias.value
+            mapping.append(
+                (target.bias, bias * ops.cast(ops.reshape(z, bias.shape), bias.dtype))
+            )
+
+    def effective_kernels(self, training=False):
+        """`(variable, value)` pairs: every gated kernel (and bias) times its gate."""
+        if training:
+            return self._relaxed_kernels()[0]
+        mapping = []
+        for target, gate, gated_bias in zip(self.targets, self.gates, self._gated_bias):
+            self._append_gated(mapping, target, gate, gated_bias, gate.gate(False))
         return mapping
 
     def call(self, inputs, training=False):
-        mapping = self.effective_kernels(training=bool(training))
+        if training:
+            mapping, self._step.expected_density = self._relaxed_kernels()
+        else:
+            mapping = self.effective_kernels(training=False)
         outputs, losses = call_with_values(
             self.base_model, inputs, mapping, self._substituted, training
         )
@@ -264,9 +354,12 @@ class GatedModel(keras.Model):
             total = total + gate.expected_l0() * per_gate
         return total / self._total_weights
 
-    def _hard_density(self):
+    def _hard_density(self, lib=None):
         kept = 0.0
         for target, gate in zip(self.targets, self.gates):
+            if lib is not None and self._weight_shaped(target, gate):
+                kept = kept + ops.cast(lib.stg_count_positive(gate.mu.value), "float32")
+                continue
             mask = gate_math.binary_mask(gate.mu)
             kept = kept + ops.cast(
                 self.granularity.kept_weights(
@@ -345,6 +438,7 @@ class GatedModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._step.expected_density = None
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._compute_loss(
@@ -352,7 +446,9 @@ class GatedModel(keras.Model):
             )
             # The penalty is a per-model quantity: scale it like a per-replica
             # loss so that summing replica gradients counts it once.
-            expected_density = self._expected_density()
+            expected_density = self._step.expected_density
+            if expected_density is None:
+                expected_density = self._expected_density()
             penalty = ops.cast(self.lam, "float32") * expected_density
             loss = loss + _scale_for_replicas(ops.cast(penalty, loss.dtype))
             self._loss_tracker.update_state(
@@ -363,7 +459,7 @@ class GatedModel(keras.Model):
         variables = self.trainable_weights
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
-        hard_density = self._hard_density()
+        hard_density = self._hard_density(self._fused_lib())
         if self.target_sparsity is not None:
             self._update_lambda(hard_density)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -427,6 +523,7 @@ class GatedModel(keras.Model):
             "controller_rate": self.controller_rate,
             "target_ramp": self.target_ramp,
             "controller_horizon": self.controller_horizon,
+            "fused": self.fused,
         }
         return config
 

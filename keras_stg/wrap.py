@@ -23,6 +23,7 @@ def wrap(
     controller_rate=0.01,
     target_ramp=0.4,
     controller_horizon=3.0,
+    fused="auto",
 ):
     """Wraps a built Keras 3 model so that `fit` learns binary masks over its kernels.
 
@@ -69,6 +70,11 @@ def wrap(
             rises (a half cosine) from 0 to `target_sparsity`; 0: no ramp.
         controller_horizon: the controller acts on the sparsity predicted
             this many epochs ahead (0: on the current sparsity).
+        fused: `"auto"` (default) trains weight-level gates with fused CPU
+            kernels when no GPU is visible and the model is not XLA-compiled
+            (they are compiled with the system C++ compiler on first use, see
+            `keras_stg.fused`), else with plain TensorFlow ops; True requires
+            the kernels; False never uses them. Same math either way.
 
     Returns:
         A `keras_stg.GatedModel`.
@@ -129,6 +135,7 @@ def wrap(
         controller_rate=controller_rate,
         target_ramp=target_ramp,
         controller_horizon=controller_horizon,
+        fused=fused,
     )
     if initializer is not None:
         initializer(gated, seed=0 if seed is None else seed, density=init_density)

@@ -1,0 +1,121 @@
+"""The fused CPU gate kernels against the pure-TensorFlow gate path."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_stg
+from keras_stg import fused
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = fused.load()
+    assert lib is not None, f"fused kernels did not build: {fused.error()}"
+    return lib
+
+
+def _reference(kernel, mu, table, start, sigma, grad, grad_l0):
+    n = mu.size
+    eps = np.roll(table, -start)[:n].reshape(mu.shape)
+    with tf.GradientTape(persistent=True) as tape:
+        k, m = tf.constant(kernel), tf.constant(mu)
+        tape.watch([k, m])
+        value = k * tf.clip_by_value(m + 0.5 + sigma * eps, 0.0, 1.0)
+        l0 = tf.reduce_sum(0.5 * (1.0 + tf.math.erf((m + 0.5) / sigma / np.sqrt(2.0))))
+        total = tf.reduce_sum(value * grad) + grad_l0 * l0
+    dmu, dkernel = tape.gradient(total, [m, k])
+    return value.numpy(), float(l0), dmu.numpy(), dkernel.numpy()
+
+
+@pytest.mark.parametrize("start", [0, 17, 4990])  # 4990: the noise wraps around the table
+def test_op_matches_reference_math(lib, start):
+    rng = np.random.default_rng(start)
+    shape = (40, 100)
+    kernel = rng.standard_normal(shape).astype("float32")
+    mu = rng.uniform(-1.2, 1.2, shape).astype("float32")
+    table = rng.standard_normal(5000).astype("float32")
+    grad = rng.standard_normal(shape).astype("float32")
+    value, l0 = lib.stg_weight_gate(kernel, mu, table, tf.constant(start, tf.int64), sigma=0.5)
+    dmu, dkernel = lib.stg_weight_gate_grad(
+        grad, tf.constant(0.7), kernel, mu, table, tf.constant(start, tf.int64),
+        sigma=0.5, kernel_grad=True,
+    )
+    ref_value, ref_l0, ref_dmu, ref_dkernel = _reference(kernel, mu, table, start, 0.5, grad, 0.7)
+    np.testing.assert_allclose(value.numpy(), ref_value, atol=1e-6)
+    assert float(l0) == pytest.approx(ref_l0, rel=1e-5)
+    np.testing.assert_allclose(dmu.numpy(), ref_dmu, atol=1e-5)
+    np.testing.assert_allclose(dkernel.numpy(), ref_dkernel, atol=1e-6)
+    count = lib.stg_count_positive(mu)
+    assert int(count) == int((mu > 0).sum())
+
+
+def test_op_rejects_bad_inputs(lib):
+    k = np.zeros((3, 4), "float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same shape"):
+        lib.stg_weight_gate(k, np.zeros((4, 3), "float32"), np.zeros(12, "float32"),
+                            tf.constant(0, tf.int64), sigma=0.5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at least as long"):
+        lib.stg_weight_gate(k, k, np.zeros(5, "float32"), tf.constant(0, tf.int64), sigma=0.5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="start must be in"):
+        lib.stg_weight_gate(k, k, np.zeros(12, "float32"), tf.constant(12, tf.int64), sigma=0.5)
+
+
+def _mlp():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((20,))
+    x = keras.layers.Dense(32, activation="relu")(inputs)
+    outputs = keras.layers.Dense(4)(x)
+    return keras.Model(inputs, outputs)
+
+
+def _train(fused_flag, mode, steps=5):
+    gated = keras_stg.wrap(_mlp(), mode=mode, target_sparsity=0.5, seed=1, fused=fused_flag)
+    gated.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16 * steps, 20)).astype("float32")
+    y = rng.integers(0, 4, 16 * steps)
+    history = gated.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    mus = [g.mu.numpy() for g in gated.gates]
+    kernels = [t.variable.numpy() for t in gated.targets]
+    return mus, kernels, history.history
+
+
+@pytest.mark.parametrize("mode", ["slt", "joint"])
+def test_fused_training_equals_tensorflow_path(lib, mode):
+    mus_f, kernels_f, hist_f = _train(True, mode)
+    mus_t, kernels_t, hist_t = _train(False, mode)
+    for a, b in zip(mus_f, mus_t):
+        assert np.abs(a - 0.5).max() > 1e-3  # the gates moved
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(kernels_f, kernels_t):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for key in ("loss", "sparsity", "expected_l0", "lam"):
+        assert hist_f[key][-1] == pytest.approx(hist_t[key][-1], rel=1e-4, abs=1e-6), key
+
+
+def test_noise_table_is_standard_normal_and_offsets_change():
+    gated = keras_stg.wrap(_mlp(), seed=0, fused=False)
+    table = gated._noise_table.numpy()
+    assert table.shape == (20 * 32 + 32 * 4,)
+    assert abs(table.mean()) < 0.1 and abs(table.std() - 1) < 0.1
+    first = [v.numpy() for _, v in gated.effective_kernels(training=True)]
+    second = [v.numpy() for _, v in gated.effective_kernels(training=True)]
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(first, second))
+    # Same seed, same table: noise is reproducible across processes and loads.
+    again = keras_stg.wrap(_mlp(), seed=0, fused=False)
+    np.testing.assert_array_equal(again._noise_table.numpy(), table)
+
+
+def test_env_switch_and_fused_true_error(monkeypatch):
+    monkeypatch.setenv("KERAS_STG_FUSED", "0")
+    assert fused.load() is None
+    gated = keras_stg.wrap(_mlp(), seed=0, fused=True)
+    with pytest.raises(RuntimeError, match="fused gate kernels are unavailable"):
+        gated._fused_lib()
+    with pytest.raises(ValueError, match="`fused` must be"):
+        keras_stg.wrap(_mlp(), fused="yes")
