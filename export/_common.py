@@ -1,5 +1,6 @@
 """Shared pieces of the exporters: model loading, sample data, atomic writes, reports."""
 
+import argparse
 import gzip
 import json
 import os
@@ -449,6 +450,16 @@ def finish(out, data, result, report=None, verbose=True):
     if verbose:
         print(format_report(result))
     return result
+
+
+def cli_parser(module, description, suffix):
+    """The parser of `python -m export.<module>`, with its `--model` and `--out`."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow C++ logs
+    parser = argparse.ArgumentParser(prog=f"python -m export.{module}", description=description)
+    parser.add_argument("--model", required=True,
+                        help="gated or stripped .keras file, or a training run's output folder")
+    parser.add_argument("--out", required=True, help=f"output file, ending in {suffix}")
+    return parser
 
 
 def add_common_args(parser, samples_help, runs_help):

@@ -23,7 +23,6 @@ with the Keras model on real samples and the median batch-1 latency in
 onnxruntime on this CPU.
 """
 
-import argparse
 import os
 
 import numpy as np
@@ -188,14 +187,7 @@ def export(
 
 
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow C++ logs
-    parser = argparse.ArgumentParser(
-        prog="python -m export.onnx",
-        description="Export a gated or stripped Keras model to ONNX.",
-    )
-    parser.add_argument("--model", required=True,
-                        help="gated or stripped .keras file, or a training run's output folder")
-    parser.add_argument("--out", required=True, help="output file, ending in .onnx")
+    parser = _common.cli_parser("onnx", "Export a gated or stripped Keras model to ONNX.", ".onnx")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help="ONNX opset version (default %(default)s)")
     _common.add_common_args(

@@ -30,7 +30,6 @@ samples (max abs diff; top-1 agreement and accuracy for int8) and the median
 batch-1 latency in the LiteRT interpreter.
 """
 
-import argparse
 import logging
 import os
 import sys
@@ -318,14 +317,7 @@ def export(
 
 
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow C++ logs
-    parser = argparse.ArgumentParser(
-        prog="python -m export.tflite",
-        description="Export a gated or stripped Keras model to a TFLite/LiteRT file.",
-    )
-    parser.add_argument("--model", required=True,
-                        help="gated or stripped .keras file, or a training run's output folder")
-    parser.add_argument("--out", required=True, help="output file, ending in .tflite")
+    parser = _common.cli_parser("tflite", "Export a gated or stripped Keras model to a TFLite/LiteRT file.", ".tflite")
     parser.add_argument("--sparse", action="store_true",
                         help="sparse (CSR) encoding of weights with >= 30%% zeros")
     parser.add_argument("--int8", action="store_true",

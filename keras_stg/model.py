@@ -293,7 +293,6 @@ class GatedModel(keras.Model):
             self._gate_sizes, self._n_weights,
         ):
             kernel = target.variable
-            shape = tuple(kernel.shape)
             if lib is not None and self._weight_shaped(target, gate):
                 begin = tf.math.floormod(offset + start, self._noise_size)
                 value, l0 = lib.stg_weight_gate(

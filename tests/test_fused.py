@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_stg
-from keras_stg import fused
+from keras_stg import fused, gates
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def _reference(kernel, mu, table, start, sigma, grad, grad_l0):
     with tf.GradientTape(persistent=True) as tape:
         k, m = tf.constant(kernel), tf.constant(mu)
         tape.watch([k, m])
-        value = k * tf.clip_by_value(m + 0.5 + sigma * eps, 0.0, 1.0)
-        l0 = tf.reduce_sum(0.5 * (1.0 + tf.math.erf((m + 0.5) / sigma / np.sqrt(2.0))))
+        value = k * gates.relaxed_gate(m, sigma, eps=eps)
+        l0 = gates.expected_l0(m, sigma)
         total = tf.reduce_sum(value * grad) + grad_l0 * l0
     dmu, dkernel = tape.gradient(total, [m, k])
     return value.numpy(), float(l0), dmu.numpy(), dkernel.numpy()

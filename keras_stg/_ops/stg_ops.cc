@@ -71,13 +71,18 @@ void ParallelChunks(OpKernelContext* ctx, int64_t n, int64_t cost_per_chunk,
 
 // The elementwise loops, written as plain functions over restrict pointers so
 // that the compiler vectorises them (captured references would alias).
+
+// u = mu + 0.5 + sigma * eps, the relaxed gate before clipping.
+inline float GateInput(float mu, float eps, float sigma) { return (mu + 0.5f) + eps * sigma; }
+
+inline float Clip01(float u) {
+  u = u < 0.0f ? 0.0f : u;
+  return u > 1.0f ? 1.0f : u;
+}
 void KernelGrad(int64_t n, float sigma, const float* __restrict mu, const float* __restrict eps,
                 const float* __restrict grad, float* __restrict dkernel) {
   for (int64_t i = 0; i < n; ++i) {
-    float u = (mu[i] + 0.5f) + eps[i] * sigma;
-    u = u < 0.0f ? 0.0f : u;
-    u = u > 1.0f ? 1.0f : u;
-    dkernel[i] = grad[i] * u;
+    dkernel[i] = grad[i] * Clip01(GateInput(mu[i], eps[i], sigma));
   }
 }
 
@@ -141,10 +146,7 @@ float GateValue(int64_t n, float sigma, const float* __restrict mu, const float*
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    float u = (mu[i] + 0.5f) + eps[i] * sigma;
-    u = u < 0.0f ? 0.0f : u;
-    u = u > 1.0f ? 1.0f : u;
-    out[i] = kernel[i] * u;
+    out[i] = kernel[i] * Clip01(GateInput(mu[i], eps[i], sigma));
     sum += NormalCdf((mu[i] + 0.5f) * inv_sigma);
   }
   return sum;
@@ -156,9 +158,8 @@ void GateGrad(int64_t n, float sigma, float coef, const float* __restrict mu,
               const float* __restrict grad, float* __restrict dmu) {
   const float inv_sigma = 1.0f / sigma;
   for (int64_t i = 0; i < n; ++i) {
-    const float u = (mu[i] + 0.5f) + eps[i] * sigma;
-    float c = u < 0.0f ? 0.0f : u;
-    c = c > 1.0f ? 1.0f : c;
+    const float u = GateInput(mu[i], eps[i], sigma);
+    const float c = Clip01(u);
     const float gk = grad[i] * kernel[i];
     const float x = (mu[i] + 0.5f) * inv_sigma;
     // d clip(u) / du is 1 inside [0, 1] (where clipping leaves u unchanged).
