@@ -49,7 +49,7 @@ g = keras_stg.wrap(m, target_sparsity=a.target, sigma=a.sigma, seed=a.seed, init
                    controller_rate=a.rate, init_mu=a.init_mu, target_ramp=a.ramp, mu_bound=a.bound)
 from keras import ops
 import types
-def upd(self, hard_density):
+def upd(self, hard_density, iteration):
     sparsity = 1.0 - hard_density
     last = ops.convert_to_tensor(self._last_sparsity)
     step_change = ops.where(last < 0, 0.0, sparsity - last)
@@ -57,16 +57,18 @@ def upd(self, hard_density):
     self._velocity.assign(velocity)
     self._last_sparsity.assign(sparsity)
     predicted = sparsity + a.hmult * ops.cast(self.epoch_steps, "float32") * velocity
-    error = self.current_target() - predicted
+    error = self.current_target(iteration) - predicted
     lam = ops.convert_to_tensor(self.lam)
     gain = (1.0 + ops.abs(lam)) if a.relative else 1.0
     self.lam.assign(ops.clip(lam + self.controller_rate * gain * error, -1e3, 1e3))
 g._update_lambda = types.MethodType(upd, g)
 import math
-def cur(self):
+def cur(self, iteration=None):
     target = ops.convert_to_tensor(self.target_sparsity, "float32")
     ramp = ops.cast(self.total_steps, "float32") * self.target_ramp
-    t = ops.cast(self.optimizer.iterations, "float32") / ops.maximum(ramp, 1.0)
+    if iteration is None:
+        iteration = ops.cast(self.optimizer.iterations, "float32")
+    t = iteration / ops.maximum(ramp, 1.0)
     t = ops.where(ramp > 0, ops.minimum(t, 1.0), 1.0)
     if a.shape == "cubic":
         return target * (1.0 - (1.0 - t) ** 3)

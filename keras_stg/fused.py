@@ -75,9 +75,9 @@ def _build(tf):
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        # Portable flags: -march=native made the op no faster inside TF here,
-        # and TF 2.21's Eigen headers do not compile with it on this machine's
-        # CPU (AVX512-FP16 packet math).
+        # Portable flags: TF 2.21's Eigen headers do not compile with
+        # -march=native on AVX512-FP16 CPUs. The elementwise loops pick
+        # AVX-512/AVX2 at run time instead (target_clones in stg_ops.cc).
         cmd = [cxx] + base + [_SOURCE, "-o", tmp] + flags + link
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -92,8 +92,10 @@ def _build(tf):
 
 
 def _register_gradient(tf, lib):
+    tf.no_gradient("StgClip")  # the bound constraint runs after the update, outside any tape
+
     @tf.RegisterGradient("StgWeightGate")
-    def _grad(op, grad_value, grad_l0):  # noqa: ANN001
+    def _grad(op, grad_value, grad_l0, grad_kept):  # noqa: ANN001, ARG001 - kept is a count
         kernel, mu, table, start = op.inputs
         kernel_grad = op.get_attr("kernel_grad")
         if grad_l0 is None:

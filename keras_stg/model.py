@@ -109,6 +109,10 @@ class GatedModel(keras.Model):
     of gated kernel weights removed by the binary mask), `expected_l0`
     (expected share kept under the relaxation, i.e. the expected L0 norm
     divided by the weight count) and `lam` (the current penalty weight).
+    A training step logs the mask it started from (known without an extra
+    pass over the gates); the logs that `fit` hands to callbacks at the end
+    of an epoch (History, EarlyStopping, ModelCheckpoint, TensorBoard) hold
+    the mask after the epoch's last step.
 
     Attributes:
         base_model: the wrapped model (its kernels are not modified).
@@ -279,7 +283,12 @@ class GatedModel(keras.Model):
         )
 
     def _relaxed_kernels(self):
-        """`(mapping, expected density)` for a training step, with fresh noise."""
+        """`(mapping, expected density, hard density)` for a training step.
+
+        The mapping holds the kernels times fresh relaxed gates; the hard
+        density is the share of weights the binary mask keeps at the `mu` of
+        this draw (the fused kernels count it in the same pass).
+        """
         table = self._noise_table
         offset = keras.random.randint(
             (), 0, self._noise_size, dtype="int64", seed=self.noise_seed
@@ -288,6 +297,7 @@ class GatedModel(keras.Model):
         rolled = None
         mapping = []
         expected = 0.0
+        kept = 0.0
         for target, gate, gated_bias, start, size, n in zip(
             self.targets, self.gates, self._gated_bias, self._gate_starts,
             self._gate_sizes, self._n_weights,
@@ -295,12 +305,13 @@ class GatedModel(keras.Model):
             kernel = target.variable
             if lib is not None and self._weight_shaped(target, gate):
                 begin = tf.math.floormod(offset + start, self._noise_size)
-                value, l0 = lib.stg_weight_gate(
+                value, l0, gate_kept = lib.stg_weight_gate(
                     kernel.value, gate.mu.value, table, begin,
                     sigma=gate.sigma, kernel_grad=bool(kernel.trainable),
                 )
                 mapping.append((kernel, value))
                 expected = expected + l0
+                kept = kept + ops.cast(gate_kept, "float32")
                 continue
             if rolled is None:
                 rolled = tf.roll(table, -offset, axis=0)
@@ -308,7 +319,8 @@ class GatedModel(keras.Model):
             z = gate_math.relaxed_gate(gate.mu, gate.sigma, eps=eps)
             self._append_gated(mapping, target, gate, gated_bias, z)
             expected = expected + gate.expected_l0() * (n / size)
-        return mapping, expected / self._total_weights
+            kept = kept + self._kept_weights(target, gate)
+        return mapping, expected / self._total_weights, kept / self._total_weights
 
     def _append_gated(self, mapping, target, gate, gated_bias, z):
         kernel = target.variable
@@ -333,7 +345,8 @@ class GatedModel(keras.Model):
 
     def call(self, inputs, training=False):
         if training:
-            mapping, self._step.expected_density = self._relaxed_kernels()
+            mapping, expected, hard = self._relaxed_kernels()
+            self._step.expected_density, self._step.hard_density = expected, hard
         else:
             mapping = self.effective_kernels(training=False)
         outputs, losses = call_with_values(
@@ -353,19 +366,19 @@ class GatedModel(keras.Model):
             total = total + gate.expected_l0() * per_gate
         return total / self._total_weights
 
-    def _hard_density(self, lib=None):
+    def _kept_weights(self, target, gate):
+        mask = gate_math.binary_mask(gate.mu)
+        return ops.cast(
+            self.granularity.kept_weights(
+                mask, tuple(target.variable.shape), target.out_axes, target.in_axes
+            ),
+            "float32",
+        )
+
+    def _hard_density(self):
         kept = 0.0
         for target, gate in zip(self.targets, self.gates):
-            if lib is not None and self._weight_shaped(target, gate):
-                kept = kept + ops.cast(lib.stg_count_positive(gate.mu.value), "float32")
-                continue
-            mask = gate_math.binary_mask(gate.mu)
-            kept = kept + ops.cast(
-                self.granularity.kept_weights(
-                    mask, tuple(target.variable.shape), target.out_axes, target.in_axes
-                ),
-                "float32",
-            )
+            kept = kept + self._kept_weights(target, gate)
         return kept / self._total_weights
 
     def _gate_logs(self, hard_density=None, expected_density=None):
@@ -379,7 +392,7 @@ class GatedModel(keras.Model):
             "lam": ops.convert_to_tensor(self.lam),
         }
 
-    def current_target(self):
+    def current_target(self, iteration=None):
         """The sparsity target of this step: ramps up, then holds.
 
         Over the first `target_ramp` share of the `fit` call's steps the target
@@ -387,16 +400,20 @@ class GatedModel(keras.Model):
         gates (which start fully open) are still far from their threshold,
         and flattening into the target so that the controller does not chase
         a moving goal when the mask has to settle.
+
+        `iteration` is the 1-based step count (default: the optimizer's).
         """
         target = ops.convert_to_tensor(self.target_sparsity, "float32")
         if self.target_ramp == 0:
             return target
         ramp = ops.cast(self.total_steps, "float32") * self.target_ramp
-        t = ops.cast(self.optimizer.iterations, "float32") / ops.maximum(ramp, 1.0)
+        if iteration is None:
+            iteration = ops.cast(self.optimizer.iterations, "float32")
+        t = iteration / ops.maximum(ramp, 1.0)
         t = ops.where(ramp > 0, ops.minimum(t, 1.0), 1.0)
         return target * 0.5 * (1.0 - ops.cos(math.pi * t))
 
-    def _update_lambda(self, hard_density):
+    def _update_lambda(self, hard_density, iteration):
         """Predictive integral control of lambda towards the current target.
 
         The sparsity target is an equality constraint, so lambda is its
@@ -413,6 +430,10 @@ class GatedModel(keras.Model):
         `rate * (1 + |lambda|) * error`: additive near 0 (so it can change
         sign), relative when lambda is large (so it rises and unwinds in an
         epoch or two whatever the scale the task needs).
+
+        `hard_density` is the mask at the start of step `iteration` (1-based).
+        Depending only on what the step started from, the update runs beside
+        the step's backward pass and optimizer update instead of after them.
         """
         sparsity = 1.0 - hard_density
         last = ops.convert_to_tensor(self._last_sparsity)
@@ -423,12 +444,10 @@ class GatedModel(keras.Model):
         # Look ahead at most to the end of `fit`: the mask that matters is the
         # final one.
         horizon = self.controller_horizon * ops.cast(self.epoch_steps, "float32")
-        remaining = ops.cast(self.total_steps, "float32") - ops.cast(
-            self.optimizer.iterations, "float32"
-        )
+        remaining = ops.cast(self.total_steps, "float32") - iteration
         horizon = ops.where(self.total_steps > 0, ops.clip(remaining, 0.0, horizon), horizon)
         predicted = sparsity + horizon * velocity
-        error = self.current_target() - predicted
+        error = self.current_target(iteration) - predicted
         lam = ops.convert_to_tensor(self.lam)
         lam = lam + self.controller_rate * (1.0 + ops.abs(lam)) * error
         self.lam.assign(ops.clip(lam, -_LAM_MAX, _LAM_MAX))
@@ -437,7 +456,13 @@ class GatedModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._step.expected_density = None
+        self._step.expected_density = self._step.hard_density = None
+        # Read before the update, so that nothing below waits for it.
+        iteration = ops.cast(self.optimizer.iterations, "float32") + 1.0
+        lib = self._fused_lib()
+        for gate in self.gates:
+            if gate.mu.constraint is not None:
+                gate.mu.constraint.fused_lib = lib
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self._compute_loss(
@@ -446,8 +471,10 @@ class GatedModel(keras.Model):
             # The penalty is a per-model quantity: scale it like a per-replica
             # loss so that summing replica gradients counts it once.
             expected_density = self._step.expected_density
-            if expected_density is None:
+            hard_density = self._step.hard_density
+            if expected_density is None:  # a subclass overrode `call`
                 expected_density = self._expected_density()
+                hard_density = self._hard_density()
             penalty = ops.cast(self.lam, "float32") * expected_density
             loss = loss + _scale_for_replicas(ops.cast(penalty, loss.dtype))
             self._loss_tracker.update_state(
@@ -458,17 +485,15 @@ class GatedModel(keras.Model):
         variables = self.trainable_weights
         gradients = tape.gradient(scaled_loss, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
-        hard_density = self._hard_density(self._fused_lib())
         if self.target_sparsity is not None:
-            self._update_lambda(hard_density)
+            self._update_lambda(hard_density, iteration)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs.update(self._gate_logs(hard_density, expected_density))
         return logs
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`; also tells the sparsity schedule how long training runs."""
-        callbacks = list(callbacks or [])
-        callbacks.append(_TotalSteps(self))
+        callbacks = [_FitState(self)] + list(callbacks or [])
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def test_step(self, data):
@@ -535,8 +560,12 @@ class GatedModel(keras.Model):
         return cls(model, **config)
 
 
-class _TotalSteps(keras.callbacks.Callback):
-    """Stores `epochs * steps` of the running `fit` in the gated model."""
+class _FitState(keras.callbacks.Callback):
+    """Stores `epochs * steps` of the running `fit` in the gated model, and
+    puts the sparsity after each epoch into the epoch's logs.
+
+    It runs before every other callback, which see the updated logs.
+    """
 
     def __init__(self, gated):
         super().__init__()
@@ -547,3 +576,7 @@ class _TotalSteps(keras.callbacks.Callback):
         steps = self.params.get("steps") or 0
         self._gated.total_steps.assign(float(epochs * steps))
         self._gated.epoch_steps.assign(float(steps))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and "sparsity" in logs:
+            logs["sparsity"] = self._gated.sparsity()

@@ -29,15 +29,19 @@ def _reference(kernel, mu, table, start, sigma, grad, grad_l0):
     return value.numpy(), float(l0), dmu.numpy(), dkernel.numpy()
 
 
-@pytest.mark.parametrize("start", [0, 17, 4990])  # 4990: the noise wraps around the table
+# 40x1000 gates span three chunks of the kernels' parallel loop; 39990: the
+# noise wraps around the table.
+@pytest.mark.parametrize("start", [0, 17, 39990])
 def test_op_matches_reference_math(lib, start):
     rng = np.random.default_rng(start)
-    shape = (40, 100)
+    shape = (40, 1000)
     kernel = rng.standard_normal(shape).astype("float32")
     mu = rng.uniform(-1.2, 1.2, shape).astype("float32")
-    table = rng.standard_normal(5000).astype("float32")
+    table = rng.standard_normal(40000).astype("float32")
     grad = rng.standard_normal(shape).astype("float32")
-    value, l0 = lib.stg_weight_gate(kernel, mu, table, tf.constant(start, tf.int64), sigma=0.5)
+    value, l0, kept = lib.stg_weight_gate(
+        kernel, mu, table, tf.constant(start, tf.int64), sigma=0.5
+    )
     dmu, dkernel = lib.stg_weight_gate_grad(
         grad, tf.constant(0.7), kernel, mu, table, tf.constant(start, tf.int64),
         sigma=0.5, kernel_grad=True,
@@ -47,8 +51,9 @@ def test_op_matches_reference_math(lib, start):
     assert float(l0) == pytest.approx(ref_l0, rel=1e-5)
     np.testing.assert_allclose(dmu.numpy(), ref_dmu, atol=1e-5)
     np.testing.assert_allclose(dkernel.numpy(), ref_dkernel, atol=1e-6)
-    count = lib.stg_count_positive(mu)
-    assert int(count) == int((mu > 0).sum())
+    assert int(kept) == int((mu > 0).sum())
+    clipped = lib.stg_clip(mu, bound=1.0)
+    np.testing.assert_array_equal(clipped.numpy(), np.clip(mu, -1.0, 1.0))
 
 
 def test_op_rejects_bad_inputs(lib):
@@ -96,6 +101,9 @@ def test_fused_training_equals_tensorflow_path(lib, mode):
         np.testing.assert_allclose(a, b, atol=1e-5)
     for key in ("loss", "sparsity", "expected_l0", "lam"):
         assert hist_f[key][-1] == pytest.approx(hist_t[key][-1], rel=1e-4, abs=1e-6), key
+    # The epoch's logs hold the mask after its last step.
+    pruned = sum(int((m <= 0).sum()) for m in mus_f) / sum(m.size for m in mus_f)
+    assert hist_f["sparsity"][-1] == pytest.approx(pruned, abs=1e-7)
 
 
 def test_noise_table_is_standard_normal_and_offsets_change():

@@ -12,10 +12,14 @@
 //   z_i     = clip(u_i, 0, 1)
 //   value_i = kernel_i * z_i
 //   l0      = sum_i 0.5 * (1 + erf((mu_i + 0.5) / sigma / sqrt(2)))
+//   kept    = #{i : mu_i > 0}                        (the binary mask's size)
 //
 //   dmu_i     = [0 <= u_i <= 1] * g_i * kernel_i
 //               + g_l0 * exp(-x_i^2 / 2) / (sigma * sqrt(2 pi)),  x_i = (mu_i + 0.5) / sigma
 //   dkernel_i = g_i * z_i                              (only if kernel_grad)
+//
+// StgClip is the gates' bound constraint `clip(mu, -bound, bound)` in one pass
+// (TensorFlow's clip is two).
 //
 // Sums run over fixed chunks whose partial sums are added in chunk order, so
 // results do not depend on the thread count or scheduling (bit-identical
@@ -69,6 +73,17 @@ void ParallelChunks(OpKernelContext* ctx, int64_t n, int64_t cost_per_chunk,
   });
 }
 
+// x86-64 builds use portable flags, so a plain build would only use SSE2. The
+// elementwise loops are compiled for AVX-512, AVX2 and the baseline, and the
+// loader picks the widest one this CPU runs (GCC/Clang function multiversioning).
+// Contraction into FMA stays off (-ffp-contract=off), so every version does the
+// same per-element arithmetic.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(STG_NO_MULTIVERSION)
+#define STG_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define STG_SIMD_CLONES
+#endif
+
 // The elementwise loops, written as plain functions over restrict pointers so
 // that the compiler vectorises them (captured references would alias).
 
@@ -79,17 +94,12 @@ inline float Clip01(float u) {
   u = u < 0.0f ? 0.0f : u;
   return u > 1.0f ? 1.0f : u;
 }
+STG_SIMD_CLONES
 void KernelGrad(int64_t n, float sigma, const float* __restrict mu, const float* __restrict eps,
                 const float* __restrict grad, float* __restrict dkernel) {
   for (int64_t i = 0; i < n; ++i) {
     dkernel[i] = grad[i] * Clip01(GateInput(mu[i], eps[i], sigma));
   }
-}
-
-int64_t CountPositive(int64_t n, const float* __restrict mu) {
-  int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) kept += mu[i] > 0.0f ? 1 : 0;
-  return kept;
 }
 
 // exp(x) for x <= 0, to about 2e-7 relative: 2^(x log2 e) split into an
@@ -139,20 +149,26 @@ inline float NormalCdf(float x) {
   return 0.5f + 0.5f * r;
 }
 
-// value = kernel * clip(u, 0, 1); returns sum Phi((mu + 0.5) / sigma).
+// value = kernel * clip(u, 0, 1); returns sum Phi((mu + 0.5) / sigma) and
+// adds #{mu > 0} to *kept.
+STG_SIMD_CLONES
 float GateValue(int64_t n, float sigma, const float* __restrict mu, const float* __restrict eps,
-                const float* __restrict kernel, float* __restrict out) {
+                const float* __restrict kernel, float* __restrict out, int64_t* kept) {
   const float inv_sigma = 1.0f / sigma;
   float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+  int count = 0;  // n <= kChunk
+#pragma omp simd reduction(+ : sum, count)
   for (int64_t i = 0; i < n; ++i) {
     out[i] = kernel[i] * Clip01(GateInput(mu[i], eps[i], sigma));
     sum += NormalCdf((mu[i] + 0.5f) * inv_sigma);
+    count += mu[i] > 0.0f ? 1 : 0;
   }
+  *kept += count;
   return sum;
 }
 
 // dmu = [0 <= u <= 1] * grad * kernel + coef * exp(-x^2 / 2), x = (mu + 0.5) / sigma.
+STG_SIMD_CLONES
 void GateGrad(int64_t n, float sigma, float coef, const float* __restrict mu,
               const float* __restrict eps, const float* __restrict kernel,
               const float* __restrict grad, float* __restrict dmu) {
@@ -201,6 +217,8 @@ class StgWeightGateOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, kernel.shape(), &value));
     Tensor* l0 = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({}), &l0));
+    Tensor* kept = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({}), &kept));
 
     const int64_t n = mu.NumElements();
     const int64_t m = table.NumElements();
@@ -210,18 +228,23 @@ class StgWeightGateOp : public OpKernel {
     const float* tab = table.flat<float>().data();
     float* out = value->flat<float>().data();
     const float sigma = sigma_;
-    std::vector<float> partial((n + kChunk - 1) / kChunk, 0.0f);
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<float> partial(chunks, 0.0f);
+    std::vector<int64_t> partial_kept(chunks, 0);
 
     ParallelChunks(ctx, n, kChunk * 40, [&](int64_t c, int64_t b, int64_t e) {
       float sum = 0.0f;
       ForNoiseSegments(b, e, start, m, tab, [&](int64_t sb, int64_t se, const float* eps) {
-        sum += GateValue(se - sb, sigma, mup + sb, eps, k + sb, out + sb);
+        sum += GateValue(se - sb, sigma, mup + sb, eps, k + sb, out + sb, &partial_kept[c]);
       });
       partial[c] = sum;
     });
     double total = 0.0;
     for (float p : partial) total += p;
     l0->scalar<float>()() = static_cast<float>(total);
+    int64_t total_kept = 0;
+    for (int64_t p : partial_kept) total_kept += p;
+    kept->scalar<int64_t>()() = total_kept;
   }
 
  private:
@@ -278,25 +301,33 @@ class StgWeightGateGradOp : public OpKernel {
   bool kernel_grad_;
 };
 
-class StgCountPositiveOp : public OpKernel {
- public:
-  explicit StgCountPositiveOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
-
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& mu = ctx->input(0);
-    Tensor* count = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &count));
-    const int64_t n = mu.NumElements();
-    const float* mup = mu.flat<float>().data();
-    std::vector<int64_t> partial((n + kChunk - 1) / kChunk, 0);
-    ParallelChunks(ctx, n, kChunk, [&](int64_t c, int64_t b, int64_t e) {
-      const int64_t kept = CountPositive(e - b, mup + b);
-      partial[c] = kept;
-    });
-    int64_t total = 0;
-    for (int64_t p : partial) total += p;
-    count->scalar<int64_t>()() = total;
+STG_SIMD_CLONES
+void ClipBound(int64_t n, float bound, const float* __restrict x, float* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] < -bound ? -bound : x[i];
+    y[i] = v > bound ? bound : v;
   }
+}
+
+// y = clip(x, -bound, bound), in place when x's buffer can be reused.
+class StgClipOp : public OpKernel {
+ public:
+  explicit StgClipOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("bound", &bound_));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+    const float* xp = x.flat<float>().data();
+    float* yp = y->flat<float>().data();
+    ParallelChunks(ctx, x.NumElements(), kChunk * 2, [&](int64_t c, int64_t b, int64_t e) {
+      ClipBound(e - b, bound_, xp + b, yp + b);
+    });
+  }
+
+ private:
+  float bound_;
 };
 
 }  // namespace
@@ -310,9 +341,11 @@ REGISTER_OP("StgWeightGate")
     .Attr("kernel_grad: bool = false")
     .Output("value: float")
     .Output("expected_l0: float")
+    .Output("kept: int64")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
       c->set_output(1, c->Scalar());
+      c->set_output(2, c->Scalar());
       return absl::OkStatus();
     });
 
@@ -333,16 +366,16 @@ REGISTER_OP("StgWeightGateGrad")
       return absl::OkStatus();
     });
 
-REGISTER_OP("StgCountPositive")
-    .Input("mu: float")
-    .Output("count: int64")
+REGISTER_OP("StgClip")
+    .Input("x: float")
+    .Attr("bound: float")
+    .Output("y: float")
     .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->Scalar());
+      c->set_output(0, c->input(0));
       return absl::OkStatus();
     });
 
 REGISTER_KERNEL_BUILDER(Name("StgWeightGate").Device(tensorflow::DEVICE_CPU), StgWeightGateOp);
 REGISTER_KERNEL_BUILDER(Name("StgWeightGateGrad").Device(tensorflow::DEVICE_CPU),
                         StgWeightGateGradOp);
-REGISTER_KERNEL_BUILDER(Name("StgCountPositive").Device(tensorflow::DEVICE_CPU),
-                        StgCountPositiveOp);
+REGISTER_KERNEL_BUILDER(Name("StgClip").Device(tensorflow::DEVICE_CPU), StgClipOp);
