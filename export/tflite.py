@@ -317,7 +317,9 @@ def export(
 
 
 def main(argv=None):
-    parser = _common.cli_parser("tflite", "Export a gated or stripped Keras model to a TFLite/LiteRT file.", ".tflite")
+    parser = _common.cli_parser(
+        "tflite", "Export a gated or stripped Keras model to a TFLite/LiteRT file.", ".tflite"
+    )
     parser.add_argument("--sparse", action="store_true",
                         help="sparse (CSR) encoding of weights with >= 30%% zeros")
     parser.add_argument("--int8", action="store_true",

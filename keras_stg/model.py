@@ -211,9 +211,9 @@ class GatedModel(keras.Model):
                 name="gate_noise_table",
             )
         self.noise_seed = keras.random.SeedGenerator(noise_seed + 1)
-        # `call` hands the expected density of its gate draw to `train_step`
-        # through this; thread-local because MirroredStrategy traces the
-        # replicas' steps in concurrent threads.
+        # `call` hands the expected and hard densities of its gate draw to
+        # `train_step` through this; thread-local because MirroredStrategy
+        # traces the replicas' steps in concurrent threads.
         object.__setattr__(self, "_step", threading.local())
         self.lam = self.add_weight(
             name="lam",

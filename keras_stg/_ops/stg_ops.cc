@@ -285,7 +285,6 @@ class StgWeightGateGradOp : public OpKernel {
     float* dm = dmu->flat<float>().data();
     float* dk = kernel_grad_ ? dkernel->flat<float>().data() : nullptr;
     const float sigma = sigma_;
-    const float inv_sigma = 1.0f / sigma;
     const float coef = gl0 / (sigma * std::sqrt(2.0f * static_cast<float>(M_PI)));
 
     ParallelChunks(ctx, n, kChunk * 40, [&](int64_t c, int64_t b, int64_t e) {
