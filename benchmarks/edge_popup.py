@@ -157,19 +157,21 @@ class EdgePopupModel(keras.Model):
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
-def init_like_ours(model, sparsity, seed=0):
+def init_like_ours(model, sparsity, seed=0, scale_fan=False):
     """Draws, in place, the frozen weights our `slt` run at `sparsity` starts from.
 
-    `keras_stg.wrap(model, mode="slt", target_sparsity=sparsity, seed=seed)`
-    re-draws the kernels with the library's default init (signed Kaiming
-    constant, scale-fan included when the library applies it); the wrapper is
-    dropped and the model keeps those weights, marked non-trainable. Whatever
-    the library's defaults become, both methods then search the very same
-    random network.
+    `keras_stg.wrap(model, mode="slt", target_sparsity=sparsity, seed=seed,
+    init_density="auto" if scale_fan else None)` re-draws the kernels with the
+    library's default init (signed Kaiming constant, scaled by
+    `1/sqrt(1 - sparsity)` with `scale_fan`, edge-popup's "scale fan-in"); the
+    wrapper is dropped and the model keeps those weights, marked
+    non-trainable. Whatever the library's defaults become, both methods then
+    search the very same random network.
     """
     import keras_stg
 
-    keras_stg.wrap(model, mode="slt", target_sparsity=sparsity, seed=seed)
+    keras_stg.wrap(model, mode="slt", target_sparsity=sparsity, seed=seed,
+                   init_density="auto" if scale_fan else None)
     return model
 
 

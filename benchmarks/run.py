@@ -67,6 +67,15 @@ TASKS = {
     "conv4_fashion": ("conv4", "fashion_mnist", "Conv-4 / Fashion-MNIST", 20),
     "conv4_cifar10": ("conv4", "cifar10", "Conv-4 / CIFAR-10", 20),
 }
+#: name -> (slt config, joint config or None) in configs/: ours runs with the
+#: batch size, learning rate and scale-fan setting of the task's config (the
+#: settings we recommend for it); the baselines get the same batch size, and
+#: edge-popup the very same frozen weights.
+TASK_CONFIGS = {
+    "lenet_mnist": ("lenet_300_100_mnist_slt", "lenet_300_100_mnist_joint"),
+    "conv4_fashion": ("conv4_fashion_mnist_slt", None),
+    "conv4_cifar10": ("conv4_cifar10_slt", None),
+}
 FRONTIER_SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.98)
 JOINT_SPARSITIES = (0.9, 0.95)
 
@@ -128,12 +137,29 @@ class Setup:
         self.quick = args.quick
         self.data_dir = args.data_dir
         self.epochs = args.epochs
-        self.batch_size = defaults.batch_size
+        self.batch_override = args.batch_size
+        # The `cost` part times one batch of this size (the overhead benchmark's).
+        self.batch_size = args.batch_size or defaults.batch_size
         self.learning_rate = defaults.learning_rate
         self.seed = args.seed
         self.verbose = 0 if args.quick else 2
         self.ep_lr = args.ep_lr
         self.ep_wd = args.ep_wd
+
+    def config(self, task, part="slt"):
+        """The task's `Config` from configs/ (`part`: "slt" or "joint"; the slt
+        one when the task has no joint config)."""
+        from keras_stg import config
+
+        slt, joint = TASK_CONFIGS[task]
+        name = joint if part == "joint" and joint else slt
+        return config.load(os.path.join(REPO, "configs", name + ".yaml"))
+
+    def batch_for(self, task, part="slt"):
+        return self.batch_override or self.config(task, part).batch_size
+
+    def scale_fan(self, task):
+        return bool(self.config(task).scale_fan)
 
     def epochs_for(self, task):
         if self.epochs is not None:
@@ -145,12 +171,12 @@ class Setup:
             return None, None
         return QUICK["limit"][TASKS[task][0]], QUICK["test_limit"]
 
-    def datasets(self, task):
+    def datasets(self, task, part="slt"):
         from keras_stg import data
 
         _, dataset, _, _ = TASKS[task]
         limit, test_limit = self.limits(task)
-        train = data.dataset(dataset, "train", self.batch_size, self.data_dir,
+        train = data.dataset(dataset, "train", self.batch_for(task, part), self.data_dir,
                              seed=self.seed, limit=limit)
         test = data.dataset(dataset, "test", 1000, self.data_dir, limit=test_limit)
         return train, test, int(train.cardinality())
@@ -175,7 +201,8 @@ def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_
     """Our method with the library defaults; returns accuracy, sparsity, time, model.
 
     `prepare(model)`, if given, runs on the freshly built model before it is wrapped.
-    Adam runs at `learning_rate` (default `setup.learning_rate`).
+    Adam runs at `learning_rate` (default: the task config's). In `slt` mode the
+    weights get scale-fan when the task's config asks for it.
     """
     import keras
 
@@ -186,8 +213,11 @@ def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_
     model = setup.build(task)
     if prepare is not None:
         prepare(model)
-    gated = keras_stg.wrap(model, mode=mode, target_sparsity=sparsity, seed=setup.seed)
-    gated.compile(optimizer=keras.optimizers.Adam(learning_rate or setup.learning_rate),
+    init_density = "auto" if mode == "slt" and setup.scale_fan(task) else None
+    gated = keras_stg.wrap(model, mode=mode, target_sparsity=sparsity, seed=setup.seed,
+                           init_density=init_density)
+    gated.compile(optimizer=keras.optimizers.Adam(
+                      learning_rate or setup.config(task).learning_rate),
                   loss=_loss(), metrics=["accuracy"])
     start = time.time()
     gated.fit(train, epochs=setup.epochs_for(task), verbose=setup.verbose)
@@ -203,7 +233,8 @@ def train_edge_popup(setup, task, sparsity, train, test, steps_per_epoch):
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(setup.seed)
-    model = init_like_ours(setup.build(task), sparsity, seed=setup.seed)
+    model = init_like_ours(setup.build(task), sparsity, seed=setup.seed,
+                           scale_fan=setup.scale_fan(task))
     ep = EdgePopupModel(model, density=1.0 - sparsity, weight_decay=setup.ep_wd,
                         seed=setup.seed)
     epochs = setup.epochs_for(task)
@@ -236,6 +267,7 @@ def part_frontier(setup, tasks, sparsities, results, save, methods=("ours", "edg
     for task in tasks:
         reason = task_available(setup, task)
         entry = {"title": TASKS[task][2], "epochs": setup.epochs_for(task),
+                 "batch": setup.batch_for(task), "scale_fan": setup.scale_fan(task),
                  "ours": [], "edge_popup": [], "skipped": reason,
                  "ep_settings": f"SGD(lr={setup.ep_lr}, momentum={EP_MOMENTUM}, cosine), "
                                 f"wd={setup.ep_wd}"}
@@ -305,7 +337,7 @@ def _start_tfmot(setup, task, sparsities, init_path, json_path, log_path):
     limit, test_limit = setup.limits(task)
     cmd = [sys.executable, "-m", "benchmarks.tfmot_job", "--json-out", json_path,
            "--model", model, "--dataset", dataset, "--epochs", str(setup.epochs_for(task)),
-           "--batch-size", str(setup.batch_size), "--init-weights", init_path,
+           "--batch-size", str(setup.batch_for(task, "joint")), "--init-weights", init_path,
            "--seed", str(setup.seed), "--learning-rate", str(JOINT_LR),
            "--sparsities", *[str(s) for s in sparsities]]
     if setup.data_dir:
@@ -340,7 +372,8 @@ def part_joint(setup, tasks, sparsities, results, save):
 
     for task in tasks:
         reason = task_available(setup, task)
-        entry = {"title": TASKS[task][2], "epochs": setup.epochs_for(task), "ours": [],
+        entry = {"title": TASKS[task][2], "epochs": setup.epochs_for(task),
+                 "batch": setup.batch_for(task, "joint"), "ours": [],
                  "tfmot": None, "skipped": reason}
         results["joint"][task] = entry
         if reason:
@@ -365,7 +398,7 @@ def part_joint(setup, tasks, sparsities, results, save):
         if not setup.quick:  # sequential in full runs, so wall times stay comparable
             entry["tfmot"] = _finish_tfmot(proc, out, json_path, log_path)
             _log_tfmot(entry["tfmot"])
-        train, test, _ = setup.datasets(task)
+        train, test, _ = setup.datasets(task, "joint")
         for sparsity in sparsities:
             log(f"joint {TASKS[task][2]} ours (joint) target {sparsity:.2f} ...")
             keras.backend.clear_session()
@@ -743,6 +776,22 @@ def _save_fig(fig, path):
             os.remove(tmp)
 
 
+def _task_settings(results):
+    """'LeNet-300-100 / MNIST: frontier batch 64, scale-fan; joint batch 128' and so on."""
+    parts = []
+    for task in TASKS:
+        f, j = results["frontier"].get(task), results["joint"].get(task)
+        bits = []
+        if f and not f.get("skipped") and "batch" in f:
+            bits.append(f"frontier batch {f['batch']}" + (", scale-fan" if f.get("scale_fan")
+                                                          else ", no scale-fan"))
+        if j and not j.get("skipped") and "batch" in j:
+            bits.append(f"joint batch {j['batch']}")
+        if bits:
+            parts.append(f"{TASKS[task][2]}: {'; '.join(bits)}")
+    return " / ".join(parts) or "batch 128"
+
+
 def section(results, rows, plots, results_path):
     meta = results["meta"]
     ep_settings = "; ".join(sorted({e["ep_settings"] for e in results["frontier"].values()})) or (
@@ -761,9 +810,12 @@ def section(results, rows, plots, results_path):
         "```",
         "",
         "Ours: `keras_stg.wrap(model, mode=..., target_sparsity=s, seed=0)` with the library "
-        "defaults, Adam at `Config().learning_rate` (`slt`) or "
-        f"at {JOINT_LR} (`joint`, as tfmot), batch 128. Edge-popup: the same frozen weights "
-        "as ours at each sparsity (bit-identical: `edge_popup.init_like_ours`), scores per weight, per-layer top-k by |score|, "
+        "defaults, plus the batch size, learning rate and scale-fan setting of the task's "
+        "config in `configs/` (`benchmarks.run.TASK_CONFIGS`; " + _task_settings(results) +
+        f"); Adam at the config's rate (`slt`) or at {JOINT_LR} (`joint`, as tfmot). "
+        "Edge-popup: the same frozen weights "
+        "as ours at each sparsity (bit-identical: `edge_popup.init_like_ours`, scale-fan "
+        "included), scores per weight, per-layer top-k by |score|, "
         "straight-through gradient, SGD momentum 0.9 with cosine decay, paper settings "
         f"({ep_settings}), same "
         "epochs, batch and data. tfmot: `prune_low_magnitude`, PolynomialDecay 0 -> target over "
@@ -836,6 +888,9 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true",
                    help="ignore results of earlier runs in --out/results.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size of every method (default: the task's config in configs/; "
+                        "the cost part: 128)")
     p.add_argument("--ep-lr", type=float, default=EP_LR, help="edge-popup learning rate")
     p.add_argument("--ep-wd", type=float, default=EP_WEIGHT_DECAY,
                    help="edge-popup weight decay on the scores")

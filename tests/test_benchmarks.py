@@ -18,6 +18,7 @@ import keras_stg
 from benchmarks import run as bench
 from benchmarks.edge_popup import (EdgePopupModel, init_like_ours, kept_count, sgd_cosine,
                                    topk_mask)
+from keras_stg import config as stg_config
 from keras_stg import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,12 +56,39 @@ def test_topk_mask_on_conv_kernel_and_edges():
 
 
 @pytest.mark.parametrize("density", [0.5, 0.1])
-def test_same_frozen_weights_as_ours(density):
-    ep = _edge_popup(density)
+@pytest.mark.parametrize("scale_fan", [False, True])
+def test_same_frozen_weights_as_ours(density, scale_fan):
+    model = init_like_ours(models.lenet_300_100((28, 28, 1)), 1 - density, seed=0,
+                           scale_fan=scale_fan)
+    ep = EdgePopupModel(model, density=density, weight_decay=1e-4, seed=0)
     gated = keras_stg.wrap(models.lenet_300_100((28, 28, 1)), mode="slt",
-                           target_sparsity=1 - density, seed=0)
+                           target_sparsity=1 - density, seed=0,
+                           init_density="auto" if scale_fan else None)
     for t_ep, t_ours in zip(ep.targets, gated.targets):
         np.testing.assert_array_equal(np.asarray(t_ep.variable), np.asarray(t_ours.variable))
+    # Scale-fan multiplies the signed constant by 1/sqrt(density).
+    plain = init_like_ours(models.lenet_300_100((28, 28, 1)), 1 - density, seed=0)
+    ratio = np.abs(np.asarray(model.get_layer("fc1").kernel)).max() / np.abs(
+        np.asarray(plain.get_layer("fc1").kernel)).max()
+    assert ratio == pytest.approx(1 / math.sqrt(density) if scale_fan else 1.0, rel=1e-5)
+
+
+def test_benchmark_takes_each_task_config():
+    """Ours runs with the task config's batch size and scale-fan; --batch-size overrides."""
+    import argparse
+
+    args = argparse.Namespace(quick=False, data_dir=None, epochs=None, batch_size=None,
+                              seed=0, ep_lr=0.1, ep_wd=1e-4)
+    setup = bench.Setup(args)
+    lenet = stg_config.load(os.path.join(REPO, "configs", "lenet_300_100_mnist_slt.yaml"))
+    joint = stg_config.load(os.path.join(REPO, "configs",
+                                               "lenet_300_100_mnist_joint.yaml"))
+    assert setup.batch_for("lenet_mnist") == lenet.batch_size
+    assert setup.batch_for("lenet_mnist", "joint") == joint.batch_size
+    assert setup.scale_fan("lenet_mnist") is bool(lenet.scale_fan)
+    assert setup.batch_for("conv4_fashion", "joint") == setup.batch_for("conv4_fashion")
+    args.batch_size = 32
+    assert bench.Setup(args).batch_for("lenet_mnist", "joint") == 32
 
 
 def test_training_moves_scores_not_weights():
@@ -171,6 +199,10 @@ def test_quick_suite_end_to_end(tmp_path, shared_data):
         probes = [r["target"] for r in front["ours"] if r.get("probe")]
         assert probes == [pytest.approx(1 - (1 - best["target"]) / 4)]
         assert [r["sparsity"] for r in front["edge_popup"]] == pytest.approx([0.5, 0.9], abs=1e-4)
+        slt_config = stg_config.load(os.path.join(REPO, "configs", bench.TASK_CONFIGS[task][0]
+                                                  + ".yaml"))
+        assert front["batch"] == slt_config.batch_size
+        assert front["scale_fan"] is bool(slt_config.scale_fan)
     assert data["cost"]["lenet_mnist"]["gated_ms"] > 0
 
     # Generated section replaced between the markers, the rest kept.
