@@ -22,6 +22,7 @@ not the dense one they were first computed on. In `"joint"` mode every
 parameter trains as usual. Frozen weights are bit-identical after `fit`.
 """
 
+import contextlib
 import math
 import threading
 
@@ -40,6 +41,71 @@ MODES = ("slt", "post_training", "joint")
 
 def _replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _fusable_adam(optimizer):
+    """Whether `optimizer` is Keras' Adam (or AdamW) with its own update rule."""
+    return (
+        isinstance(optimizer, keras.optimizers.Adam)
+        and type(optimizer).update_step is keras.optimizers.Adam.update_step
+        and not optimizer.amsgrad
+    )
+
+
+@contextlib.contextmanager
+def _fused_gate_adam(optimizer, gate_variables):
+    """While the update is traced, Adam moves gate locations with one fused op.
+
+    Keras' Adam updates a variable with about ten elementwise TensorFlow ops,
+    each a pass over memory; on a gate tensor as large as its kernel that is
+    most of the optimizer's time. Inside this context, `optimizer.update_step`
+    updates float32 gate locations with TensorFlow's fused
+    `ResourceApplyAdam` kernel instead: one pass over the gates, the
+    optimizer's own moment slots and step count, the same Adam formula (equal
+    to Keras' update within float32 rounding; `tests/test_fused.py`). All
+    else `apply_gradients` does (loss-scale, gradient clipping, weight decay,
+    EMA, gradient accumulation, constraints, the step counter) is unchanged.
+    Any other variable, optimizer (SGD, AMSGrad, an Adam subclass with its
+    own rule), a sparse gradient or a distributed replica variable goes the
+    usual Keras way.
+    """
+    if not gate_variables or not _fusable_adam(optimizer) or "update_step" in vars(optimizer):
+        yield
+        return
+    # The TensorFlow backend hands `update_step` the variables' `tf.Variable`s.
+    gates = {id(v) for v in gate_variables} | {id(getattr(v, "value", v)) for v in gate_variables}
+    keras_update = optimizer.update_step
+
+    def update_step(gradient, variable, learning_rate):
+        if (
+            id(variable) not in gates
+            or tf.as_dtype(variable.dtype) != tf.float32
+            or isinstance(gradient, tf.IndexedSlices)
+        ):
+            return keras_update(gradient, variable, learning_rate)
+        index = optimizer._get_variable_index(variable)
+        m, v = optimizer._momentums[index], optimizer._velocities[index]
+        step = ops.cast(optimizer.iterations + 1, "float32")
+        beta_1 = ops.cast(optimizer.beta_1, "float32")
+        beta_2 = ops.cast(optimizer.beta_2, "float32")
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle,
+            m=m.handle,
+            v=v.handle,
+            beta1_power=ops.power(beta_1, step),
+            beta2_power=ops.power(beta_2, step),
+            lr=ops.cast(learning_rate, "float32"),
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=ops.cast(optimizer.epsilon, "float32"),
+            grad=ops.cast(gradient, "float32"),
+        )
+
+    optimizer.update_step = update_step
+    try:
+        yield
+    finally:
+        del optimizer.update_step
 
 
 def _scale_for_replicas(value):
@@ -484,7 +550,8 @@ class GatedModel(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_weights
         gradients = tape.gradient(scaled_loss, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        with _fused_gate_adam(self.optimizer, [g.mu for g in self.gates] if lib else ()):
+            self.optimizer.apply_gradients(zip(gradients, variables))
         if self.target_sparsity is not None:
             self._update_lambda(hard_density, iteration)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

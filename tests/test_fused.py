@@ -75,10 +75,10 @@ def _mlp():
     return keras.Model(inputs, outputs)
 
 
-def _train(fused_flag, mode, steps=5):
+def _train(fused_flag, mode, steps=5, optimizer=None, return_model=False):
     gated = keras_stg.wrap(_mlp(), mode=mode, target_sparsity=0.5, seed=1, fused=fused_flag)
     gated.compile(
-        optimizer=keras.optimizers.SGD(0.5),
+        optimizer=optimizer or keras.optimizers.SGD(0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     rng = np.random.default_rng(0)
@@ -87,6 +87,8 @@ def _train(fused_flag, mode, steps=5):
     history = gated.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     mus = [g.mu.numpy() for g in gated.gates]
     kernels = [t.variable.numpy() for t in gated.targets]
+    if return_model:
+        return mus, kernels, history.history, gated
     return mus, kernels, history.history
 
 
@@ -104,6 +106,67 @@ def test_fused_training_equals_tensorflow_path(lib, mode):
     # The epoch's logs hold the mask after its last step.
     pruned = sum(int((m <= 0).sum()) for m in mus_f) / sum(m.size for m in mus_f)
     assert hist_f["sparsity"][-1] == pytest.approx(pruned, abs=1e-7)
+
+
+def _adam():
+    # A schedule and weight decay: both must reach the fused update as in Keras.
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5)
+    return keras.optimizers.AdamW(schedule, weight_decay=0.01, clipnorm=1.0)
+
+
+@pytest.mark.parametrize("mode", ["slt", "joint"])
+def test_fused_gate_adam_equals_keras_adam(lib, mode, monkeypatch):
+    """Gate locations updated by the fused Adam op equal Keras' Adam update."""
+    from keras_stg import model as model_module
+
+    calls = []
+    apply_adam = tf.raw_ops.ResourceApplyAdam
+
+    def spy(**kwargs):
+        calls.append(kwargs["var"])
+        return apply_adam(**kwargs)
+
+    monkeypatch.setattr(tf.raw_ops, "ResourceApplyAdam", spy)
+    mus_f, kernels_f, hist_f, gated = _train(True, mode, steps=6, optimizer=_adam(),
+                                             return_model=True)
+    # Traced for every gate (once per trace of the step), never for a kernel.
+    handles = [g.mu.value.handle for g in gated.gates]
+    assert calls and len(calls) % len(handles) == 0
+    assert all(any(c is h for h in handles) for c in calls)
+    assert all(any(c is h for c in calls) for h in handles)
+    assert "update_step" not in vars(gated.optimizer)  # the optimizer is left as it was
+    # The optimizer's own moment slots hold the gates' state (saved with it).
+    index = gated.optimizer._get_variable_index(gated.gates[0].mu)
+    assert np.abs(gated.optimizer._momentums[index].numpy()).max() > 0
+    assert int(gated.optimizer.iterations.numpy()) == 6
+
+    monkeypatch.setattr(tf.raw_ops, "ResourceApplyAdam", apply_adam)
+    monkeypatch.setattr(model_module, "_fusable_adam", lambda optimizer: False)
+    mus_k, kernels_k, hist_k = _train(True, mode, steps=6, optimizer=_adam())
+    for a, b in zip(mus_f, mus_k):
+        assert np.abs(a - 0.5).max() > 1e-3  # the gates moved
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(kernels_f, kernels_k):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert hist_f["loss"][-1] == pytest.approx(hist_k["loss"][-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", [
+    keras.optimizers.SGD(0.1), keras.optimizers.Adam(0.01, amsgrad=True),
+    keras.optimizers.RMSprop(0.01),
+])
+def test_other_optimizers_keep_keras_update(optimizer):
+    from keras_stg import model as model_module
+
+    assert not model_module._fusable_adam(optimizer)
+    assert model_module._fusable_adam(keras.optimizers.Adam(0.01))
+    assert model_module._fusable_adam(keras.optimizers.AdamW(0.01))
+
+    class MyAdam(keras.optimizers.Adam):
+        def update_step(self, gradient, variable, learning_rate):
+            return super().update_step(gradient, variable, learning_rate)
+
+    assert not model_module._fusable_adam(MyAdam(0.01))
 
 
 def test_noise_table_is_standard_normal_and_offsets_change():
