@@ -4,12 +4,12 @@ Usage:
     python -m benchmarks.run [--quick] [--only frontier joint cost export]
         [--tasks lenet_mnist conv4_fashion conv4_cifar10] [--epochs N]
         [--sparsities 0.5 0.7 0.9 0.95 0.98] [--data-dir D] [--out DIR]
-        [--results PATH] [--fresh]
+        [--results PATH] [--fresh] [--batch-size B]
 
 Parts (`--only` selects some; default all):
 - `frontier`: accuracy vs sparsity, ours (`slt` mode, library defaults:
-  `keras_stg.wrap(model, target_sparsity=s)`, Adam at `Config().learning_rate`)
-  against edge-popup (`benchmarks.edge_popup`, paper settings: SGD momentum 0.9,
+  `keras_stg.wrap(model, target_sparsity=s)`, with the batch size, learning rate
+  and scale-fan of the task's config, `TASK_CONFIGS`) against edge-popup (`benchmarks.edge_popup`, paper settings: SGD momentum 0.9,
   lr 0.1, cosine decay, weight decay 1e-4 on the scores), on the very weights
   our run at that sparsity starts from (`edge_popup.init_like_ours`), same
   epochs, batch size and data. LeNet-300-100 on MNIST, Conv-4 on Fashion-MNIST, Conv-4 on
