@@ -138,6 +138,7 @@ class Setup:
         self.data_dir = args.data_dir
         self.epochs = args.epochs
         self.batch_override = args.batch_size
+        self._configs = {}
         # The `cost` part times one batch of this size (the overhead benchmark's).
         self.batch_size = args.batch_size or defaults.batch_size
         self.learning_rate = defaults.learning_rate
@@ -148,12 +149,14 @@ class Setup:
 
     def config(self, task, part="slt"):
         """The task's `Config` from configs/ (`part`: "slt" or "joint"; the slt
-        one when the task has no joint config)."""
+        one when the task has no joint config), read once."""
         from keras_stg import config
 
         slt, joint = TASK_CONFIGS[task]
         name = joint if part == "joint" and joint else slt
-        return config.load(os.path.join(REPO, "configs", name + ".yaml"))
+        if name not in self._configs:
+            self._configs[name] = config.load(os.path.join(REPO, "configs", name + ".yaml"))
+        return self._configs[name]
 
     def batch_for(self, task, part="slt"):
         return self.batch_override or self.config(task, part).batch_size

@@ -73,7 +73,7 @@ def _fused_gate_adam(optimizer, gate_variables):
         yield
         return
     # The TensorFlow backend hands `update_step` the variables' `tf.Variable`s.
-    gates = {id(v) for v in gate_variables} | {id(getattr(v, "value", v)) for v in gate_variables}
+    gates = {id(v.value) for v in gate_variables}
     keras_update = optimizer.update_step
 
     def update_step(gradient, variable, learning_rate):

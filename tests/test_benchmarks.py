@@ -75,11 +75,7 @@ def test_same_frozen_weights_as_ours(density, scale_fan):
 
 def test_benchmark_takes_each_task_config():
     """Ours runs with the task config's batch size and scale-fan; --batch-size overrides."""
-    import argparse
-
-    args = argparse.Namespace(quick=False, data_dir=None, epochs=None, batch_size=None,
-                              seed=0, ep_lr=0.1, ep_wd=1e-4)
-    setup = bench.Setup(args)
+    setup = bench.Setup(bench.parse_args([]))
     lenet = stg_config.load(os.path.join(REPO, "configs", "lenet_300_100_mnist_slt.yaml"))
     joint = stg_config.load(os.path.join(REPO, "configs",
                                                "lenet_300_100_mnist_joint.yaml"))
@@ -87,8 +83,8 @@ def test_benchmark_takes_each_task_config():
     assert setup.batch_for("lenet_mnist", "joint") == joint.batch_size
     assert setup.scale_fan("lenet_mnist") is bool(lenet.scale_fan)
     assert setup.batch_for("conv4_fashion", "joint") == setup.batch_for("conv4_fashion")
-    args.batch_size = 32
-    assert bench.Setup(args).batch_for("lenet_mnist", "joint") == 32
+    assert bench.Setup(bench.parse_args(["--batch-size", "32"])).batch_for(
+        "lenet_mnist", "joint") == 32
 
 
 def test_training_moves_scores_not_weights():
