@@ -30,11 +30,14 @@ class Config:
         granularity: `weight`, `unit`, `block4`, ...
         exclude: layer names or regexes left ungated (e.g. `[fc3]`).
         target_sparsity: sparsity the adaptive lambda aims for (None: fixed lam).
-        target_ramp: share of the steps over which the target ramps up.
+        target_ramp: share of the steps over which the target ramps up
+            (null: 0 when the gates start random, else 0.4).
         controller_horizon: the lambda controller's look-ahead, in epochs.
         lam: fixed lambda, or the adaptive lambda's start.
         sigma: gate noise scale.
-        init_mu: initial gate location (0.5: every gate fully open).
+        init_mu: initial gate locations: a number (0.5: every gate fully
+            open), `random` (a random mask at the target sparsity) or `auto`
+            (`random` in `slt` mode with a target, else 0.5).
         init: SLT initialisation (`signed_constant`, `kaiming_normal`, ...);
             used in `slt` mode only.
         scale_fan: scale the `init` weights by `1/sqrt(1 - target_sparsity)`
@@ -65,11 +68,11 @@ class Config:
     granularity: str = "weight"
     exclude: typing.Optional[list] = None
     target_sparsity: typing.Optional[float] = 0.9
-    target_ramp: float = 0.4
+    target_ramp: typing.Optional[float] = None
     controller_horizon: float = 3.0
     lam: float = 1.0
     sigma: float = 0.5
-    init_mu: float = 0.5
+    init_mu: typing.Union[float, str] = "auto"
     init: typing.Optional[str] = "signed_constant"
     scale_fan: bool = False
     epochs: int = 20
@@ -97,6 +100,9 @@ class Config:
         choice("dataset", data.DATASETS)
         choice("model", models.MODELS)
         choice("mode", MODES)
+        if isinstance(self.init_mu, str) and self.init_mu not in ("auto", "random"):
+            raise ValueError(
+                f"Config key 'init_mu' must be a number, 'auto' or 'random', got {self.init_mu!r}.")
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"Config key {key!r} must be >= 1, got {getattr(self, key)!r}.")
@@ -120,11 +126,21 @@ class Config:
 
 def _check_type(key, annotation, value):
     """Checks (and lightly coerces) `value` against a field's annotation."""
-    optional = typing.get_origin(annotation) is typing.Union
-    if optional:
-        if value is None:
+    union = typing.get_origin(annotation) is typing.Union
+    optional = union and type(None) in typing.get_args(annotation)
+    if union:
+        if value is None and optional:
             return None
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+        errors = []
+        for choice in choices:
+            try:
+                return _check_type(key, choice, value)
+            except ValueError as e:
+                errors.append(str(e).split(" must be ", 1)[1].rsplit(", got", 1)[0])
+        raise ValueError(
+            f"Config key {key!r} must be {' or '.join(errors)}"
+            f"{' or null' if optional else ''}, got {value!r}.")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is list and isinstance(value, (str, tuple)):

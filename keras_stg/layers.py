@@ -29,6 +29,27 @@ class _Bound(keras.constraints.Constraint):
 
 
 @keras.saving.register_keras_serializable(package="keras_stg")
+class ClippedNormal(keras.initializers.Initializer):
+    """`N(mean, stddev)` draws clipped to `[-bound, bound]` (no clipping if None)."""
+
+    def __init__(self, mean=0.0, stddev=1.0, bound=None, seed=None):
+        self.mean = float(mean)
+        self.stddev = float(stddev)
+        self.bound = None if bound is None else float(bound)
+        self.seed = seed
+        self._normal = keras.initializers.RandomNormal(self.mean, self.stddev, seed=seed)
+
+    def __call__(self, shape, dtype=None):
+        values = self._normal(shape, dtype)
+        if self.bound is None:
+            return values
+        return ops.clip(values, -self.bound, self.bound)
+
+    def get_config(self):
+        return {"mean": self.mean, "stddev": self.stddev, "bound": self.bound, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_stg")
 class StochasticGate(keras.layers.Layer):
     """Multiplies its input by stochastic gates `z = clip(mu + 0.5 + sigma*eps, 0, 1)`.
 
@@ -45,7 +66,9 @@ class StochasticGate(keras.layers.Layer):
         lam: weight of the expected-L0 penalty added with `add_loss` (0: none).
         gate_shape: shape of the gate tensor; default the input shape without
             the batch axis. Must broadcast against the input.
-        init_mu: initial gate location; 0.5 opens every gate fully.
+        init_mu: initial gate location, a number (0.5 opens every gate
+            fully) or a Keras initializer (e.g. `ClippedNormal`) for random
+            locations.
         mu_bound: `mu` is kept in `[-mu_bound, mu_bound]` after every update.
             Adam scales even the vanishing penalty gradient of a closed gate to
             a full step, so unbounded closed gates sink for ever and can never
@@ -74,7 +97,14 @@ class StochasticGate(keras.layers.Layer):
         self.sigma = float(sigma)
         self.lam = float(lam)
         self.gate_shape = tuple(gate_shape) if gate_shape is not None else None
-        self.init_mu = float(init_mu)
+        if isinstance(init_mu, dict):
+            init_mu = keras.saving.deserialize_keras_object(init_mu)
+        if isinstance(init_mu, bool) or not (
+            isinstance(init_mu, (int, float)) or callable(init_mu)
+        ):
+            raise ValueError(
+                f"`init_mu` must be a number or a Keras initializer, got {init_mu!r}.")
+        self.init_mu = init_mu if callable(init_mu) else float(init_mu)
         if mu_bound is not None and not mu_bound > 0:
             raise ValueError(f"`mu_bound` must be > 0 or None, got {mu_bound!r}.")
         self.mu_bound = None if mu_bound is None else float(mu_bound)
@@ -88,7 +118,10 @@ class StochasticGate(keras.layers.Layer):
         self.mu = self.add_weight(
             name="mu",
             shape=shape,
-            initializer=keras.initializers.Constant(self.init_mu),
+            initializer=(
+                self.init_mu if callable(self.init_mu)
+                else keras.initializers.Constant(self.init_mu)
+            ),
             constraint=None if self.mu_bound is None else _Bound(self.mu_bound),
             trainable=True,
         )
@@ -136,7 +169,10 @@ class StochasticGate(keras.layers.Layer):
             "sigma": self.sigma,
             "lam": self.lam,
             "gate_shape": self.gate_shape,
-            "init_mu": self.init_mu,
+            "init_mu": (
+                keras.saving.serialize_keras_object(self.init_mu)
+                if callable(self.init_mu) else self.init_mu
+            ),
             "mu_bound": self.mu_bound,
             "seed": self.seed,
         }

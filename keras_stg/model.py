@@ -24,6 +24,7 @@ parameter trains as usual. Frozen weights are bit-identical after `fit`.
 
 import contextlib
 import math
+import statistics
 import threading
 
 import keras
@@ -34,7 +35,7 @@ from keras import ops
 from keras_stg import fused as fused_lib
 from keras_stg import gates as gate_math
 from keras_stg import granularity as granularity_lib
-from keras_stg.layers import StochasticGate
+from keras_stg.layers import ClippedNormal, StochasticGate
 from keras_stg.targets import find_targets
 
 MODES = ("slt", "post_training", "joint")
@@ -162,6 +163,20 @@ def call_with_values(model, inputs, mapping, substituted, training=False):
     return outputs, scope.losses
 
 
+def _random_mu(density, sigma, bound, seed):
+    """Random gate locations whose binary mask keeps a random `density` share.
+
+    `mu ~ N(sigma * Phi^-1(density), sigma)`, clipped to `[-bound, bound]`:
+    `P(mu > 0) = density`, so the mask starts at the target sparsity, a
+    random subnetwork in every layer, as edge-popup's random scores do; the
+    gates then move weights in and out of it while the controller holds the
+    target.
+    """
+    density = min(max(density, 1e-6), 1.0 - 1e-6)
+    mean = sigma * statistics.NormalDist().inv_cdf(density)
+    return ClippedNormal(mean, sigma, bound, seed)
+
+
 @keras.saving.register_keras_serializable(package="keras_stg")
 class GatedModel(keras.Model):
     """A Keras model whose kernels are multiplied by learned stochastic gates.
@@ -197,11 +212,11 @@ class GatedModel(keras.Model):
         sigma=0.5,
         include=None,
         exclude=None,
-        init_mu=0.5,
+        init_mu="auto",
         mu_bound=1.0,
         seed=None,
         controller_rate=0.01,
-        target_ramp=0.4,
+        target_ramp=None,
         controller_horizon=3.0,
         fused="auto",
         **kwargs,
@@ -217,12 +232,17 @@ class GatedModel(keras.Model):
         self.initial_lam = float(1.0 if lam is None else lam)
         self.include = include
         self.exclude = exclude
-        self.init_mu = float(init_mu)
+        self.init_mu = init_mu
         self.mu_bound = mu_bound
         self.seed = seed
         self.controller_rate = float(controller_rate)
-        if not 0 <= target_ramp <= 1:
-            raise ValueError(f"`target_ramp` must be in [0, 1], got {target_ramp!r}.")
+        gate_init = self._gate_init()
+        if target_ramp is None:
+            # A random start is already at the target: nothing to ramp.
+            target_ramp = 0.0 if gate_init == "random" else 0.4
+        if not (isinstance(target_ramp, (int, float)) and 0 <= target_ramp <= 1):
+            raise ValueError(
+                f"`target_ramp` must be in [0, 1] or None (auto), got {target_ramp!r}.")
         self.target_ramp = float(target_ramp)
         if not controller_horizon >= 0:
             raise ValueError(
@@ -251,7 +271,9 @@ class GatedModel(keras.Model):
                 StochasticGate(
                     sigma=self.sigma,
                     gate_shape=gate_shape,
-                    init_mu=self.init_mu,
+                    init_mu=gate_init if gate_init != "random" else _random_mu(
+                        1.0 - self.target_sparsity, self.sigma, mu_bound,
+                        None if seed is None else int(seed) * 100003 + i),
                     mu_bound=mu_bound,
                     seed=None if seed is None else int(seed) * 100003 + i,
                     name=f"gate_{i}",
@@ -323,6 +345,23 @@ class GatedModel(keras.Model):
             trainable=False,
             aggregation="only_first_replica",
         )
+
+    def _gate_init(self):
+        """`init_mu` resolved: a float or "random"."""
+        init_mu = self.init_mu
+        if init_mu == "auto":
+            init_mu = "random" if self.mode == "slt" and self.target_sparsity else 0.5
+        if init_mu == "random":
+            if self.target_sparsity is None:
+                raise ValueError(
+                    "init_mu='random' starts the mask at `target_sparsity`, but no "
+                    "target is given. Pass `target_sparsity=`, or a number as `init_mu` "
+                    "(0.5 opens every gate).")
+            return "random"
+        if isinstance(init_mu, bool) or not isinstance(init_mu, (int, float)):
+            raise ValueError(
+                f"`init_mu` must be a number, 'random' or 'auto', got {init_mu!r}.")
+        return float(init_mu)
 
     # ------------------------------------------------------------------ forward
 

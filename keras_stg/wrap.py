@@ -17,11 +17,11 @@ def wrap(
     exclude=None,
     init="auto",
     init_density=None,
-    init_mu=0.5,
+    init_mu="auto",
     mu_bound=1.0,
     seed=None,
     controller_rate=0.01,
-    target_ramp=0.4,
+    target_ramp=None,
     controller_horizon=3.0,
     fused="auto",
 ):
@@ -61,13 +61,23 @@ def wrap(
             initial, still dense network's activations explode (Conv-4 at
             `"auto"` and target 0.9 starts at a loss of thousands), so it is
             opt-in.
-        init_mu: initial gate location (0.5: every gate fully open).
+        init_mu: initial gate locations. A number: every gate at it (0.5:
+            fully open, the dense network). `"random"` (needs
+            `target_sparsity`): `mu ~ N(sigma * Phi^-1(1 - target), sigma)`
+            clipped to the bound, so the mask starts as a random subnetwork
+            at the target sparsity, as edge-popup's random scores do, and the
+            gates search from there. `"auto"` (default): `"random"` in `slt`
+            mode with a target (more accurate tickets than a dense start on
+            LeNet-300-100 at 90% and 95%, see benchmarks/RESULTS.md), else
+            0.5 (a trained network starts whole).
         mu_bound: gate locations are kept in `[-mu_bound, mu_bound]` so that
             closed gates can reopen (see `StochasticGate`); None: unbounded.
         seed: int; makes the init and the gate noise deterministic.
         controller_rate: gain of the adaptive-lambda controller (per step).
         target_ramp: share of `fit`'s steps over which the sparsity target
             rises (a half cosine) from 0 to `target_sparsity`; 0: no ramp.
+            None (default): 0 when the gates start random (the mask is at the
+            target from the first step), else 0.4.
         controller_horizon: the controller acts on the sparsity predicted
             this many epochs ahead (0: on the current sparsity).
         fused: `"auto"` (default) trains weight-level gates with fused CPU

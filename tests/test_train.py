@@ -76,6 +76,17 @@ def test_config_validation_names_the_key(tmp_path):
     assert cfg.exclude == ["fc3"]
 
 
+def test_config_gate_start():
+    cfg = config.load(CONFIG)
+    assert cfg.init_mu == "auto" and cfg.target_ramp is None
+    assert config.load(CONFIG, ["init_mu=random"]).init_mu == "random"
+    assert config.load(CONFIG, ["init_mu=0.5", "target_ramp=0.4"]).init_mu == 0.5
+    with pytest.raises(ValueError, match="'init_mu' must be a number, 'auto' or 'random', got 'open'"):
+        config.load(CONFIG, ["init_mu=open"])
+    with pytest.raises(ValueError, match="'init_mu' must be a number or a string, got \\[1\\]"):
+        config.load(CONFIG, ["init_mu=[1]"])
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p)[:-5] for p in CONFIGS])
 def test_every_config_loads_and_builds(path):
     cfg = config.load(path)

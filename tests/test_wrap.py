@@ -138,3 +138,85 @@ def test_init_density_scales_for_the_target():
     no_target = keras_stg.wrap(mlp(), lam=1.0, seed=3, init_density="auto")
     for a, b in zip(plain.targets, no_target.targets):
         np.testing.assert_array_equal(np.asarray(a.variable.value), np.asarray(b.variable.value))
+
+
+def big_mlp():
+    return keras.Sequential(
+        [keras.Input((200,)), keras.layers.Dense(100, name="a"), keras.layers.Dense(10, name="b")]
+    )
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_slt_with_a_target_starts_from_a_random_mask_at_the_target(target):
+    gated = keras_stg.wrap(big_mlp(), target_sparsity=target, seed=4)
+    assert gated.target_ramp == 0.0  # already at the target: nothing to ramp
+    for gate in gated.gates:
+        mu = gate.mu.numpy()
+        assert -1.0 <= mu.min() and mu.max() <= 1.0  # inside the bound
+        # A random subnetwork in every layer, near the target's density.
+        assert abs((mu > 0).mean() - (1 - target)) < 0.03
+        assert len(np.unique(mu)) > mu.size // 2
+    assert abs(gated.sparsity() - target) < 0.01
+    again = keras_stg.wrap(big_mlp(), target_sparsity=target, seed=4)
+    for a, b in zip(gated.gates, again.gates):
+        np.testing.assert_array_equal(a.mu.numpy(), b.mu.numpy())
+    # Gate tensors are drawn independently of each other.
+    a, b = (g.mu.numpy().ravel()[:1000] for g in gated.gates)
+    assert not np.array_equal(a, b[: a.size])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mode": "joint", "target_sparsity": 0.9},  # a trained or training network starts whole
+    {"mode": "post_training", "target_sparsity": 0.9},
+    {"lam": 1.0},  # no target to start at
+    {"target_sparsity": 0.9, "init_mu": 0.5},
+])
+def test_dense_start_otherwise(kwargs):
+    gated = keras_stg.wrap(big_mlp(), seed=0, **kwargs)
+    assert gated.sparsity() == 0.0
+    assert gated.target_ramp == 0.4
+    for gate in gated.gates:
+        np.testing.assert_array_equal(gate.mu.numpy(), 0.5)
+
+
+def test_random_start_on_request_and_ramp_override():
+    gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.8, init_mu="random",
+                           target_ramp=0.3, seed=0)
+    assert abs(gated.sparsity() - 0.8) < 0.02
+    assert gated.target_ramp == 0.3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"init_mu": "random"}, "no target is given"),
+    ({"init_mu": "rand", "target_sparsity": 0.9}, "'random' or 'auto'"),
+    ({"init_mu": [0.5]}, "'random' or 'auto'"),
+    ({"target_ramp": 2.0}, "target_ramp"),
+])
+def test_bad_gate_start(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_stg.wrap(mlp(), **kwargs)
+
+
+def test_random_start_survives_save_and_load(tmp_path):
+    gated = keras_stg.wrap(big_mlp(), target_sparsity=0.9, seed=1)
+    gated.compile(optimizer="adam", loss="mse")
+    path = str(tmp_path / "g.keras")
+    gated.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.init_mu == "auto" and loaded.target_ramp == 0.0
+    for a, b in zip(gated.gates, loaded.gates):
+        np.testing.assert_array_equal(a.mu.numpy(), b.mu.numpy())
+    assert loaded.sparsity() == gated.sparsity()
+
+
+def test_clipped_normal_initializer_round_trips():
+    init = keras_stg.layers.ClippedNormal(-0.6, 0.5, bound=1.0, seed=3)
+    values = np.asarray(init((4000,)))
+    assert values.min() == -1.0 and values.max() <= 1.0
+    assert abs(np.mean(values > 0) - 0.115) < 0.02  # P(N(-0.6, 0.5) > 0)
+    same = keras.initializers.deserialize(keras.initializers.serialize(init))
+    np.testing.assert_array_equal(np.asarray(same((4000,))), values)
+    gate = keras_stg.StochasticGate(init_mu=init, gate_shape=(4000,))
+    np.testing.assert_array_equal(gate.mu.numpy(), values)
+    rebuilt = keras_stg.StochasticGate.from_config(gate.get_config())
+    np.testing.assert_array_equal(rebuilt.mu.numpy(), values)
