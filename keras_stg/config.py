@@ -37,7 +37,7 @@ class Config:
         sigma: gate noise scale.
         init_mu: initial gate locations: a number (0.5: every gate fully
             open), `random` (a random mask at the target sparsity) or `auto`
-            (`random` in `slt` mode with a target, else 0.5).
+            (`random` in `slt` mode with a target and weight gates, else 0.5).
         init: SLT initialisation (`signed_constant`, `kaiming_normal`, ...);
             used in `slt` mode only.
         scale_fan: scale the `init` weights by `1/sqrt(1 - target_sparsity)`

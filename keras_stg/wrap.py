@@ -67,7 +67,7 @@ def wrap(
             clipped to the bound, so the mask starts as a random subnetwork
             at the target sparsity, as edge-popup's random scores do, and the
             gates search from there. `"auto"` (default): `"random"` in `slt`
-            mode with a target (more accurate tickets than a dense start on
+            mode with a target and per-weight gates (more accurate tickets than a dense start on
             LeNet-300-100 at 90% and 95%, see benchmarks/RESULTS.md), else
             0.5 (a trained network starts whole).
         mu_bound: gate locations are kept in `[-mu_bound, mu_bound]` so that
