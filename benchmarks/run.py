@@ -4,18 +4,21 @@ Usage:
     python -m benchmarks.run [--quick] [--only frontier joint cost export]
         [--tasks lenet_mnist conv4_fashion conv4_cifar10] [--epochs N]
         [--sparsities 0.5 0.7 0.9 0.95 0.98] [--data-dir D] [--out DIR]
-        [--results PATH] [--fresh] [--batch-size B]
+        [--results PATH] [--fresh] [--batch-size B] [--methods ours edge_popup]
 
 Parts (`--only` selects some; default all):
 - `frontier`: accuracy vs sparsity, ours (`slt` mode, library defaults:
-  `keras_stg.wrap(model, target_sparsity=s)`, with the batch size, learning rate
-  and scale-fan of the task's config, `TASK_CONFIGS`) against edge-popup (`benchmarks.edge_popup`, paper settings: SGD momentum 0.9,
+  `keras_stg.wrap(model, target_sparsity=s)`, so the gates start as a random mask
+  at `s`, with the batch size, learning rate, gate start and scale-fan of the task's config, `TASK_CONFIGS`) against edge-popup (`benchmarks.edge_popup`, paper settings: SGD momentum 0.9,
   lr 0.1, cosine decay, weight decay 1e-4 on the scores), on the very weights
   our run at that sparsity starts from (`edge_popup.init_like_ours`), same
   epochs, batch size and data. LeNet-300-100 on MNIST, Conv-4 on Fashion-MNIST, Conv-4 on
   CIFAR-10 when its files are in the data folder. Then ours once more at the
   sparsity where it would keep a quarter of the weights of edge-popup's most
   accurate k (the paper's claim), unless the frontier already has it.
+  `--methods ours` (or `edge_popup`) runs one method and keeps the other's rows
+  from the last frontier run of the same epochs, batch, scale-fan and
+  edge-popup settings.
 - `joint`: our `joint` mode against tfmot magnitude pruning (`prune_low_magnitude`,
   polynomial decay; run in a subprocess by `benchmarks.tfmot_job`) at 90% and
   95%, both starting from the same Glorot weights and both with Adam at

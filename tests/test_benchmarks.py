@@ -220,3 +220,38 @@ def test_quick_suite_end_to_end(tmp_path, shared_data):
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert name in generated
+
+
+def test_frontier_with_one_method_keeps_the_other_methods_rows(monkeypatch, tmp_path):
+    """`--methods ours` re-runs ours against edge-popup's rows of the same setting."""
+    setup = bench.Setup(bench.parse_args(["--out", str(tmp_path)]))
+    monkeypatch.setattr(setup, "datasets", lambda task, part="slt": (None, None, 1))
+    monkeypatch.setattr(bench, "task_available", lambda setup, task: None)
+    calls = []
+
+    def fake_ours(setup, task, sparsity, mode, train, test, **kwargs):
+        calls.append(sparsity)
+        return {"accuracy": 0.5, "sparsity": sparsity, "wall_time_s": 1.0}, None
+
+    monkeypatch.setattr(bench, "train_ours", fake_ours)
+    results = {"frontier": {}}
+    bench.part_frontier(setup, ["conv4_fashion"], [0.5, 0.9], results, lambda: None,
+                        methods=("ours",))
+    assert results["frontier"]["conv4_fashion"]["edge_popup"] == []  # nothing to keep
+    entry = results["frontier"]["conv4_fashion"]
+    entry["edge_popup"] = [{"target": 0.5, "accuracy": 0.9}, {"target": 0.9, "accuracy": 0.8}]
+    entry["ours"].append({"target": 0.875, "accuracy": 0.1, "probe": True})
+    calls.clear()
+    bench.part_frontier(setup, ["conv4_fashion"], [0.5, 0.9], results, lambda: None,
+                        methods=("ours",))
+    entry = results["frontier"]["conv4_fashion"]
+    assert [r["accuracy"] for r in entry["edge_popup"]] == [0.9, 0.8]
+    # Ours ran afresh at both sparsities, then at the probe for edge-popup's best k (0.5).
+    assert calls == [0.5, 0.9, 0.875]
+    assert [r["target"] for r in entry["ours"]] == [0.5, 0.9, 0.875]
+    # Another setting (here the batch size) does not keep rows.
+    other = bench.Setup(bench.parse_args(["--out", str(tmp_path), "--batch-size", "7"]))
+    monkeypatch.setattr(other, "datasets", lambda task, part="slt": (None, None, 1))
+    bench.part_frontier(other, ["conv4_fashion"], [0.5], results, lambda: None,
+                        methods=("ours",))
+    assert results["frontier"]["conv4_fashion"]["edge_popup"] == []
