@@ -507,7 +507,7 @@ class GatedModel(keras.Model):
 
         Over the first `target_ramp` share of the `fit` call's steps the target
         rises as `target * (1 - cos(pi * t)) / 2`: slowly at first, while the
-        gates (which start fully open) are still far from their threshold,
+        gates (when they start fully open) are still far from their threshold,
         and flattening into the target so that the controller does not chase
         a moving goal when the mask has to settle.
 
