@@ -208,7 +208,7 @@ def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_
 
     `prepare(model)`, if given, runs on the freshly built model before it is wrapped.
     The gates' start (`init_mu`) and the target ramp follow the task's config.
-    Adam runs at `learning_rate` (default: the task config's). In `slt` mode the
+    Adam runs at `learning_rate` (default: the mode's task config's). In `slt` mode the
     weights get scale-fan when the task's config asks for it.
     """
     import keras
@@ -220,13 +220,11 @@ def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_
     model = setup.build(task)
     if prepare is not None:
         prepare(model)
-    init_density = "auto" if mode == "slt" and setup.scale_fan(task) else None
     cfg = setup.config(task, "joint" if mode == "joint" else "slt")
     gated = keras_stg.wrap(model, mode=mode, target_sparsity=sparsity, seed=setup.seed,
-                           init_density=init_density, init_mu=cfg.init_mu,
-                           target_ramp=cfg.target_ramp)
-    gated.compile(optimizer=keras.optimizers.Adam(
-                      learning_rate or setup.config(task).learning_rate),
+                           init_density="auto" if mode == "slt" and cfg.scale_fan else None,
+                           init_mu=cfg.init_mu, target_ramp=cfg.target_ramp)
+    gated.compile(optimizer=keras.optimizers.Adam(learning_rate or cfg.learning_rate),
                   loss=_loss(), metrics=["accuracy"])
     start = time.time()
     gated.fit(train, epochs=setup.epochs_for(task), verbose=setup.verbose)

@@ -124,36 +124,30 @@ class Config:
             raise ValueError("Set either 'pretrain_epochs' or 'pretrained', not both.")
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+               list: "a list"}
+
+
 def _check_type(key, annotation, value):
     """Checks (and lightly coerces) `value` against a field's annotation."""
-    union = typing.get_origin(annotation) is typing.Union
-    optional = union and type(None) in typing.get_args(annotation)
-    if union:
-        if value is None and optional:
+    choices = [annotation]
+    optional = False
+    if typing.get_origin(annotation) is typing.Union:
+        if value is None and type(None) in typing.get_args(annotation):
             return None
         choices = [a for a in typing.get_args(annotation) if a is not type(None)]
-        errors = []
-        for choice in choices:
-            try:
-                return _check_type(key, choice, value)
-            except ValueError as e:
-                errors.append(str(e).split(" must be ", 1)[1].rsplit(", got", 1)[0])
-        raise ValueError(
-            f"Config key {key!r} must be {' or '.join(errors)}"
-            f"{' or null' if optional else ''}, got {value!r}.")
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is list and isinstance(value, (str, tuple)):
-        return [value] if isinstance(value, str) else list(value)
-    ok = isinstance(value, annotation) and not (
-        annotation in (int, float) and isinstance(value, bool))
-    if not ok:
-        names = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
-                 list: "a list"}
-        raise ValueError(
-            f"Config key {key!r} must be {names.get(annotation, annotation.__name__)}"
-            f"{' or null' if optional else ''}, got {value!r}.")
-    return value
+        optional = len(choices) < len(typing.get_args(annotation))
+    for choice in choices:
+        if choice is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if choice is list and isinstance(value, (str, tuple)):
+            return [value] if isinstance(value, str) else list(value)
+        if isinstance(value, choice) and not (
+                choice in (int, float) and isinstance(value, bool)):
+            return value
+    names = " or ".join(_TYPE_NAMES.get(c, c.__name__) for c in choices)
+    raise ValueError(
+        f"Config key {key!r} must be {names}{' or null' if optional else ''}, got {value!r}.")
 
 
 def _parse_value(text):

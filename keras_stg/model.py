@@ -267,15 +267,18 @@ class GatedModel(keras.Model):
         for i, t in enumerate(self.targets):
             shape = tuple(t.variable.shape)
             gate_shape = self.granularity.gate_shape(shape, t.out_axes, t.in_axes)
+            gate_seed = None if seed is None else int(seed) * 100003 + i
+            if gate_init == "random":
+                init = _random_mu(1.0 - self.target_sparsity, self.sigma, mu_bound, gate_seed)
+            else:
+                init = gate_init
             self.gates.append(
                 StochasticGate(
                     sigma=self.sigma,
                     gate_shape=gate_shape,
-                    init_mu=gate_init if gate_init != "random" else _random_mu(
-                        1.0 - self.target_sparsity, self.sigma, mu_bound,
-                        None if seed is None else int(seed) * 100003 + i),
+                    init_mu=init,
                     mu_bound=mu_bound,
-                    seed=None if seed is None else int(seed) * 100003 + i,
+                    seed=gate_seed,
                     name=f"gate_{i}",
                 )
             )
