@@ -2,7 +2,7 @@
 
 Usage:
     python -m benchmarks.run [--quick] [--only frontier joint cost export]
-        [--tasks lenet_mnist conv4_fashion conv4_cifar10] [--epochs N]
+        [--tasks lenet_mnist conv4_fashion conv4_cifar10] [--epochs N] [--limit N]
         [--sparsities 0.5 0.7 0.9 0.95 0.98] [--data-dir D] [--out DIR]
         [--results PATH] [--fresh] [--batch-size B] [--methods ours edge_popup]
 
@@ -17,8 +17,10 @@ Parts (`--only` selects some; default all):
   sparsity where it would keep a quarter of the weights of edge-popup's most
   accurate k (the paper's claim), unless the frontier already has it.
   `--methods ours` (or `edge_popup`) runs one method and keeps the other's rows
-  from the last frontier run of the same epochs, batch, scale-fan and
-  edge-popup settings.
+  from the last frontier run of the same epochs, training-set limit, batch,
+  scale-fan and edge-popup settings. `--limit N` trains every method on the
+  first N training examples (a shorter, equal budget for slow tasks); the test
+  split stays whole.
 - `joint`: our `joint` mode against tfmot magnitude pruning (`prune_low_magnitude`,
   polynomial decay; run in a subprocess by `benchmarks.tfmot_job`) at 90% and
   95%, both starting from the same Glorot weights and both with Adam at
@@ -140,6 +142,7 @@ class Setup:
         self.quick = args.quick
         self.data_dir = args.data_dir
         self.epochs = args.epochs
+        self.limit = args.limit
         self.batch_override = args.batch_size
         self._configs = {}
         # The `cost` part times one batch of this size (the overhead benchmark's).
@@ -173,8 +176,12 @@ class Setup:
         return QUICK["epochs"] if self.quick else TASKS[task][3]
 
     def limits(self, task):
+        """(training examples, test examples) of every run; None means all.
+
+        `--limit` shortens training only: every method is still scored on the
+        full test split."""
         if not self.quick:
-            return None, None
+            return self.limit, None
         return QUICK["limit"][TASKS[task][0]], QUICK["test_limit"]
 
     def datasets(self, task, part="slt"):
@@ -273,14 +280,18 @@ def part_frontier(setup, tasks, sparsities, results, save, methods=("ours", "edg
     runs = [(t, s) for t in tasks for s in sparsities]
     for task in tasks:
         reason = task_available(setup, task)
-        entry = {"title": TASKS[task][2], "epochs": setup.epochs_for(task),
-                 "batch": setup.batch_for(task), "scale_fan": setup.scale_fan(task),
+        limit = setup.limits(task)[0]
+        title = TASKS[task][2] + (f" (first {limit} training examples)"
+                                  if limit and not setup.quick else "")
+        entry = {"title": title, "epochs": setup.epochs_for(task),
+                 "limit": limit, "batch": setup.batch_for(task),
+                 "scale_fan": setup.scale_fan(task),
                  "ours": [], "edge_popup": [], "skipped": reason,
                  "ep_settings": f"SGD(lr={setup.ep_lr}, momentum={EP_MOMENTUM}, cosine), "
                                 f"wd={setup.ep_wd}"}
         previous = results["frontier"].get(task) or {}
         same_setting = all(previous.get(k) == entry[k]
-                           for k in ("epochs", "batch", "scale_fan", "ep_settings"))
+                           for k in ("epochs", "limit", "batch", "scale_fan", "ep_settings"))
         for method in ("ours", "edge_popup"):
             # A method this run leaves out keeps its rows from the last run of
             # the same setting, so `--methods ours` re-runs ours against them.
@@ -358,7 +369,9 @@ def _start_tfmot(setup, task, sparsities, init_path, json_path, log_path):
     if setup.data_dir:
         cmd += ["--data-dir", setup.data_dir]
     if limit:
-        cmd += ["--limit", str(limit), "--test-limit", str(test_limit)]
+        cmd += ["--limit", str(limit)]
+    if test_limit:
+        cmd += ["--test-limit", str(test_limit)]
     if not setup.quick:
         cmd.append("--verbose")
     env = dict(os.environ)
@@ -387,7 +400,10 @@ def part_joint(setup, tasks, sparsities, results, save):
 
     for task in tasks:
         reason = task_available(setup, task)
-        entry = {"title": TASKS[task][2], "epochs": setup.epochs_for(task),
+        limit = setup.limits(task)[0]
+        title = TASKS[task][2] + (f" (first {limit} training examples)"
+                                  if limit and not setup.quick else "")
+        entry = {"title": title, "epochs": setup.epochs_for(task),
                  "batch": setup.batch_for(task, "joint"), "ours": [],
                  "tfmot": None, "skipped": reason}
         results["joint"][task] = entry
@@ -799,7 +815,9 @@ def _task_settings(results):
         bits = []
         if f and not f.get("skipped") and "batch" in f:
             bits.append(f"frontier batch {f['batch']}" + (", scale-fan" if f.get("scale_fan")
-                                                          else ", no scale-fan"))
+                                                          else ", no scale-fan")
+                        + (f", first {f['limit']} training examples, {f['epochs']} epochs"
+                           if f.get("limit") else ""))
         if j and not j.get("skipped") and "batch" in j:
             bits.append(f"joint batch {j['batch']}")
         if bits:
@@ -892,6 +910,9 @@ def parse_args(argv=None):
     p.add_argument("--joint-sparsities", type=float, nargs="+", default=list(JOINT_SPARSITIES))
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of every run (default 20; 1 with --quick)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="train every method on the first N training examples only (default "
+                        "all; the test split stays whole): a shorter budget for slow tasks")
     p.add_argument("--data-dir", default=_default_data_dir(),
                    help="raw dataset files (default $KERAS_STG_DATA or ../shared/data)")
     p.add_argument("--out", default=None,
@@ -910,6 +931,8 @@ def parse_args(argv=None):
     p.add_argument("--ep-wd", type=float, default=EP_WEIGHT_DECAY,
                    help="edge-popup weight decay on the scores")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be a positive number of training examples, got {args.limit}")
     if args.sparsities is None:
         args.sparsities = list(QUICK["sparsities"] if args.quick else FRONTIER_SPARSITIES)
     return args

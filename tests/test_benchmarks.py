@@ -255,3 +255,30 @@ def test_frontier_with_one_method_keeps_the_other_methods_rows(monkeypatch, tmp_
     bench.part_frontier(other, ["conv4_fashion"], [0.5], results, lambda: None,
                         methods=("ours",))
     assert results["frontier"]["conv4_fashion"]["edge_popup"] == []
+
+
+def test_limit_shortens_training_only_and_is_part_of_the_setting(monkeypatch, tmp_path):
+    """`--limit N` trains on N examples, tests on the whole split, and is named in
+    the rows; rows of a run with another limit are not kept."""
+    setup = bench.Setup(bench.parse_args(["--out", str(tmp_path), "--limit", "3000"]))
+    assert setup.limits("conv4_fashion") == (3000, None)
+    monkeypatch.setattr(setup, "datasets", lambda task, part="slt": (None, None, 1))
+    monkeypatch.setattr(bench, "task_available", lambda setup, task: None)
+    monkeypatch.setattr(bench, "train_ours", lambda *a, **k: (
+        {"accuracy": 0.5, "sparsity": a[2], "wall_time_s": 1.0}, None))
+    results = {"frontier": {}, "joint": {}, "cost": {}}
+    bench.part_frontier(setup, ["conv4_fashion"], [0.9], results, lambda: None,
+                        methods=("ours",))
+    entry = results["frontier"]["conv4_fashion"]
+    assert entry["limit"] == 3000
+    assert "first 3000 training examples" in entry["title"]
+    assert "first 3000 training examples" in bench.table_rows(results)[0][1]
+    entry["edge_popup"] = [{"target": 0.9, "accuracy": 0.8, "sparsity": 0.9,
+                            "wall_time_s": 1.0}]
+    full = bench.Setup(bench.parse_args(["--out", str(tmp_path)]))
+    monkeypatch.setattr(full, "datasets", lambda task, part="slt": (None, None, 1))
+    bench.part_frontier(full, ["conv4_fashion"], [0.9], results, lambda: None,
+                        methods=("ours",))
+    assert results["frontier"]["conv4_fashion"]["edge_popup"] == []
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--limit", "0"])
