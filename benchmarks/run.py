@@ -184,6 +184,12 @@ class Setup:
             return self.limit, None
         return QUICK["limit"][TASKS[task][0]], QUICK["test_limit"]
 
+    def title(self, task):
+        """The task's name in the rows, with the training-set limit if any."""
+        limit = self.limits(task)[0]
+        return TASKS[task][2] + (f" (first {limit} training examples)"
+                                 if limit and not self.quick else "")
+
     def datasets(self, task, part="slt"):
         from keras_stg import data
 
@@ -230,7 +236,8 @@ def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_
     cfg = setup.config(task, "joint" if mode == "joint" else "slt")
     gated = keras_stg.wrap(model, mode=mode, target_sparsity=sparsity, seed=setup.seed,
                            init_density="auto" if mode == "slt" and cfg.scale_fan else None,
-                           init_mu=cfg.init_mu, target_ramp=cfg.target_ramp)
+                           init_mu=cfg.init_mu, target_ramp=cfg.target_ramp,
+                           finetune=cfg.finetune)
     gated.compile(optimizer=keras.optimizers.Adam(learning_rate or cfg.learning_rate),
                   loss=_loss(), metrics=["accuracy"])
     start = time.time()
@@ -280,9 +287,7 @@ def part_frontier(setup, tasks, sparsities, results, save, methods=("ours", "edg
     runs = [(t, s) for t in tasks for s in sparsities]
     for task in tasks:
         reason = task_available(setup, task)
-        limit = setup.limits(task)[0]
-        title = TASKS[task][2] + (f" (first {limit} training examples)"
-                                  if limit and not setup.quick else "")
+        limit, title = setup.limits(task)[0], setup.title(task)
         entry = {"title": title, "epochs": setup.epochs_for(task),
                  "limit": limit, "batch": setup.batch_for(task),
                  "scale_fan": setup.scale_fan(task),
@@ -400,10 +405,7 @@ def part_joint(setup, tasks, sparsities, results, save):
 
     for task in tasks:
         reason = task_available(setup, task)
-        limit = setup.limits(task)[0]
-        title = TASKS[task][2] + (f" (first {limit} training examples)"
-                                  if limit and not setup.quick else "")
-        entry = {"title": title, "epochs": setup.epochs_for(task),
+        entry = {"title": setup.title(task), "epochs": setup.epochs_for(task),
                  "batch": setup.batch_for(task, "joint"), "ours": [],
                  "tfmot": None, "skipped": reason}
         results["joint"][task] = entry

@@ -33,6 +33,8 @@ class Config:
         target_ramp: share of the steps over which the target ramps up
             (null: 0 when the gates start random, else 0.4).
         controller_horizon: the lambda controller's look-ahead, in epochs.
+        finetune: `joint` mode: share of the epochs at the end during which the
+            mask is frozen at the target and only the weights train (0: none).
         lam: fixed lambda, or the adaptive lambda's start.
         sigma: gate noise scale.
         init_mu: initial gate locations: a number (0.5: every gate fully
@@ -70,6 +72,7 @@ class Config:
     target_sparsity: typing.Optional[float] = 0.9
     target_ramp: typing.Optional[float] = None
     controller_horizon: float = 3.0
+    finetune: float = 0.0
     lam: float = 1.0
     sigma: float = 0.5
     init_mu: typing.Union[float, str] = "auto"

@@ -219,6 +219,7 @@ class GatedModel(keras.Model):
         target_ramp=None,
         controller_horizon=3.0,
         fused="auto",
+        finetune=0.0,
         **kwargs,
     ):
         kwargs.setdefault("name", f"gated_{model.name}")
@@ -249,6 +250,22 @@ class GatedModel(keras.Model):
                 f"`controller_horizon` must be >= 0 (epochs), got {controller_horizon!r}."
             )
         self.controller_horizon = float(controller_horizon)
+        if isinstance(finetune, bool) or not (
+                isinstance(finetune, (int, float)) and 0 <= finetune < 1):
+            raise ValueError(
+                f"`finetune` must be a share of the epochs in [0, 1), got {finetune!r}.")
+        if finetune and mode != "joint":
+            raise ValueError(
+                f"`finetune={finetune}` fine-tunes the weights under the frozen mask, but "
+                f"mode={mode!r} trains no weights. Use mode='joint', or finetune=0.")
+        if finetune and target_sparsity is None:
+            raise ValueError(
+                "`finetune` freezes the mask at exactly `target_sparsity`, but no target is "
+                "given. Pass `target_sparsity=`, or finetune=0.")
+        self.finetune = float(finetune)
+        # True while the mask is frozen (the fine-tuning phase): the forward
+        # pass uses the binary mask and only the weights train.
+        self._mask_frozen = False
         if fused not in ("auto", True, False):
             raise ValueError(f"`fused` must be 'auto', True or False, got {fused!r}.")
         self.fused = fused
@@ -322,6 +339,7 @@ class GatedModel(keras.Model):
         # per step (its velocity).
         self._last_sparsity = self._state_weight("last_sparsity", -1.0)
         self._velocity = self._state_weight("sparsity_velocity")
+        self.mask_frozen = self._state_weight("mask_frozen")  # 1.0 once frozen (saved)
         # Values of the gated biases are gated too for unit-like granularities.
         self._gated_bias = [
             t.bias is not None
@@ -457,7 +475,7 @@ class GatedModel(keras.Model):
         return mapping
 
     def call(self, inputs, training=False):
-        if training:
+        if training and not self._mask_frozen:
             mapping, expected, hard = self._relaxed_kernels()
             self._step.expected_density, self._step.hard_density = expected, hard
         else:
@@ -588,8 +606,9 @@ class GatedModel(keras.Model):
             if expected_density is None:  # a subclass overrode `call`
                 expected_density = self._expected_density()
                 hard_density = self._hard_density()
-            penalty = ops.cast(self.lam, "float32") * expected_density
-            loss = loss + _scale_for_replicas(ops.cast(penalty, loss.dtype))
+            if not self._mask_frozen:
+                penalty = ops.cast(self.lam, "float32") * expected_density
+                loss = loss + _scale_for_replicas(ops.cast(penalty, loss.dtype))
             self._loss_tracker.update_state(
                 loss * _replicas(),
                 sample_weight=tf.shape(next(i for i in keras.tree.flatten(x) if i is not None))[0],
@@ -597,9 +616,10 @@ class GatedModel(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_weights
         gradients = tape.gradient(scaled_loss, variables)
-        with _fused_gate_adam(self.optimizer, [g.mu for g in self.gates] if lib else ()):
+        fused_mu = [g.mu for g in self.gates] if lib and not self._mask_frozen else ()
+        with _fused_gate_adam(self.optimizer, fused_mu):
             self.optimizer.apply_gradients(zip(gradients, variables))
-        if self.target_sparsity is not None:
+        if self.target_sparsity is not None and not self._mask_frozen:
             self._update_lambda(hard_density, iteration)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs.update(self._gate_logs(hard_density, expected_density))
@@ -616,6 +636,36 @@ class GatedModel(keras.Model):
         return logs
 
     # ----------------------------------------------------------------- export
+
+    def freeze_mask(self):
+        """Fixes the mask at exactly `target_sparsity`; from now on only the weights train.
+
+        The kept weights are those with the largest `mu` over the whole model
+        (the mask the gates already hold, give or take the controller's last
+        fraction of a percent), so the frozen mask removes `target_sparsity` of
+        the gated weights to the nearest gate. Training after this uses the
+        binary mask in the forward pass, no penalty and no lambda updates: the
+        weights fine-tune under the mask they will be exported with (as
+        magnitude pruning does after its schedule ends). Idempotent.
+        """
+        mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
+        per_gate = [n / m.size for n, m in zip(self._n_weights, mus)]
+        flat = np.concatenate(mus)
+        weight = np.concatenate([np.full(m.size, w) for m, w in zip(mus, per_gate)])
+        order = np.argsort(-flat, kind="stable")
+        keep_weights = (1.0 - self.target_sparsity) * self._total_weights
+        kept_before = np.cumsum(weight[order]) - weight[order]
+        keep = np.zeros(flat.size, bool)
+        keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
+        tiny = np.float32(1e-6)
+        new = np.where(keep, np.maximum(flat, tiny), np.minimum(flat, 0.0)).astype("float32")
+        start = 0
+        for gate, m in zip(self.gates, mus):
+            gate.mu.assign(new[start:start + m.size].reshape(gate.mu.shape))
+            gate.mu.trainable = False
+            start += m.size
+        self._mask_frozen = True
+        self.mask_frozen.assign(1.0)
 
     def masks(self):
         """Binary masks, one NumPy array per gated kernel, broadcast to its shape."""
@@ -662,6 +712,7 @@ class GatedModel(keras.Model):
             "target_ramp": self.target_ramp,
             "controller_horizon": self.controller_horizon,
             "fused": self.fused,
+            "finetune": self.finetune,
         }
         return config
 
@@ -688,8 +739,30 @@ class _FitState(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         epochs = self.params.get("epochs") or 0
         steps = self.params.get("steps") or 0
-        self._gated.total_steps.assign(float(epochs * steps))
-        self._gated.epoch_steps.assign(float(steps))
+        gated = self._gated
+        gated.total_steps.assign(float(epochs * steps))
+        gated.epoch_steps.assign(float(steps))
+        # Fine-tuning: the last `finetune` share of the epochs, leaving at least
+        # one epoch to each phase (a 1-epoch fit only trains the gates).
+        self._freeze_epoch = None
+        if gated.finetune and epochs >= 2:
+            self._freeze_epoch = min(epochs - 1, max(1, epochs - round(gated.finetune * epochs)))
+        if float(ops.convert_to_numpy(gated.mask_frozen)) and not gated._mask_frozen:
+            self._freeze()  # a resumed run that had frozen its mask
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if (self._freeze_epoch is not None and epoch >= self._freeze_epoch
+                and not self._gated._mask_frozen):
+            self._freeze()
+
+    def _freeze(self):
+        gated = self._gated
+        gated.freeze_mask()
+        # The step function changes (binary mask, no gate updates): trace it anew.
+        gated.make_train_function(force=True)
+        if self.params.get("verbose"):
+            print(f"keras_stg: mask frozen at {100 * gated.sparsity():.2f}% sparsity; "
+                  "fine-tuning the weights under it", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and "sparsity" in logs:

@@ -379,7 +379,7 @@ def run(cfg, data_dir=None, out=None, strategy="default", verbose=None):
             init=cfg.init if cfg.mode == "slt" else None, init_mu=cfg.init_mu,
             init_density="auto" if cfg.scale_fan else None,
             seed=cfg.seed, target_ramp=cfg.target_ramp,
-            controller_horizon=cfg.controller_horizon,
+            controller_horizon=cfg.controller_horizon, finetune=cfg.finetune,
         )
         gated.compile(
             optimizer=keras.optimizers.Adam(cfg.learning_rate),

@@ -24,6 +24,7 @@ def wrap(
     target_ramp=None,
     controller_horizon=3.0,
     fused="auto",
+    finetune=0.0,
 ):
     """Wraps a built Keras 3 model so that `fit` learns binary masks over its kernels.
 
@@ -85,6 +86,12 @@ def wrap(
             (they are compiled with the system C++ compiler on first use, see
             `keras_stg.fused`), else with plain TensorFlow ops; True requires
             the kernels; False never uses them. Same math either way.
+        finetune: `joint` mode: the share of the epochs at the end of each
+            `fit` (rounded, leaving at least one epoch to each phase; a
+            1-epoch `fit` does not freeze) during which the mask is frozen
+            at exactly `target_sparsity` (the largest `mu` kept) and only the
+            weights train, under the binary mask they will be exported with.
+            0 (default) trains the gates to the end.
 
     Returns:
         A `keras_stg.GatedModel`.
@@ -146,6 +153,7 @@ def wrap(
         target_ramp=target_ramp,
         controller_horizon=controller_horizon,
         fused=fused,
+        finetune=finetune,
     )
     if initializer is not None:
         initializer(gated, seed=0 if seed is None else seed, density=init_density)

@@ -221,3 +221,75 @@ def test_clipped_normal_initializer_round_trips():
     np.testing.assert_array_equal(gate.mu.numpy(), values)
     rebuilt = keras_stg.StochasticGate.from_config(gate.get_config())
     np.testing.assert_array_equal(rebuilt.mu.numpy(), values)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "slt", "target_sparsity": 0.9, "finetune": 0.3}, "mode='slt' trains no weights"),
+    ({"mode": "joint", "finetune": 0.3}, "no target is given"),
+    ({"mode": "joint", "target_sparsity": 0.9, "finetune": 1.0}, "share of the epochs in"),
+    ({"mode": "joint", "target_sparsity": 0.9, "finetune": True}, "share of the epochs in"),
+])
+def test_bad_finetune(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        keras_stg.wrap(mlp(), **kwargs)
+
+
+def test_freeze_mask_keeps_exactly_the_target_with_the_largest_mu():
+    gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.7, init_mu="random",
+                           seed=2, finetune=0.5)
+    mus = np.concatenate([g.mu.numpy().ravel() for g in gated.gates])
+    assert abs(gated.sparsity() - 0.7) > 1e-4  # the random start is only near the target
+    gated.freeze_mask()
+    kept = np.concatenate([g.mask().ravel() for g in gated.gates]).astype(bool)
+    assert kept.sum() == round(0.3 * mus.size)
+    assert mus[kept].min() >= mus[~kept].max()  # the largest mu are kept
+    assert not any(g.mu.trainable for g in gated.gates)
+    assert float(gated.mask_frozen.numpy()) == 1.0
+    gated.freeze_mask()  # idempotent
+    again = np.concatenate([g.mask().ravel() for g in gated.gates]).astype(bool)
+    np.testing.assert_array_equal(kept, again)
+
+
+def test_finetune_freezes_the_mask_and_trains_the_weights_under_it(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(256, 200)).astype("float32")
+    y = np.random.randint(0, 10, size=256)
+    gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.8, seed=0,
+                           finetune=0.34)  # the last 1 of 3 epochs
+    gated.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = {}
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen[epoch] = ([g.mu.numpy().copy() for g in gated.gates],
+                           [t.variable.numpy().copy() for t in gated.targets],
+                           float(gated.lam.numpy()))
+
+    gated.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[Snapshot()])
+    mus_1, kernels_1, lam_1 = seen[1]
+    mus_2, kernels_2, lam_2 = seen[2]
+    assert any(not np.array_equal(a, b) for a, b in zip(mus_1, mus_2))  # gates trained
+    # Frozen at the start of the last epoch at exactly 80%, then left alone.
+    assert gated.sparsity() == pytest.approx(0.8, abs=1e-4)
+    for a, g in zip(mus_2, gated.gates):
+        np.testing.assert_array_equal(a, g.mu.numpy())
+    assert float(gated.lam.numpy()) == lam_2
+    # The weights kept training, and the stripped model is the frozen mask.
+    assert any(not np.array_equal(a, t.variable.numpy())
+               for a, t in zip(kernels_2, gated.targets))
+    np.testing.assert_allclose(gated.strip().predict(x[:8], verbose=0),
+                               gated.predict(x[:8], verbose=0), rtol=1e-5, atol=1e-5)
+    assert gated.get_config()["finetune"] == 0.34
+    # A saved and reloaded model (as a resumed run) stays frozen in its next fit.
+    path = str(tmp_path / "frozen.keras")
+    gated.save(path)
+    loaded = keras.models.load_model(path)
+    assert float(loaded.mask_frozen.numpy()) == 1.0
+    before = [g.mu.numpy().copy() for g in loaded.gates]
+    kernels = [t.variable.numpy().copy() for t in loaded.targets]
+    loaded.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    for a, g in zip(before, loaded.gates):
+        np.testing.assert_array_equal(a, g.mu.numpy())
+    assert any(not np.array_equal(a, t.variable.numpy())
+               for a, t in zip(kernels, loaded.targets))
