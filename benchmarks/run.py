@@ -78,7 +78,7 @@ TASKS = {
 #: edge-popup the very same frozen weights.
 TASK_CONFIGS = {
     "lenet_mnist": ("lenet_300_100_mnist_slt", "lenet_300_100_mnist_joint"),
-    "conv4_fashion": ("conv4_fashion_mnist_slt", None),
+    "conv4_fashion": ("conv4_fashion_mnist_slt", "conv4_fashion_mnist_joint"),
     "conv4_cifar10": ("conv4_cifar10_slt", None),
 }
 FRONTIER_SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.98)
@@ -406,7 +406,8 @@ def part_joint(setup, tasks, sparsities, results, save):
     for task in tasks:
         reason = task_available(setup, task)
         entry = {"title": setup.title(task), "epochs": setup.epochs_for(task),
-                 "batch": setup.batch_for(task, "joint"), "ours": [],
+                 "limit": setup.limits(task)[0], "batch": setup.batch_for(task, "joint"),
+                 "finetune": setup.config(task, "joint").finetune, "ours": [],
                  "tfmot": None, "skipped": reason}
         results["joint"][task] = entry
         if reason:
@@ -821,10 +822,29 @@ def _task_settings(results):
                         + (f", first {f['limit']} training examples, {f['epochs']} epochs"
                            if f.get("limit") else ""))
         if j and not j.get("skipped") and "batch" in j:
-            bits.append(f"joint batch {j['batch']}")
+            bits.append(f"joint batch {j['batch']}"
+                        + (f", finetune {j['finetune']}" if j.get("finetune") else "")
+                        + (f", first {j['limit']} training examples, {j['epochs']} epochs"
+                           if j.get("limit") else ""))
         if bits:
             parts.append(f"{TASKS[task][2]}: {'; '.join(bits)}")
     return " / ".join(parts) or "batch 128"
+
+
+def _commands(results):
+    """One line per command that made the rows shown, oldest part first."""
+    meta = results["meta"]
+    lines = []
+    for part in PARTS:
+        fallback = (meta["commands"].get(part), meta.get("runs", {}).get(part, "?"))
+        entries = results.get(part, {}).values() if part in ("frontier", "joint") else ()
+        runs = [(e.get("command"), e.get("run")) if e.get("command") else fallback
+                for e in entries] or [fallback]
+        for cmd, run in runs:
+            line = f"{cmd}    # {run}"
+            if cmd and line not in lines:
+                lines.append(line)
+    return lines
 
 
 def section(results, rows, plots, results_path):
@@ -837,17 +857,19 @@ def section(results, rows, plots, results_path):
         f"Generated {meta['date']} on {meta['machine']} (the CPU may be shared with other "
         f"jobs: see the load averages below); {meta['versions']}.",
         "",
-        "Commands (the latest run of each part; started at, load average, library state):",
+        "Commands (the latest run of each part and task; started at, load average, library "
+        "state):",
         "",
         "```",
-        *[f"{meta['commands'][p]}    # {meta.get('runs', {}).get(p, '?')}"
-          for p in PARTS if p in meta["commands"]],
+        *_commands(results),
         "```",
         "",
         "Ours: `keras_stg.wrap(model, mode=..., target_sparsity=s, seed=0)` with the library "
         "defaults, plus the batch size, learning rate and scale-fan setting of the task's "
         "config in `configs/` (`benchmarks.run.TASK_CONFIGS`; " + _task_settings(results) +
-        f"); Adam at the config's rate (`slt`) or at {JOINT_LR} (`joint`, as tfmot). "
+        f"); Adam at the config's rate (`slt`) or at {JOINT_LR} (`joint`, as tfmot; with the "
+        "joint config's `finetune`, the mask frozen at the target for that share of the "
+        "epochs at the end while the weights fine-tune, as tfmot's after its schedule). "
         "Edge-popup: the same frozen weights "
         "as ours at each sparsity (bit-identical: `edge_popup.init_like_ours`, scale-fan "
         "included), scores per weight, per-layer top-k by |score|, "
@@ -993,13 +1015,21 @@ def main(argv=None):
     def save():
         _atomic_write_text(json_path, json.dumps(results, indent=2))
 
+    def stamp(part):
+        """Each task entry of a per-task part remembers the run that made it."""
+        for task in args.tasks:
+            if task in results.get(part, {}):
+                results[part][task].update(command=command, run=run_info)
+
     if "cost" in args.only:
         part_cost(setup, args.tasks, results, save)
     if "frontier" in args.only:
         part_frontier(setup, args.tasks, args.sparsities, results, save, args.methods)
+        stamp("frontier")
     if "joint" in args.only:
         part_joint(setup, [t for t in args.tasks if t != "conv4_cifar10"],
                    args.joint_sparsities, results, save)
+        stamp("joint")
     if "export" in args.only:
         part_export(setup, results, save)
 

@@ -82,7 +82,9 @@ def test_benchmark_takes_each_task_config():
     assert setup.batch_for("lenet_mnist") == lenet.batch_size
     assert setup.batch_for("lenet_mnist", "joint") == joint.batch_size
     assert setup.scale_fan("lenet_mnist") is bool(lenet.scale_fan)
-    assert setup.batch_for("conv4_fashion", "joint") == setup.batch_for("conv4_fashion")
+    conv4_joint = stg_config.load(os.path.join(REPO, "configs", "conv4_fashion_mnist_joint.yaml"))
+    assert setup.batch_for("conv4_fashion", "joint") == conv4_joint.batch_size
+    assert setup.config("conv4_fashion", "joint").finetune == joint.finetune == 0.7
     assert bench.Setup(bench.parse_args(["--batch-size", "32"])).batch_for(
         "lenet_mnist", "joint") == 32
 
@@ -282,3 +284,18 @@ def test_limit_shortens_training_only_and_is_part_of_the_setting(monkeypatch, tm
     assert results["frontier"]["conv4_fashion"]["edge_popup"] == []
     with pytest.raises(SystemExit):
         bench.parse_args(["--limit", "0"])
+
+
+def test_section_names_the_command_of_each_tasks_rows():
+    """Rows of two tasks made by two runs of one part list both commands."""
+    results = {"meta": {"commands": {"joint": "python -m benchmarks.run B",
+                                     "cost": "python -m benchmarks.run C"},
+                        "runs": {"joint": "t2", "cost": "t3"}},
+               "frontier": {},
+               "joint": {"a": {"command": "python -m benchmarks.run A", "run": "t1"},
+                         "b": {"command": "python -m benchmarks.run B", "run": "t2"},
+                         "c": {}},  # an older entry: the part's latest command
+               "cost": {}}
+    assert bench._commands(results) == ["python -m benchmarks.run A    # t1",
+                                        "python -m benchmarks.run B    # t2",
+                                        "python -m benchmarks.run C    # t3"]
