@@ -643,7 +643,8 @@ class GatedModel(keras.Model):
         The kept weights are those with the largest `mu` over the whole model
         (the mask the gates already hold, give or take the controller's last
         fraction of a percent), so the frozen mask removes `target_sparsity` of
-        the gated weights to the nearest gate. Training after this uses the
+        the gated weights to the nearest gate; each gate is saturated at
+        `+-mu_bound`. Training after this uses the
         binary mask in the forward pass, no penalty and no lambda updates: the
         weights fine-tune under the mask they will be exported with (as
         magnitude pruning does after its schedule ends). Idempotent.
@@ -657,8 +658,10 @@ class GatedModel(keras.Model):
         kept_before = np.cumsum(weight[order]) - weight[order]
         keep = np.zeros(flat.size, bool)
         keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
-        tiny = np.float32(1e-6)
-        new = np.where(keep, np.maximum(flat, tiny), np.minimum(flat, 0.0)).astype("float32")
+        # Saturate the frozen gates, so that no gate reads as fractional and
+        # the expected L0 equals the mask's density.
+        bound = self.mu_bound or 1.0
+        new = np.where(keep, bound, -bound).astype("float32")
         start = 0
         for gate, m in zip(self.gates, mus):
             gate.mu.assign(new[start:start + m.size].reshape(gate.mu.shape))

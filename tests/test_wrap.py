@@ -243,6 +243,8 @@ def test_freeze_mask_keeps_exactly_the_target_with_the_largest_mu():
     kept = np.concatenate([g.mask().ravel() for g in gated.gates]).astype(bool)
     assert kept.sum() == round(0.3 * mus.size)
     assert mus[kept].min() >= mus[~kept].max()  # the largest mu are kept
+    frozen = np.concatenate([g.mu.numpy().ravel() for g in gated.gates])
+    np.testing.assert_array_equal(np.abs(frozen), 1.0)  # saturated at the bound
     assert not any(g.mu.trainable for g in gated.gates)
     assert float(gated.mask_frozen.numpy()) == 1.0
     gated.freeze_mask()  # idempotent
