@@ -152,6 +152,9 @@ class Setup:
         self.verbose = 0 if args.quick else 2
         self.ep_lr = args.ep_lr
         self.ep_wd = args.ep_wd
+        # Set by `main`: the command line and "started at, load, library state"
+        # of this run, recorded in every task entry it creates.
+        self.command = self.run_info = None
 
     def config(self, task, part="slt"):
         """The task's `Config` from configs/ (`part`: "slt" or "joint"; the slt
@@ -287,10 +290,10 @@ def part_frontier(setup, tasks, sparsities, results, save, methods=("ours", "edg
     runs = [(t, s) for t in tasks for s in sparsities]
     for task in tasks:
         reason = task_available(setup, task)
-        limit, title = setup.limits(task)[0], setup.title(task)
-        entry = {"title": title, "epochs": setup.epochs_for(task),
-                 "limit": limit, "batch": setup.batch_for(task),
+        entry = {"title": setup.title(task), "epochs": setup.epochs_for(task),
+                 "limit": setup.limits(task)[0], "batch": setup.batch_for(task),
                  "scale_fan": setup.scale_fan(task),
+                 "command": setup.command, "run": setup.run_info,
                  "ours": [], "edge_popup": [], "skipped": reason,
                  "ep_settings": f"SGD(lr={setup.ep_lr}, momentum={EP_MOMENTUM}, cosine), "
                                 f"wd={setup.ep_wd}"}
@@ -407,7 +410,8 @@ def part_joint(setup, tasks, sparsities, results, save):
         reason = task_available(setup, task)
         entry = {"title": setup.title(task), "epochs": setup.epochs_for(task),
                  "limit": setup.limits(task)[0], "batch": setup.batch_for(task, "joint"),
-                 "finetune": setup.config(task, "joint").finetune, "ours": [],
+                 "finetune": setup.config(task, "joint").finetune,
+                 "command": setup.command, "run": setup.run_info, "ours": [],
                  "tfmot": None, "skipped": reason}
         results["joint"][task] = entry
         if reason:
@@ -816,16 +820,18 @@ def _task_settings(results):
     for task in TASKS:
         f, j = results["frontier"].get(task), results["joint"].get(task)
         bits = []
+
+        def budget(e):
+            return (f", first {e['limit']} training examples, {e['epochs']} epochs"
+                    if e.get("limit") else "")
+
         if f and not f.get("skipped") and "batch" in f:
             bits.append(f"frontier batch {f['batch']}" + (", scale-fan" if f.get("scale_fan")
-                                                          else ", no scale-fan")
-                        + (f", first {f['limit']} training examples, {f['epochs']} epochs"
-                           if f.get("limit") else ""))
+                                                          else ", no scale-fan") + budget(f))
         if j and not j.get("skipped") and "batch" in j:
             bits.append(f"joint batch {j['batch']}"
                         + (f", finetune {j['finetune']}" if j.get("finetune") else "")
-                        + (f", first {j['limit']} training examples, {j['epochs']} epochs"
-                           if j.get("limit") else ""))
+                        + budget(j))
         if bits:
             parts.append(f"{TASKS[task][2]}: {'; '.join(bits)}")
     return " / ".join(parts) or "batch 128"
@@ -1011,25 +1017,18 @@ def main(argv=None):
         if part in PARTS:
             results["meta"]["commands"][part] = command
             results["meta"].setdefault("runs", {})[part] = run_info
+    setup.command, setup.run_info = command, run_info
 
     def save():
         _atomic_write_text(json_path, json.dumps(results, indent=2))
-
-    def stamp(part):
-        """Each task entry of a per-task part remembers the run that made it."""
-        for task in args.tasks:
-            if task in results.get(part, {}):
-                results[part][task].update(command=command, run=run_info)
 
     if "cost" in args.only:
         part_cost(setup, args.tasks, results, save)
     if "frontier" in args.only:
         part_frontier(setup, args.tasks, args.sparsities, results, save, args.methods)
-        stamp("frontier")
     if "joint" in args.only:
         part_joint(setup, [t for t in args.tasks if t != "conv4_cifar10"],
                    args.joint_sparsities, results, save)
-        stamp("joint")
     if "export" in args.only:
         part_export(setup, results, save)
 
