@@ -523,6 +523,38 @@ class GatedModel(keras.Model):
             "lam": ops.convert_to_tensor(self.lam),
         }
 
+    def freeze_mask(self):
+        """Fixes the mask at exactly `target_sparsity`; from now on only the weights train.
+
+        The kept weights are those with the largest `mu` over the whole model
+        (the mask the gates already hold, give or take the controller's last
+        fraction of a percent), so the frozen mask removes `target_sparsity` of
+        the gated weights to the nearest gate; each gate is saturated at
+        `+-mu_bound`. Training after this uses the binary mask in the forward
+        pass, no penalty and no lambda updates: the
+        weights fine-tune under the mask they will be exported with (as
+        magnitude pruning does after its schedule ends). Idempotent.
+        """
+        mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
+        per_gate = [n / m.size for n, m in zip(self._n_weights, mus)]
+        flat = np.concatenate(mus)
+        weight = np.concatenate([np.full(m.size, w) for m, w in zip(mus, per_gate)])
+        order = np.argsort(-flat, kind="stable")
+        keep_weights = (1.0 - self.target_sparsity) * self._total_weights
+        kept_before = np.cumsum(weight[order]) - weight[order]
+        keep = np.zeros(flat.size, bool)
+        keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
+        # Saturate the frozen gates, so that no gate reads as fractional.
+        bound = self.mu_bound or 1.0
+        new = np.where(keep, bound, -bound).astype("float32")
+        start = 0
+        for gate, m in zip(self.gates, mus):
+            gate.mu.assign(new[start:start + m.size].reshape(gate.mu.shape))
+            gate.mu.trainable = False
+            start += m.size
+        self._mask_frozen = True
+        self.mask_frozen.assign(1.0)
+
     def current_target(self, iteration=None):
         """The sparsity target of this step: ramps up, then holds.
 
@@ -636,39 +668,6 @@ class GatedModel(keras.Model):
         return logs
 
     # ----------------------------------------------------------------- export
-
-    def freeze_mask(self):
-        """Fixes the mask at exactly `target_sparsity`; from now on only the weights train.
-
-        The kept weights are those with the largest `mu` over the whole model
-        (the mask the gates already hold, give or take the controller's last
-        fraction of a percent), so the frozen mask removes `target_sparsity` of
-        the gated weights to the nearest gate; each gate is saturated at
-        `+-mu_bound`. Training after this uses the
-        binary mask in the forward pass, no penalty and no lambda updates: the
-        weights fine-tune under the mask they will be exported with (as
-        magnitude pruning does after its schedule ends). Idempotent.
-        """
-        mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
-        per_gate = [n / m.size for n, m in zip(self._n_weights, mus)]
-        flat = np.concatenate(mus)
-        weight = np.concatenate([np.full(m.size, w) for m, w in zip(mus, per_gate)])
-        order = np.argsort(-flat, kind="stable")
-        keep_weights = (1.0 - self.target_sparsity) * self._total_weights
-        kept_before = np.cumsum(weight[order]) - weight[order]
-        keep = np.zeros(flat.size, bool)
-        keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
-        # Saturate the frozen gates, so that no gate reads as fractional and
-        # the expected L0 equals the mask's density.
-        bound = self.mu_bound or 1.0
-        new = np.where(keep, bound, -bound).astype("float32")
-        start = 0
-        for gate, m in zip(self.gates, mus):
-            gate.mu.assign(new[start:start + m.size].reshape(gate.mu.shape))
-            gate.mu.trainable = False
-            start += m.size
-        self._mask_frozen = True
-        self.mask_frozen.assign(1.0)
 
     def masks(self):
         """Binary masks, one NumPy array per gated kernel, broadcast to its shape."""
