@@ -55,6 +55,29 @@ def build_model(cfg):
     return models.build(cfg.model, shape, classes, **cfg.model_args)
 
 
+def make_gated(cfg, model):
+    """`model` wrapped and compiled as `cfg` says (call it in the strategy's scope)."""
+    import keras
+
+    import keras_stg
+
+    gated = keras_stg.wrap(
+        model, mode=cfg.mode, granularity=cfg.granularity, lam=cfg.lam,
+        target_sparsity=cfg.target_sparsity, sigma=cfg.sigma, exclude=cfg.exclude,
+        init=cfg.init if cfg.mode == "slt" else None, init_mu=cfg.init_mu,
+        init_density="auto" if cfg.scale_fan else None,
+        seed=cfg.seed, target_ramp=cfg.target_ramp,
+        controller_horizon=cfg.controller_horizon, finetune=cfg.finetune,
+    )
+    gated.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    gated.optimizer.build(gated.trainable_variables)
+    return gated
+
+
 def _plot(history, path):
     import matplotlib
 
@@ -373,20 +396,7 @@ def run(cfg, data_dir=None, out=None, strategy="default", verbose=None):
         initial_epoch=start_epoch, seed=cfg.seed, image_size=cfg.image_size,
         channels=cfg.channels, drop_remainder=replicas > 1)
     with strategy.scope():
-        gated = keras_stg.wrap(
-            model, mode=cfg.mode, granularity=cfg.granularity, lam=cfg.lam,
-            target_sparsity=cfg.target_sparsity, sigma=cfg.sigma, exclude=cfg.exclude,
-            init=cfg.init if cfg.mode == "slt" else None, init_mu=cfg.init_mu,
-            init_density="auto" if cfg.scale_fan else None,
-            seed=cfg.seed, target_ramp=cfg.target_ramp,
-            controller_horizon=cfg.controller_horizon, finetune=cfg.finetune,
-        )
-        gated.compile(
-            optimizer=keras.optimizers.Adam(cfg.learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-        gated.optimizer.build(gated.trainable_variables)
+        gated = make_gated(cfg, model)
     if meta is None:
         meta = {"config": config_dict, "epochs_completed": 0, "history": {},
                 "lam_steps": [], "lam_values": [], "wall_time_s": 0.0, "resumed_at": [],
