@@ -26,11 +26,10 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from benchmarks import run
+
 # Examples in the training split of each dataset, for the per-epoch estimate.
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000}
 
@@ -113,8 +112,8 @@ def main(argv=None):
                                 description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="*",
                    help="YAML files (default: every file in configs/)")
-    p.add_argument("--data-dir", default=os.environ.get("KERAS_STG_DATA",
-                                                        os.path.join(REPO, "..", "shared", "data")))
+    p.add_argument("--data-dir", default=run._default_data_dir(),
+                   help="raw dataset files (default $KERAS_STG_DATA or ../shared/data)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     p.add_argument("--batch-size", type=int, default=None, help="override every batch size")
     p.add_argument("--synthetic", action="store_true",
@@ -123,7 +122,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
-    paths = args.configs or sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+    paths = args.configs or sorted(glob.glob(os.path.join(run.REPO, "configs", "*.yaml")))
     for path in paths:
         if not os.path.isfile(path):
             p.error(f"no config file {path!r}")
@@ -151,4 +150,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
