@@ -29,13 +29,85 @@ def cnn_bn():
     return keras.Model(inputs, outputs, name="cnn_bn")
 
 
-def mobilenet_v2():
+def _conv_bn(x, filters, kernel, name, strides=1, padding="same", use_bias=True,
+             activation="relu"):
+    x = keras.layers.Conv2D(filters, kernel, strides=strides, padding=padding,
+                            use_bias=use_bias, name=f"{name}_conv")(x)
+    x = keras.layers.BatchNormalization(epsilon=1.001e-5, name=f"{name}_bn")(x)
+    if activation == "relu6":
+        return keras.layers.ReLU(6.0, name=f"{name}_relu")(x)
+    return keras.layers.Activation(activation, name=f"{name}_relu")(x) if activation else x
+
+
+def tiny_mobilenet_v2():
+    """MobileNetV2's structure in two inverted-residual blocks.
+
+    As keras.applications.MobileNetV2 builds it: a strided stem, then a
+    strided block (1x1 expansion, ZeroPadding2D + valid 3x3 depthwise, 1x1
+    linear projection, no residual) and a stride-1 block whose projection is
+    added to its input; a 1x1 head conv, global pooling and a softmax
+    classifier. Convs have no bias, BatchNormalization is affine, ReLU6.
+    """
+    inputs = keras.Input((32, 32, 3))
+    x = _conv_bn(inputs, 8, 3, "Conv1", strides=2, use_bias=False, activation="relu6")
+    for block, stride in ((1, 2), (2, 1)):
+        name = f"block_{block}"
+        shortcut = x
+        y = _conv_bn(x, 48, 1, f"{name}_expand", use_bias=False, activation="relu6")
+        if stride == 2:
+            y = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_pad")(y)
+        y = keras.layers.DepthwiseConv2D(3, strides=stride, use_bias=False,
+                                         padding="same" if stride == 1 else "valid",
+                                         name=f"{name}_depthwise")(y)
+        y = keras.layers.BatchNormalization(name=f"{name}_depthwise_BN")(y)
+        y = keras.layers.ReLU(6.0, name=f"{name}_depthwise_relu")(y)
+        y = _conv_bn(y, 8, 1, f"{name}_project", use_bias=False, activation=None)
+        x = keras.layers.Add(name=f"{name}_add")([shortcut, y]) if stride == 1 else y
+    x = _conv_bn(x, 16, 1, "Conv_1", use_bias=False, activation="relu6")
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="tiny_mobilenet_v2")
+
+
+def tiny_resnet50():
+    """ResNet50's structure at two stages of two bottleneck blocks, 8-32 channels.
+
+    As keras.applications.ResNet50 builds it: ZeroPadding2D + 7x7 stride-2
+    stem conv with bias, affine BatchNormalization, max-pooling; per stage a
+    block with a projection shortcut (1x1 conv + BN) and an identity block,
+    each 1x1 -> 3x3 -> 1x1 with BN, `Add` and ReLU; global pooling and a
+    softmax classifier.
+    """
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
+    x = _conv_bn(x, 8, 7, "conv1", strides=2, padding="valid")
+    x = keras.layers.ZeroPadding2D(1, name="pool1_pad")(x)
+    x = keras.layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
+    for stage, (filters, stride) in enumerate(((4, 1), (8, 2)), start=2):
+        for block in (1, 2):
+            name = f"conv{stage}_block{block}"
+            first = block == 1
+            shortcut = (_conv_bn(x, 4 * filters, 1, f"{name}_0", strides=stride,
+                                 activation=None) if first else x)
+            y = _conv_bn(x, filters, 1, f"{name}_1", strides=stride if first else 1)
+            y = _conv_bn(y, filters, 3, f"{name}_2")
+            y = _conv_bn(y, 4 * filters, 1, f"{name}_3", activation=None)
+            x = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+            x = keras.layers.Activation("relu", name=f"{name}_out")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="tiny_resnet50")
+
+
+def keras_mobilenet_v2():
+    """The real keras.applications.MobileNetV2 (alpha 0.35, 32x32): 155 layers."""
     return keras.applications.MobileNetV2(
         weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.35
     )
 
 
-def resnet50():
+def keras_resnet50():
+    """The real keras.applications.ResNet50 at 32x32: 23.6M weights."""
     return keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
 
 
@@ -55,7 +127,7 @@ def swin():
     import keras_hub
 
     backbone = keras_hub.models.SwinTransformerBackbone(
-        image_shape=(16, 16, 3), embed_dim=8, depths=(2, 2), num_heads=(2, 2),
+        image_shape=(16, 16, 3), embed_dim=8, depths=(1, 1), num_heads=(2, 2),
         window_size=2, patch_size=2,
     )
     inputs = keras.Input((16, 16, 3))
@@ -67,8 +139,8 @@ def swin():
 MODELS = {
     "lenet": lenet,
     "cnn_bn": cnn_bn,
-    "mobilenet_v2": mobilenet_v2,
-    "resnet50": resnet50,
+    "tiny_mobilenet_v2": tiny_mobilenet_v2,
+    "tiny_resnet50": tiny_resnet50,
     "vit": vit,
     "swin": swin,
 }
@@ -99,7 +171,7 @@ def max_diff(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
-def check_invariants(gated, x, y, tmp_path, steps=3):
+def check_invariants(gated, x, y, tmp_path, steps=4):
     """Trains a few steps and checks every promise a gated model makes.
 
     Returns the history of the first `fit`.
@@ -171,7 +243,12 @@ def check_invariants(gated, x, y, tmp_path, steps=3):
     for a, b in zip(masks, loaded.masks()):
         np.testing.assert_array_equal(a, b)
     assert max_diff(infer(loaded, x), y_gated) <= 1e-5
+    # Training continues from the loaded state: one eager step (the graph step
+    # was traced and checked above; tracing it again is most of a case's time).
+    loaded.run_eagerly = True
+    mu_loaded = [np.array(g.mu.numpy()) for g in loaded.gates]
     loaded.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    assert any(not np.array_equal(a, g.mu.numpy()) for a, g in zip(mu_loaded, loaded.gates))
 
     stripped_path = os.path.join(tmp_path, "stripped.keras")
     pruned.save(stripped_path)

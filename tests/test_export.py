@@ -55,7 +55,7 @@ def _op_names(data):
 # ------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("family", ["lenet", "cnn_bn", "mobilenet_v2", "resnet50", "vit", "swin"])
+@pytest.mark.parametrize("family", list(helpers.MODELS))
 def test_float_parity_tflite_and_onnx(family):
     """Float TFLite and ONNX match the stripped Keras model within 1e-5."""
     gated = _ticket(helpers.MODELS[family](), keep=0.5)
@@ -243,10 +243,10 @@ def test_shrink_rejects_branches_naming_the_layer():
 # ------------------------------------------------------------------ Edge TPU
 
 
-@pytest.mark.parametrize("family", ["lenet", "conv4", "mobilenet_v2"])
+@pytest.mark.parametrize("family", ["lenet", "conv4", "tiny_mobilenet_v2"])
 def test_edgetpu_ready(family, tmp_path):
     build = {"lenet": helpers.lenet, "conv4": lambda: models.conv4((32, 32, 3)),
-             "mobilenet_v2": helpers.mobilenet_v2}[family]
+             "tiny_mobilenet_v2": helpers.tiny_mobilenet_v2}[family]
     gated = _ticket(build(), keep=0.5)
     shape = tuple(gated.base_model.input_shape[1:])
     calib = str(tmp_path / "calib.npy")

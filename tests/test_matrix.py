@@ -1,5 +1,13 @@
-"""Every model family x mode x granularity through the shared invariants."""
+"""Every model family x mode x granularity through the shared invariants.
 
+The families are small models with the structure that matters (a ResNet and a
+MobileNetV2 as keras.applications builds them, at two blocks; a one- or
+two-layer ViT and Swin with tiny dims); the full-size keras.applications
+models are checked once, where their size is the point.
+"""
+
+import keras
+import numpy as np
 import pytest
 
 import keras_stg
@@ -20,3 +28,30 @@ def test_invariants(model_name, mode, granularity, tmp_path):
     gated = keras_stg.wrap(model, mode=mode, granularity=granularity, lam=1.0, seed=0)
     helpers.compile_gated(gated)
     helpers.check_invariants(gated, x, y, str(tmp_path))
+
+
+_KERNEL_LAYERS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
+
+@pytest.mark.parametrize("build", [helpers.keras_mobilenet_v2, helpers.keras_resnet50],
+                         ids=["MobileNetV2", "ResNet50"])
+def test_full_size_keras_applications(build):
+    """The real applications: every kernel of their 100+ layers is gated, none is
+    skipped, a training step moves only the gates, and strip equals the gated model."""
+    model = build()
+    expected = [layer.name for layer in model.layers if isinstance(layer, _KERNEL_LAYERS)]
+    gated = keras_stg.wrap(model, mode="slt", target_sparsity=0.5, seed=0)
+    assert [t.layer.name for t in gated.targets] == expected
+    assert gated.skipped == []
+    assert sum(m.size for m in gated.masks()) == sum(
+        int(np.prod(t.variable.shape)) for t in gated.targets)
+    kernels = [np.array(t.variable.numpy()) for t in gated.targets]
+    mus = [np.array(g.mu.numpy()) for g in gated.gates]
+    helpers.compile_gated(gated, lr=0.01)
+    x, y = helpers.batch(model, n=4)
+    gated.train_on_batch(x, y)
+    for before, t in zip(kernels, gated.targets):
+        np.testing.assert_array_equal(before, t.variable.numpy())
+    assert all(not np.array_equal(a, g.mu.numpy()) for a, g in zip(mus, gated.gates))
+    assert 0.4 < gated.sparsity() < 0.6
+    assert helpers.max_diff(helpers.infer(gated.strip(), x), helpers.infer(gated, x)) <= 1e-5
