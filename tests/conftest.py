@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import gc  # noqa: E402
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
@@ -11,9 +13,25 @@ SHARED_DATA = os.path.abspath(
 )
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "e2e: an end-to-end run in subprocesses (kept at the smallest size that "
+        "still exercises it)")
+
+
+def pytest_collection_finish(session):
+    # TensorFlow, Keras and keras-hub are imported by now: millions of objects
+    # that live for the whole session. Frozen, the garbage collector stops
+    # scanning them on every collection (a full scan took seconds per test).
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    keras.backend.clear_session()
+    # Keras' state is reset; Python's collector runs on its own schedule
+    # (`free_memory=True` forces a full collection before every test).
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
 

@@ -158,6 +158,7 @@ def test_table_says_why_tfmot_was_skipped():
     assert "export stage not available" in table
 
 
+@pytest.mark.e2e
 def test_quick_suite_end_to_end(tmp_path, shared_data):
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
     results.write_text(f"# Hand-written\n\nkeep me\n\n{bench.BEGIN}\nold\n{bench.END}\n\ntail\n")

@@ -3,9 +3,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "distribute_script.py")
 
 
+@pytest.mark.e2e
 def test_mirrored_strategy_matches_one_replica():
     out = subprocess.run(
         [sys.executable, SCRIPT], capture_output=True, text=True, timeout=600,

@@ -120,10 +120,11 @@ def test_post_training_pretrains_then_gates(shared_data, tmp_path):
 
 def _cli(out, *extra):
     return [sys.executable, "-m", "keras_stg.train", CONFIG, "--data-dir", SHARED_DATA,
-            "--out", out, "--set", "epochs=3", "--set", "limit=6000", "--set", "test_limit=500",
+            "--out", out, "--set", "epochs=3", "--set", "limit=2048", "--set", "test_limit=500",
             "--set", "learning_rate=0.1", *extra]
 
 
+@pytest.mark.e2e
 def test_resume_after_kill_gives_the_same_masks(shared_data, tmp_path):
     env = dict(os.environ)
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
@@ -169,6 +170,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_process_multi_worker_smoke(shared_data, tmp_path):
     cluster = {"worker": [f"localhost:{_free_port()}", f"localhost:{_free_port()}"]}
     out = str(tmp_path / "mw")
