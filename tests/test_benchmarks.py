@@ -158,39 +158,56 @@ def test_table_says_why_tfmot_was_skipped():
     assert "export stage not available" in table
 
 
-@pytest.mark.e2e
-def test_quick_suite_end_to_end(tmp_path, shared_data):
+def _quick(tmp_path, shared_data, *only):
+    """Runs `python -m benchmarks.run --quick --only ONLY` into `tmp_path`; returns its stdout."""
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    results.write_text(f"# Hand-written\n\nkeep me\n\n{bench.BEGIN}\nold\n{bench.END}\n\ntail\n")
+    if not results.exists():
+        results.write_text(f"# Hand-written\n\nkeep me\n\n{bench.BEGIN}\nold\n{bench.END}\n\ntail\n")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TF_USE_LEGACY_KERAS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--results", str(results),
-         "--out", str(out), "--data-dir", shared_data],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", *only,
+         "--results", str(results), "--out", str(out), "--data-dir", shared_data],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stdout = proc.stdout
+    return proc.stdout
 
-    # One printed table with every part.
+
+def _table(stdout):
     header = "| " + " | ".join(bench.HEADER) + " |"
     assert header in stdout
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert all(line.count("|") == len(bench.HEADER) + 1 for line in table)
-    for part in ("frontier", "joint", "cost", "export"):
+    return table
+
+
+def _check_pngs(out, generated, expected):
+    import matplotlib.image
+
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert set(expected) <= set(pngs), pngs
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert name in generated
+
+
+@pytest.mark.e2e
+def test_quick_frontier_and_export_end_to_end(tmp_path, shared_data):
+    """The frontier (ours, edge-popup, the claim's probe) and the export of its 90% ticket."""
+    stdout = _quick(tmp_path, shared_data, "frontier", "export")
+    table = _table(stdout)
+    for part in ("frontier", "export"):
         assert any(line.startswith(f"| {part} |") for line in table), part
-    for method in ("ours (slt)", "edge-popup", "ours (joint)", "tfmot magnitude",
-                   "gated step (slt)"):
+    for method in ("ours (slt)", "edge-popup"):
         assert f"| {method} |" in stdout, method
     assert "| Conv-4 / CIFAR-10 |" in stdout  # run, or skipped with its reason
 
-    # tfmot ran in its own process (the test extras install it).
+    out = tmp_path / "out"
     data = json.loads((out / "results.json").read_text())
     for task in ("lenet_mnist", "conv4_fashion"):
-        tfmot = data["joint"][task]["tfmot"]
-        assert tfmot["ok"], tfmot
-        assert [r["sparsity_target"] for r in tfmot["results"]] == [0.9, 0.95]
-        assert all(0 <= r["accuracy"] <= 1 for r in tfmot["results"])
         front = data["frontier"][task]
         assert [r["target"] for r in front["ours"] if not r.get("probe")] == [0.5, 0.9]
         # The claim's probe: a quarter of the weights at edge-popup's best k.
@@ -202,27 +219,77 @@ def test_quick_suite_end_to_end(tmp_path, shared_data):
                                                   + ".yaml"))
         assert front["batch"] == slt_config.batch_size
         assert front["scale_fan"] is bool(slt_config.scale_fan)
-    assert data["cost"]["lenet_mnist"]["gated_ms"] > 0
+    export = data["export"]
+    assert export["ok"], export
+    assert export["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert export["sizes"]["sparse"]["bytes"] < export["sizes"]["dense"]["bytes"]
 
     # Generated section replaced between the markers, the rest kept.
-    text = results.read_text()
+    text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("# Hand-written\n\nkeep me\n\n") and text.endswith("\n\ntail\n")
     assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
     assert "\nold\n" not in text
     generated = text[text.index(bench.BEGIN):text.index(bench.END)]
-    assert header in generated and "Quick run" in generated
+    assert "| " + " | ".join(bench.HEADER) + " |" in generated and "Quick run" in generated
+    _check_pngs(out, generated, {"frontier_conv4_fashion.png", "frontier_lenet_mnist.png"})
 
-    # Well-formed PNGs, linked from the section.
-    pngs = sorted(p.name for p in out.glob("*.png"))
-    assert {"frontier_conv4_fashion.png", "frontier_lenet_mnist.png",
-            "joint_vs_tfmot.png"} <= set(pngs)
-    import matplotlib.image
 
-    for name in pngs:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        image = matplotlib.image.imread(out / name)
-        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-        assert name in generated
+@pytest.mark.e2e
+def test_quick_joint_end_to_end_keeps_the_other_parts(tmp_path, shared_data):
+    """Joint training against tfmot, run into a folder that holds the other parts' results:
+    they stay in results.json and in the one table."""
+    out = tmp_path / "out"
+    out.mkdir()
+    kept = {
+        "frontier": {"lenet_mnist": {
+            "title": "LeNet-300-100 / MNIST", "epochs": 1, "limit": 1024, "batch": 64,
+            "scale_fan": True, "command": "python -m benchmarks.run --quick", "run": "earlier",
+            "skipped": None, "ep_settings": "SGD",
+            "ours": [{"target": 0.5, "accuracy": 0.5, "sparsity": 0.5, "wall_time_s": 1.0}],
+            "edge_popup": [{"target": 0.5, "accuracy": 0.6, "sparsity": 0.5,
+                            "wall_time_s": 1.0}]}},
+        "cost": {"lenet_mnist": {"title": "LeNet-300-100 / MNIST", "batch": 128, "steps": 5,
+                                 "repeats": 2, "plain_ms": 20.0, "gated_ms": 21.0,
+                                 "ep_k50_ms": 55.0, "ep_k10_ms": 34.0}},
+        "export": {"ok": True, "model": "LeNet-300-100 / MNIST, slt", "sparsity": 0.9,
+                   "sizes": {v: {"bytes": b, "gzip_bytes": b // 2} for v, b in
+                             (("dense", 1000), ("sparse", 200), ("int8", 300))}},
+        "meta": {"quick": True, "commands": {"frontier": "python -m benchmarks.run --quick"}},
+    }
+    (out / "results.json").write_text(json.dumps(kept))
+    stdout = _quick(tmp_path, shared_data, "joint")
+    table = _table(stdout)
+    for part in ("frontier", "joint", "cost", "export"):
+        assert any(line.startswith(f"| {part} |") for line in table), part
+    for method in ("ours (slt)", "edge-popup", "ours (joint)", "tfmot magnitude",
+                   "gated step (slt)"):
+        assert f"| {method} |" in stdout, method
+
+    data = json.loads((out / "results.json").read_text())
+    for part in ("frontier", "cost", "export"):
+        assert data[part] == kept[part], part
+    for task in ("lenet_mnist", "conv4_fashion"):
+        tfmot = data["joint"][task]["tfmot"]  # ran in its own process (the test extras)
+        assert tfmot["ok"], tfmot
+        assert [r["sparsity_target"] for r in tfmot["results"]] == [0.9, 0.95]
+        assert all(0 <= r["accuracy"] <= 1 for r in tfmot["results"])
+        assert [r["target"] for r in data["joint"][task]["ours"]] == [0.9, 0.95]
+    text = (tmp_path / "RESULTS.md").read_text()
+    generated = text[text.index(bench.BEGIN):text.index(bench.END)]
+    _check_pngs(out, generated, {"joint_vs_tfmot.png"})
+
+
+def test_cost_part_times_plain_gated_and_edge_popup_steps(tmp_path):
+    """`cost` in this process on synthetic batches: every step time is measured."""
+    setup = bench.Setup(bench.parse_args(["--quick", "--out", str(tmp_path)]))
+    results = {"cost": {}}
+    saves = []
+    bench.part_cost(setup, ["lenet_mnist", "conv4_fashion"], results, lambda: saves.append(1))
+    assert list(results["cost"]) == ["lenet_mnist"] and saves  # --quick: LeNet only
+    row = results["cost"]["lenet_mnist"]
+    assert row["steps"] == 5 and row["repeats"] == 2
+    for key in ("plain_ms", "gated_ms", "ep_k50_ms", "ep_k10_ms"):
+        assert 0 < row[key] < 60_000, key
 
 
 def test_frontier_with_one_method_keeps_the_other_methods_rows(monkeypatch, tmp_path):
