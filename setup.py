@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 # Ranges are the ones tested on the project machines (Python 3.11, CPU).
 setup(
     name="keras-stg",
-    version="0.1.0",
+    version="0.2.0",
     description="Strong lottery tickets with continuously relaxed Bernoulli gates for Keras 3",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -5,7 +5,7 @@ Usage:
         [--batch-size B] [--synthetic] [--json FILE]
 
 For each config in `configs/` (default: all), builds the model and the gated
-model exactly as `python -m keras_stg.train` does (`keras_stg.train.make_gated`),
+model exactly as `python -m keras_stg.train` does (`keras_stg.experiments.train.make_gated`),
 then runs `fit` for one traced step plus `--steps` timed steps on the config's
 dataset and prints: the first step (tracing and graph building included), the
 median of the timed steps, and the estimated time of one full training epoch
@@ -38,7 +38,7 @@ def _data(cfg, n, data_dir, synthetic):
     """`(images, labels, source)`: the first `n` training examples, or random ones."""
     import numpy as np
 
-    from keras_stg import data
+    from keras_stg.experiments import data
 
     try:
         images, labels = data.load(cfg.dataset, "train", data_dir)
@@ -60,7 +60,7 @@ def time_config(path, data_dir=None, steps=3, batch_size=None, synthetic=False):
     """Trains one config for `1 + steps` steps; returns its timing row (a dict)."""
     import keras
 
-    from keras_stg import config, data, train
+    from keras_stg.experiments import config, data, train
 
     overrides = [f"batch_size={batch_size}"] if batch_size else []
     cfg = config.load(path, overrides)

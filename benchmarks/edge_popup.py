@@ -16,14 +16,15 @@ Faithful to allenai/hidden-networks (`SubnetConv`, `GetSubnet`):
   gives them the very weights our `slt` run starts from (signed Kaiming
   constant, the paper's best init, with the library's scale-fan if any).
 
-The kernels are substituted with `keras.StatelessScope` for the duration of the
-wrapped model's call, as `keras_stg.GatedModel` does, so any Keras 3 model works
-without cloning and the two methods run the same forward code.
+It subclasses the library's `keras_stg.MaskedModel`, as `keras_stg.GatedModel`
+does: the kernels are substituted with `keras.StatelessScope` for the duration
+of the wrapped model's call, so any Keras 3 model works without cloning, and
+the two methods share the same forward code and training step.
 
 Example:
 
 ```python
-model = init_like_ours(keras_stg.models.lenet_300_100((28, 28, 1)), sparsity=0.5, seed=0)
+model = init_like_ours(keras_stg.experiments.models.lenet_300_100((28, 28, 1)), sparsity=0.5, seed=0)
 ep = EdgePopupModel(model, density=0.5, seed=0)
 ep.compile(optimizer=sgd_cosine(0.1, steps), loss=..., metrics=["accuracy"])
 ep.fit(train, epochs=20)
@@ -37,8 +38,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from keras_stg.model import call_with_values
-from keras_stg.targets import find_targets
+from keras_stg.masking import MaskedModel
 
 
 def topk_mask(scores, density):
@@ -70,8 +70,12 @@ def kept_count(n, density):
     return max(1, min(n, int(round(density * n))))
 
 
-class EdgePopupModel(keras.Model):
+class EdgePopupModel(MaskedModel):
     """Edge-popup supermask over the kernels of a (frozen) Keras 3 model.
+
+    A `keras_stg.MaskedModel`: substitution, freezing and the training step
+    are the library's; this class adds the scores, their top-k mask with a
+    straight-through gradient, and weight decay on the scores.
 
     Args:
         model: a built Keras 3 model; its weights are frozen (set them first,
@@ -82,16 +86,12 @@ class EdgePopupModel(keras.Model):
     """
 
     def __init__(self, model, density=0.5, weight_decay=1e-4, seed=0, **kwargs):
-        kwargs.setdefault("name", f"edge_popup_{model.name}")
-        super().__init__(**kwargs)
         if not 0 < density <= 1:
             raise ValueError(f"`density` must be in (0, 1], got {density!r}.")
-        self.base_model = model
+        kwargs.setdefault("name", f"edge_popup_{model.name}")
+        super().__init__(model, freeze=True, **kwargs)
         self.density = float(density)
         self.weight_decay = float(weight_decay)
-        self.targets, _ = find_targets(model)
-        if not self.targets:
-            raise ValueError(f"Model {model.name!r} has no kernel to put scores on.")
         rng = np.random.default_rng(seed)
         self.scores = []
         for i, t in enumerate(self.targets):
@@ -105,11 +105,7 @@ class EdgePopupModel(keras.Model):
                     trainable=True,
                 )
             )
-        self._substituted = {id(t.variable) for t in self.targets}
-        self.frozen = []
-        for v in model.trainable_variables:
-            v.trainable = False
-            self.frozen.append(v)
+        self.freeze_base()
 
     def masks(self):
         """Binary masks as NumPy arrays, one per kernel."""
@@ -122,7 +118,7 @@ class EdgePopupModel(keras.Model):
         kept = sum(kept_count(math.prod(s.shape), self.density) for s in self.scores)
         return 1.0 - kept / total
 
-    def effective_kernels(self):
+    def masked_values(self, training=False):
         mapping = []
         for target, score in zip(self.targets, self.scores):
             s = score.value
@@ -134,27 +130,10 @@ class EdgePopupModel(keras.Model):
             mapping.append((target.variable, kernel * ops.cast(m, kernel.dtype)))
         return mapping
 
-    def call(self, inputs, training=False):
-        outputs, _ = call_with_values(
-            self.base_model, inputs, self.effective_kernels(), self._substituted, training
-        )
-        return outputs
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            self._loss_tracker.update_state(
-                loss, sample_weight=tf.shape(keras.tree.flatten(x)[0])[0]
-            )
-        grads = tape.gradient(loss, self.scores)
-        if self.weight_decay:
-            grads = [g + self.weight_decay * s.value for g, s in zip(grads, self.scores)]
-        self.optimizer.apply_gradients(zip(grads, self.scores))
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    def transform_gradients(self, gradients, variables):
+        if not self.weight_decay:
+            return gradients
+        return [g + self.weight_decay * v.value for g, v in zip(gradients, variables)]
 
 
 def init_like_ours(model, sparsity, seed=0, scale_fan=False):

@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _ticket(args, workdir):
-    from keras_stg import config, train
+    from keras_stg.experiments import config, train
 
     if args.run:
         return args.run
@@ -81,8 +81,9 @@ def latency_figure(rounds):
     import numpy as np
 
     import keras_stg
-    from export import shrink, tflite
-    from keras_stg import models
+    from export import tflite
+    from keras_stg.shrinking import shrink
+    from keras_stg.experiments import models
 
     keras.utils.set_random_seed(0)
     gated = keras_stg.wrap(models.conv4(input_shape=(28, 28, 1)), granularity="unit", seed=0)
@@ -93,7 +94,7 @@ def latency_figure(rounds):
             mu[rng.permutation(mu.size)[: mu.size // 2]] = -0.5
         gate.mu.assign(mu.reshape(gate.mu.shape))
     stripped = gated.strip()
-    small, info = shrink.shrink(stripped)
+    small, info = shrink(stripped, return_info=True)
     dense_runner = tflite.Runner(tflite.convert(stripped))
     small_runner = tflite.Runner(tflite.convert(small))
     x = rng.standard_normal((16, 28, 28, 1)).astype("float32")
@@ -135,7 +136,7 @@ def edgetpu_figure(run_dir, data_dir, workdir):
     import keras
 
     from export import _common, tflite
-    from keras_stg import models
+    from keras_stg.experiments import models
 
     candidates = [
         ("LeNet-300-100 ticket", run_dir),

@@ -6,8 +6,9 @@ Usage:
 
 Development script behind the defaults of `keras_stg.wrap`: it trains one
 gated LeNet-300-100 for 20 epochs with a variant of the lambda controller
-(`--relative`: step `rate*(1+|lam|)*error` instead of `rate*error`; `--hmult`:
-look-ahead in epochs; `--shape`: target ramp cubic/cosine/linear), init
+(a `keras_stg.TargetSparsity` subclass: `--relative`: step
+`rate*(1+|lam|)*error` instead of `rate*error`; `--hmult`: look-ahead in
+epochs; `--shape`: target ramp cubic/cosine/linear), init
 (`--density`: scale-fan) and optimisation (`--batch`, `--lr`, `--cosine`,
 `--late`), prints one JSON line (test accuracy with the binary mask, final
 sparsity, per-epoch validation accuracy, sparsity and lambda) and appends it
@@ -18,7 +19,8 @@ import argparse, json, os, time, sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras, numpy as np, tensorflow as tf
 import keras_stg
-from keras_stg import data, models, init as init_lib
+from keras_stg import initializers as init_lib
+from keras_stg.experiments import data, models
 p = argparse.ArgumentParser(description="LeNet-300-100 controller ablation")
 p.add_argument("--data-dir", default=os.environ.get("KERAS_STG_DATA", "../shared/data"))
 p.add_argument("--log", default="benchmarks/lenet_ablation.jsonl")
@@ -45,37 +47,30 @@ keras.utils.set_random_seed(a.seed)
 train = data.dataset("mnist", "train", a.batch, a.data_dir, seed=a.seed)
 test = data.dataset("mnist", "test", 1000, a.data_dir)
 m = models.lenet_300_100(input_shape=(28, 28, 1))
-g = keras_stg.wrap(m, target_sparsity=a.target, sigma=a.sigma, seed=a.seed, init=None,
-                   controller_rate=a.rate, init_mu=a.init_mu, target_ramp=a.ramp, mu_bound=a.bound)
 from keras import ops
-import types
-def upd(self, hard_density, iteration):
-    sparsity = 1.0 - hard_density
-    last = ops.convert_to_tensor(self._last_sparsity)
-    step_change = ops.where(last < 0, 0.0, sparsity - last)
-    velocity = 0.99 * self._velocity + 0.01 * step_change
-    self._velocity.assign(velocity)
-    self._last_sparsity.assign(sparsity)
-    predicted = sparsity + a.hmult * ops.cast(self.epoch_steps, "float32") * velocity
-    error = self.current_target(iteration) - predicted
-    lam = ops.convert_to_tensor(self.lam)
-    gain = (1.0 + ops.abs(lam)) if a.relative else 1.0
-    self.lam.assign(ops.clip(lam + self.controller_rate * gain * error, -1e3, 1e3))
-g._update_lambda = types.MethodType(upd, g)
 import math
-def cur(self, iteration=None):
-    target = ops.convert_to_tensor(self.target_sparsity, "float32")
-    ramp = ops.cast(self.total_steps, "float32") * self.target_ramp
-    if iteration is None:
-        iteration = ops.cast(self.optimizer.iterations, "float32")
-    t = iteration / ops.maximum(ramp, 1.0)
-    t = ops.where(ramp > 0, ops.minimum(t, 1.0), 1.0)
-    if a.shape == "cubic":
-        return target * (1.0 - (1.0 - t) ** 3)
-    if a.shape == "cosine":
-        return target * 0.5 * (1.0 - ops.cos(math.pi * t))
-    return target * t
-g.current_target = types.MethodType(cur, g)
+
+
+class Variant(keras_stg.TargetSparsity):
+    """The controller variant of the flags: gain, look-ahead and ramp shape."""
+
+    def gain(self, lam):
+        return (1.0 + ops.abs(lam)) if a.relative else 1.0
+
+    def lookahead(self, state, iteration):  # not clamped to the end of fit
+        return a.hmult * ops.cast(state.epoch_steps, "float32")
+
+    def ramp_shape(self, t):
+        if a.shape == "cubic":
+            return 1.0 - (1.0 - t) ** 3
+        if a.shape == "cosine":
+            return 0.5 * (1.0 - ops.cos(math.pi * t))
+        return t
+
+
+penalty = Variant(a.target, rate=a.rate, ramp=a.ramp)
+g = keras_stg.wrap(m, penalty=penalty, sigma=a.sigma, seed=a.seed, init=None,
+                   init_mu=a.init_mu, mu_bound=a.bound)
 init_lib.get(a.init)(g, seed=a.seed, density=a.density)
 steps = -(-60000 // a.batch) * a.epochs
 lr = keras.optimizers.schedules.CosineDecay(a.lr, steps) if a.cosine else a.lr

@@ -13,7 +13,7 @@ wall time. Issue 2's bar: >= 97.5% at >= 90% sparsity and >= 96% at >= 95%.
 import argparse
 import os
 
-from keras_stg import config, train
+from keras_stg.experiments import config, train
 
 
 def main(argv=None):

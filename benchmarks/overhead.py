@@ -24,7 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_stg  # noqa: E402
-from keras_stg import models  # noqa: E402
+from keras_stg.experiments import models  # noqa: E402
 
 
 def _prepare(model, x, y, steps):

@@ -136,7 +136,7 @@ class Setup:
     """Everything a training run needs, derived once from the arguments."""
 
     def __init__(self, args):
-        from keras_stg.config import Config
+        from keras_stg.experiments.config import Config
 
         defaults = Config()
         self.quick = args.quick
@@ -159,7 +159,7 @@ class Setup:
     def config(self, task, part="slt"):
         """The task's `Config` from configs/ (`part`: "slt" or "joint"; the slt
         one when the task has no joint config), read once."""
-        from keras_stg import config
+        from keras_stg.experiments import config
 
         slt, joint = TASK_CONFIGS[task]
         name = joint if part == "joint" and joint else slt
@@ -194,7 +194,7 @@ class Setup:
                                  if limit and not self.quick else "")
 
     def datasets(self, task, part="slt"):
-        from keras_stg import data
+        from keras_stg.experiments import data
 
         _, dataset, _, _ = TASKS[task]
         limit, test_limit = self.limits(task)
@@ -204,7 +204,7 @@ class Setup:
         return train, test, int(train.cardinality())
 
     def build(self, task):
-        from keras_stg import data, models
+        from keras_stg.experiments import data, models
 
         model, dataset, _, _ = TASKS[task]
         shape, classes, _, _ = data.DATASETS[dataset]
@@ -273,7 +273,7 @@ def train_edge_popup(setup, task, sparsity, train, test, steps_per_epoch):
 
 def task_available(setup, task):
     """None if the task's data can be loaded, else the reason it is skipped."""
-    from keras_stg import data
+    from keras_stg.experiments import data
 
     dataset = TASKS[task][1]
     try:
@@ -574,7 +574,7 @@ def _export_sizes(module, model, setup):
     """
     import gzip
 
-    from keras_stg import data
+    from keras_stg.experiments import data
 
     images, _ = data.load("mnist", "train", setup.data_dir)
     representative = data.normalize(images[:256], "mnist")

@@ -148,7 +148,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
 
-    from keras_stg import data  # NumPy loaders only; no Keras 3 import
+    from keras_stg.experiments import data  # NumPy loaders only; no Keras 3 import
 
     tfk.utils.set_random_seed(args.seed)
     shape, classes, _, _ = data.DATASETS[args.dataset]

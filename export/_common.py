@@ -221,7 +221,7 @@ def weight_stats(model):
 
 
 def is_dataset_name(value):
-    from keras_stg import data
+    from keras_stg.experiments import data
 
     return isinstance(value, str) and value in data.DATASETS
 
@@ -230,7 +230,7 @@ def check_data_arg(value, what):
     """Raises `ExportError` unless `value` is a dataset name, an existing .npy or an array."""
     if value is None or isinstance(value, np.ndarray):
         return value
-    from keras_stg import data
+    from keras_stg.experiments import data
 
     value = os.fspath(value)
     if value in data.DATASETS:
@@ -289,7 +289,7 @@ def load_samples(spec, model, split, n, data_dir=None, seed=0, what="Data"):
     if isinstance(spec, np.ndarray):
         x = spec
     elif is_dataset_name(spec):
-        from keras_stg import data
+        from keras_stg.experiments import data
 
         try:
             images, labels = data.load(spec, split, data_dir)

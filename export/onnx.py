@@ -88,9 +88,9 @@ def convert(model, opset=DEFAULT_OPSET):
     import tf2onnx
 
     try:  # tf2onnx 1.17 still uses NumPy 1 aliases; Keras ships the patch.
-        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+        from keras_stg import _compat
 
-        patch_tf2onnx()
+        _compat.tf2onnx_patch()()
     except ImportError:  # pragma: no cover
         pass
     graph_def, inputs, outputs = _frozen_graph(model)
@@ -168,7 +168,7 @@ def export(
     result = {"format": "onnx", "out": out, "model": source or keras_model.name,
               "options": {"opset": opset}}
     if gated is not None:
-        result["granularity"] = gated.granularity.get_config()
+        result["granularity"] = str(gated.granularity)
     x, y, origin = _common.parity_samples(keras_model, samples, None, source, data_dir,
                                           num_samples)
 

@@ -20,7 +20,7 @@ samples shaped like the model input.
   readiness check of the written file that lists every op or tensor breaking
   a rule and fails (exit status 1) if any does. Prints the `edgetpu_compiler`
   command to run where the compiler is installed.
-- `--shrink`: remove pruned units physically first (see `export.shrink`).
+- `--shrink`: remove pruned units physically first (see `keras_stg.shrink`).
 
 Every export is restricted to builtin ops (no Flex / SELECT_TF_OPS, which
 Android builds without Flex and the Edge TPU cannot run), pinned to batch 1,
@@ -258,17 +258,20 @@ def export(
     result = {"format": "tflite", "out": out, "model": source or keras_model.name,
               "options": options}
     if gated is not None:
-        result["granularity"] = gated.granularity.get_config()
+        result["granularity"] = str(gated.granularity)
 
     target = keras_model
     if shrink:
-        from export import shrink as shrink_lib
+        from keras_stg.shrinking import ShrinkError, shrink as shrink_model
 
-        if gated is not None and gated.granularity.get_config() != "unit":
+        if gated is not None and gated.granularity.name != "unit":
             print(f"note: {keras_model.name!r} was gated with granularity "
-                  f"{gated.granularity.get_config()!r}; --shrink removes whole units only, "
+                  f"{gated.granularity.name!r}; --shrink removes whole units only, "
                   "which 'unit' gates produce.", file=sys.stderr)
-        target, info = shrink_lib.shrink(keras_model)
+        try:
+            target, info = shrink_model(keras_model, return_info=True)
+        except ShrinkError as e:
+            raise _common.ExportError(str(e)) from None
         result["shrink"] = info
 
     representative = None

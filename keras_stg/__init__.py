@@ -1,30 +1,45 @@
 """keras-stg: strong lottery tickets with stochastic gates for Keras 3.
 
 Public API:
-    wrap(model, ...)      -> GatedModel, whose `fit` learns binary masks
-    strip(gated)          -> plain keras.Model with kernel * mask
-    summary(gated)        -> per-layer sparsity table
-    StochasticGate        -> gate layer for hand-built models
-    init                  -> strong-lottery-ticket initialisations
-    granularity           -> gate granularities (weight, unit, block)
+    wrap(model, config | **options) -> GatedModel, whose `fit` learns binary masks
+    GateConfig                        -> every option of a gated model, validated
+    FixedPenalty, TargetSparsity      -> schedules of the expected-L0 penalty
+    strip(gated)                      -> plain keras.Model with kernel * mask
+    shrink(model)                     -> plain keras.Model with pruned units removed
+    summary(gated), layer_stats(gated)-> per-layer sparsity report
+    StochasticGate                    -> gate layer for hand-built models
+    register_layer                    -> teach keras_stg a layer type (layer_table)
+    initializers, granularity         -> ticket initialisations, gate granularities
 """
 
 from keras_stg import granularity
-from keras_stg import init
-from keras_stg.layers import StochasticGate
-from keras_stg.model import GatedModel
-from keras_stg.strip import strip
-from keras_stg.summary import layer_stats, summary
-from keras_stg.wrap import wrap
+from keras_stg import initializers
+from keras_stg.config import GateConfig
+from keras_stg.gate import StochasticGate
+from keras_stg.gated_model import GatedModel
+from keras_stg.layer_table import register_layer
+from keras_stg.masking import MaskedModel
+from keras_stg.penalty import FixedPenalty, TargetSparsity
+from keras_stg.report import layer_stats, summary
+from keras_stg.shrinking import ShrinkError, shrink
+from keras_stg.stripping import strip
+from keras_stg.wrapping import wrap
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "FixedPenalty",
+    "GateConfig",
     "GatedModel",
+    "MaskedModel",
+    "ShrinkError",
     "StochasticGate",
+    "TargetSparsity",
     "granularity",
-    "init",
+    "initializers",
     "layer_stats",
+    "register_layer",
+    "shrink",
     "strip",
     "summary",
     "wrap",

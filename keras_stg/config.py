@@ -1,187 +1,228 @@
-"""Experiment configuration: a dataclass mapped 1:1 onto a YAML file.
+"""`GateConfig`: every option of a gated model, validated, with its defaults in one place.
 
-Every key of a YAML file in `configs/` is a field of `Config`; unknown keys and
-values of the wrong type are errors that name the key.
+`keras_stg.wrap(model, config)` takes one; `keras_stg.wrap(model, target_sparsity=0.9,
+...)` builds one from keywords. `config.resolve()` fixes every automatic choice,
+and the model keeps (`gated.config`) and saves the resolved one, so what a model
+does is what its config says.
+
+The automatic choices, all made in `resolve`:
+
+- `penalty`: `TargetSparsity(target_sparsity)` when a target is given, else
+  `FixedPenalty(1.0)`.
+- `init="auto"`: `"signed_constant"` (signed Kaiming constant) in `slt` mode,
+  else None (a trained model keeps its weights).
+- `init_density="auto"`: `1 - target_sparsity` with a target, else None.
+- `init_mu="auto"`: `"random"` (a random mask at the target, as edge-popup's
+  random scores start) in `slt` mode with a target and per-weight gates; else
+  0.5 (every gate open: a trained network starts whole).
+- `TargetSparsity(ramp=None)`: no ramp when the gates start random (the mask is
+  at the target from the first step), else a ramp over 40% of the steps.
 """
 
 import dataclasses
-import typing
+from typing import Optional, Union
 
-import yaml
+from keras_stg import granularity as granularity_lib
+from keras_stg import penalty as penalty_lib
 
+#: Training modes: what trains besides the gates.
 MODES = ("slt", "post_training", "joint")
 
 
 @dataclasses.dataclass
-class Config:
-    """One experiment. Every field can be set in YAML or with `--set key=value`.
+class GateConfig:
+    """Options of a gated model.
 
     Attributes:
-        name: experiment name (used for output folders).
-        dataset: `mnist`, `fashion_mnist`, `cifar10` or `cifar100`.
-        model: `lenet_300_100`, `conv4`, `conv6`, `resnet50`, `wide_resnet50`,
-            `vit` or `swin_t` (see `keras_stg.models.MODELS`).
-        model_args: extra keyword arguments of the model builder (e.g.
-            `{patch_size: 4}` for `vit`, `{width_factor: 2}` for ResNets).
-        image_size: resize images to `image_size` x `image_size` (ImageNet-style
-            backbones); None keeps the dataset's size.
-        channels: repeat grayscale channels up to this count (e.g. 3).
-        mode: `slt`, `post_training` or `joint`.
-        granularity: `weight`, `unit`, `block4`, ...
-        exclude: layer names or regexes left ungated (e.g. `[fc3]`).
-        target_sparsity: sparsity the adaptive lambda aims for (None: fixed lam).
-        target_ramp: share of the steps over which the target ramps up
-            (null: 0 when the gates start random, else 0.4).
-        controller_horizon: the lambda controller's look-ahead, in epochs.
-        finetune: `joint` mode: share of the epochs at the end during which the
-            mask is frozen at the target and only the weights train (0: none).
-        lam: fixed lambda, or the adaptive lambda's start.
-        sigma: gate noise scale.
-        init_mu: initial gate locations: a number (0.5: every gate fully
-            open), `random` (a random mask at the target sparsity) or `auto`
-            (`random` in `slt` mode with a target and weight gates, else 0.5).
-        init: SLT initialisation (`signed_constant`, `kaiming_normal`, ...);
-            used in `slt` mode only.
-        scale_fan: scale the `init` weights by `1/sqrt(1 - target_sparsity)`
-            (edge-popup's scale-fan; `wrap(init_density="auto")`). Helps
-            shallow MLPs; on deep nets without normalisation it blows up the
-            activations of the initial, dense network.
-        epochs, batch_size, learning_rate: optimisation (Adam on the gates,
-            and on the weights too in `joint` mode).
-        pretrain_epochs: `post_training` only: first train the dense model
-            for this many epochs with plain `keras.Model.fit` (Adam,
-            `pretrain_learning_rate`), then freeze it and learn the gates.
-        pretrain_learning_rate: learning rate of that pre-training.
-        pretrained: `post_training` only: path of a trained `.keras` model to
-            gate instead of pre-training one (same architecture and input).
-        seed: seed of init, gate noise and the data order.
-        limit: use only the first `limit` training examples (quick runs).
-        test_limit: use only the first `test_limit` test examples.
-        eval_batch_size: batch size of evaluation.
+        mode: `"slt"` (weights frozen at their random initial values: the
+            strong lottery ticket), `"post_training"` (trained weights frozen)
+            or `"joint"` (weights and gates train together).
+        granularity: `"weight"` (one gate per kernel entry), `"unit"` (one per
+            output neuron/channel, bias included), `"block4"`/`"block16"`, or a
+            `keras_stg.granularity.Granularity`.
+        penalty: a `keras_stg.FixedPenalty` or `keras_stg.TargetSparsity`
+            schedule of the expected-L0 penalty's weight; None: automatic.
+        target_sparsity: shortcut for `penalty=TargetSparsity(target_sparsity)`;
+            may not be given with a `penalty` of another target.
+        sigma: noise scale of the gates (0.5 in the paper).
+        include / exclude: layer names or regexes (full match on name or path)
+            to gate / leave ungated; default every supported layer.
+        init: re-draw the gated kernels with `keras_stg.initializers.get(init)`
+            (`"signed_constant"`, `"kaiming_normal"`, ...), None to keep them,
+            or `"auto"`.
+        init_density: scale-fan of `init` (edge-popup's "scale fan-in"): the
+            new weights are scaled by `1/sqrt(init_density)` so that a ticket
+            keeping that share of each layer's inputs has the activation scale
+            of the dense network. A number in (0, 1], None (no scaling) or
+            `"auto"`. On deep nets without normalisation the scale compounds
+            over the layers, so it is opt-in (default None).
+        init_mu: initial gate locations: a number (0.5: fully open), `"random"`
+            (needs a target: `mu ~ N(sigma * Phi^-1(1 - target), sigma)`
+            clipped to the bound, a random mask at the target) or `"auto"`.
+        mu_bound: gate locations are kept in `[-mu_bound, mu_bound]` so that
+            closed gates can reopen (see `StochasticGate`); None: unbounded.
+        seed: int; makes the init and the gate noise deterministic.
+        fused: `"auto"` trains weight-level gates with fused CPU kernels when
+            no GPU is visible and the model is not XLA-compiled (compiled with
+            the system C++ compiler on first use, see `keras_stg.fused`);
+            True requires them; False never uses them. Same math either way.
+        finetune: `joint` mode with a target: the share of the epochs at the
+            end of each `fit` (rounded, leaving at least one epoch to each
+            phase) during which the mask is frozen at exactly the target (the
+            largest `mu` kept) and only the weights train. 0: gates train to the end.
     """
 
-    name: str = "experiment"
-    dataset: str = "mnist"
-    model: str = "lenet_300_100"
-    model_args: dict = dataclasses.field(default_factory=dict)
-    image_size: typing.Optional[int] = None
-    channels: typing.Optional[int] = None
     mode: str = "slt"
-    granularity: str = "weight"
-    exclude: typing.Optional[list] = None
-    target_sparsity: typing.Optional[float] = 0.9
-    target_ramp: typing.Optional[float] = None
-    controller_horizon: float = 3.0
-    finetune: float = 0.0
-    lam: float = 1.0
+    granularity: Union[str, granularity_lib.Granularity] = "weight"
+    penalty: Optional[penalty_lib.Penalty] = None
+    target_sparsity: Optional[float] = None
     sigma: float = 0.5
-    init_mu: typing.Union[float, str] = "auto"
-    init: typing.Optional[str] = "signed_constant"
-    scale_fan: bool = False
-    epochs: int = 20
-    batch_size: int = 128
-    learning_rate: float = 0.01
-    pretrain_epochs: int = 0
-    pretrain_learning_rate: float = 0.001
-    pretrained: typing.Optional[str] = None
-    seed: int = 0
-    limit: typing.Optional[int] = None
-    test_limit: typing.Optional[int] = None
-    eval_batch_size: int = 1000
+    include: object = None
+    exclude: object = None
+    init: Optional[str] = "auto"
+    init_density: object = None
+    init_mu: object = "auto"
+    mu_bound: Optional[float] = 1.0
+    seed: Optional[int] = None
+    fused: object = "auto"
+    finetune: float = 0.0
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, _check_type(field.name, field.type, getattr(self, field.name)))
-        from keras_stg import data, models
-
-        def choice(key, options):
-            if getattr(self, key) not in options:
+        if self.mode not in MODES:
+            raise ValueError(
+                f"Unknown mode {self.mode!r}. Use one of {', '.join(repr(m) for m in MODES)}: "
+                "'slt' (random weights frozen), 'post_training' (trained weights "
+                "frozen) or 'joint' (weights and gates train together)."
+            )
+        self.granularity = granularity_lib.get(self.granularity)
+        if self.penalty is not None:
+            self.penalty = penalty_lib.get(self.penalty)
+            target = self.penalty.target_sparsity
+            if self.target_sparsity is not None and self.target_sparsity != target:
                 raise ValueError(
-                    f"Config key {key!r} must be one of {', '.join(sorted(options))}, "
-                    f"got {getattr(self, key)!r}.")
+                    f"`target_sparsity={self.target_sparsity!r}` and `penalty={self.penalty!r}` "
+                    "disagree; give the target in one of them.")
+            self.target_sparsity = target
+        elif self.target_sparsity is not None:
+            penalty_lib.TargetSparsity(self.target_sparsity)  # validates it
+            self.target_sparsity = float(self.target_sparsity)
+        if isinstance(self.sigma, bool) or not (
+                isinstance(self.sigma, (int, float)) and self.sigma > 0):
+            raise ValueError(f"`sigma` must be a number > 0, got {self.sigma!r}.")
+        if self.init not in ("auto", None):
+            from keras_stg import initializers
 
-        choice("dataset", data.DATASETS)
-        choice("model", models.MODELS)
-        choice("mode", MODES)
-        if isinstance(self.init_mu, str) and self.init_mu not in ("auto", "random"):
+            initializers.get(self.init)  # validates the name
+        if self.init_density not in ("auto", None) and not (
+            isinstance(self.init_density, (int, float)) and not isinstance(self.init_density, bool)
+            and 0 < self.init_density <= 1
+        ):
             raise ValueError(
-                f"Config key 'init_mu' must be a number, 'auto' or 'random', got {self.init_mu!r}.")
-        for key in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"Config key {key!r} must be >= 1, got {getattr(self, key)!r}.")
-        for key in ("limit", "test_limit", "image_size", "channels"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ValueError(f"Config key {key!r} must be >= 1 or null, got {getattr(self, key)!r}.")
-        if self.pretrain_epochs < 0:
-            raise ValueError("Config key 'pretrain_epochs' must be >= 0.")
-        if self.mode != "post_training" and (self.pretrain_epochs or self.pretrained):
+                f"`init_density` must be in (0, 1], 'auto' or None, got {self.init_density!r}: "
+                "the share of weights the ticket keeps, e.g. 0.1 for 90% sparsity."
+            )
+        if self.init_mu == "random" and self.target_sparsity is None:
             raise ValueError(
-                "Config keys 'pretrain_epochs' and 'pretrained' apply to mode "
-                f"'post_training' only; this config has mode {self.mode!r}.")
-        if self.mode == "post_training" and not self.pretrain_epochs and not self.pretrained:
+                "init_mu='random' starts the mask at `target_sparsity`, but no "
+                "target is given. Pass `target_sparsity=`, or a number as `init_mu` "
+                "(0.5 opens every gate).")
+        if self.init_mu not in ("auto", "random") and (
+                isinstance(self.init_mu, bool) or not isinstance(self.init_mu, (int, float))):
             raise ValueError(
-                "Mode 'post_training' gates a trained model: set 'pretrain_epochs' "
-                "(train the dense model first) or 'pretrained' (path of a trained "
-                ".keras model).")
-        if self.pretrain_epochs and self.pretrained:
-            raise ValueError("Set either 'pretrain_epochs' or 'pretrained', not both.")
+                f"`init_mu` must be a number, 'random' or 'auto', got {self.init_mu!r}.")
+        if self.mu_bound is not None and not (
+                isinstance(self.mu_bound, (int, float)) and self.mu_bound > 0):
+            raise ValueError(f"`mu_bound` must be > 0 or None, got {self.mu_bound!r}.")
+        if self.fused not in ("auto", True, False):
+            raise ValueError(f"`fused` must be 'auto', True or False, got {self.fused!r}.")
+        if isinstance(self.finetune, bool) or not (
+                isinstance(self.finetune, (int, float)) and 0 <= self.finetune < 1):
+            raise ValueError(
+                f"`finetune` must be a share of the epochs in [0, 1), got {self.finetune!r}.")
+        if self.finetune and self.mode != "joint":
+            raise ValueError(
+                f"`finetune={self.finetune}` fine-tunes the weights under the frozen mask, but "
+                f"mode={self.mode!r} trains no weights. Use mode='joint', or finetune=0.")
+        if self.finetune and self.target_sparsity is None:
+            raise ValueError(
+                "`finetune` freezes the mask at exactly `target_sparsity`, but no target is "
+                "given. Pass `target_sparsity=`, or finetune=0.")
+
+    def resolve(self):
+        """A copy with every automatic choice made (see the module docstring)."""
+        target = self.target_sparsity
+        init = self.init
+        if init == "auto":
+            init = "signed_constant" if self.mode == "slt" else None
+        init_density = self.init_density
+        if init_density == "auto":
+            init_density = None if target is None else 1.0 - target
+        init_mu = self.init_mu
+        if init_mu == "auto":
+            random_start = (self.mode == "slt" and target is not None
+                            and self.granularity.name == "weight")
+            init_mu = "random" if random_start else 0.5
+        if init_mu != "random":
+            init_mu = float(init_mu)
+        penalty = self.penalty
+        if penalty is None:
+            penalty = (penalty_lib.TargetSparsity(target) if target is not None
+                       else penalty_lib.FixedPenalty(1.0))
+        penalty = penalty.resolve(random_start=init_mu == "random")
+        return dataclasses.replace(
+            self, penalty=penalty, init=init, init_density=init_density, init_mu=init_mu,
+            sigma=float(self.sigma), finetune=float(self.finetune),
+            mu_bound=None if self.mu_bound is None else float(self.mu_bound))
+
+    # ------------------------------------------------------------ serialize
+
+    def get_config(self):
+        import keras
+
+        config = dataclasses.asdict(self)
+        config["granularity"] = granularity_lib.serialize(self.granularity)
+        config["penalty"] = (None if self.penalty is None
+                             else keras.saving.serialize_keras_object(self.penalty))
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["granularity"] = granularity_lib.deserialize(config["granularity"])
+        if config.get("penalty") is not None:
+            config["penalty"] = penalty_lib.get(config["penalty"])
+        return cls(**config)
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "a mapping",
-               list: "a list"}
+#: Keywords of `wrap` and `GatedModel` that configure the penalty (the short form).
+PENALTY_KEYWORDS = ("lam", "target_sparsity", "controller_rate", "target_ramp",
+                    "controller_horizon")
 
 
-def _check_type(key, annotation, value):
-    """Checks (and lightly coerces) `value` against a field's annotation."""
-    choices = [annotation]
-    optional = False
-    if typing.get_origin(annotation) is typing.Union:
-        if value is None and type(None) in typing.get_args(annotation):
-            return None
-        choices = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(choices) < len(typing.get_args(annotation))
-    for choice in choices:
-        if choice is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if choice is list and isinstance(value, (str, tuple)):
-            return [value] if isinstance(value, str) else list(value)
-        if isinstance(value, choice) and not (
-                choice in (int, float) and isinstance(value, bool)):
-            return value
-    names = " or ".join(_TYPE_NAMES.get(c, c.__name__) for c in choices)
-    raise ValueError(
-        f"Config key {key!r} must be {names}{' or null' if optional else ''}, got {value!r}.")
-
-
-def _parse_value(text):
-    return yaml.safe_load(text)
-
-
-def load(path=None, overrides=()):
-    """Reads a YAML file and `key=value` overrides into a `Config`.
-
-    Unknown keys are an error that names the key and lists the valid ones.
-    """
-    data = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}.")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set takes key=value, got {item!r}.")
-        key, value = item.split("=", 1)
-        data[key.strip()] = _parse_value(value)
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(data) - known)
+def from_keywords(lam=None, target_sparsity=None, controller_rate=0.01, target_ramp=None,
+                  controller_horizon=3.0, penalty=None, **options):
+    """A `GateConfig` from `wrap`'s keyword form, where the penalty is given by its parts:
+    `lam` (the fixed weight, or the controller's start with a target), `target_sparsity`
+    and the controller's `controller_rate`, `target_ramp` and `controller_horizon`."""
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(GateConfig)})
     if unknown:
-        raise ValueError(
-            f"Unknown config key {unknown[0]!r}"
-            + (f" in {path}" if path else "")
-            + f". Valid keys: {', '.join(sorted(known))}."
-        )
-    try:
-        return Config(**data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}" if path else str(e)) from None
+        raise TypeError(f"Unknown option(s) {', '.join(unknown)}; see keras_stg.GateConfig.")
+    if penalty is not None:
+        shortcut = {"lam": lam, "controller_rate": controller_rate != 0.01,
+                    "target_ramp": target_ramp, "controller_horizon": controller_horizon != 3.0}
+        given = [k for k, v in shortcut.items() if v not in (None, False)]
+        if given:
+            raise ValueError(
+                f"Give the penalty either as `penalty=` or by its parts, not both "
+                f"(got penalty= and {', '.join(given)}=).")
+    else:
+        penalty_lib.check_controller(controller_rate, target_ramp, controller_horizon)
+    if penalty is not None:
+        pass
+    elif target_sparsity is not None:
+        penalty = penalty_lib.TargetSparsity(
+            target_sparsity, lam=1.0 if lam is None else lam, rate=controller_rate,
+            ramp=target_ramp, horizon=controller_horizon)
+    elif lam is not None:
+        penalty = penalty_lib.FixedPenalty(lam)
+    return GateConfig(penalty=penalty, target_sparsity=target_sparsity, **options)

@@ -17,6 +17,7 @@ The two paths compute the same function: the tests compare values, penalty
 and gradients, and whole training runs.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -136,3 +137,71 @@ def load():
 def error():
     """Why `load()` returned None, if it was tried and failed."""
     return _STATE["error"]
+
+
+# ------------------------------------------------------------ fused Adam
+
+
+def fusable_adam(optimizer):
+    """Whether `optimizer` is Keras' Adam (or AdamW) with its own update rule."""
+    import keras
+
+    return (
+        isinstance(optimizer, keras.optimizers.Adam)
+        and type(optimizer).update_step is keras.optimizers.Adam.update_step
+        and not optimizer.amsgrad
+    )
+
+
+@contextlib.contextmanager
+def gate_adam(optimizer, gate_variables):
+    """While the update is traced, Adam moves gate locations with one fused op.
+
+    Keras' Adam updates a variable with about ten elementwise TensorFlow ops,
+    each a pass over memory; on a gate tensor as large as its kernel that is
+    most of the optimizer's time. Inside this context, float32 gate locations
+    are updated with TensorFlow's fused `ResourceApplyAdam` kernel instead:
+    one pass over the gates, the optimizer's own moment slots and step count,
+    the same Adam formula (equal to Keras' update within float32 rounding;
+    `tests/test_fused.py`). All else `apply_gradients` does is unchanged
+    (`keras_stg._compat.update_step_override`). Any other variable,
+    optimizer (SGD, AMSGrad, an Adam subclass with its own rule), a sparse
+    gradient or a distributed replica variable goes the usual Keras way.
+    """
+    if not gate_variables or not fusable_adam(optimizer):
+        yield
+        return
+    import tensorflow as tf
+    from keras import ops
+
+    from keras_stg import _compat
+
+    # The TensorFlow backend hands `update_step` the variables' `tf.Variable`s.
+    gates = {id(v.value) for v in gate_variables}
+
+    def update_step(gradient, variable, learning_rate):
+        if (
+            id(variable) not in gates
+            or tf.as_dtype(variable.dtype) != tf.float32
+            or isinstance(gradient, tf.IndexedSlices)
+        ):
+            return update_step.keras_update(gradient, variable, learning_rate)
+        m, v = _compat.adam_slots(optimizer, variable)
+        step = ops.cast(optimizer.iterations + 1, "float32")
+        beta_1 = ops.cast(optimizer.beta_1, "float32")
+        beta_2 = ops.cast(optimizer.beta_2, "float32")
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle,
+            m=m.handle,
+            v=v.handle,
+            beta1_power=ops.power(beta_1, step),
+            beta2_power=ops.power(beta_2, step),
+            lr=ops.cast(learning_rate, "float32"),
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=ops.cast(optimizer.epsilon, "float32"),
+            grad=ops.cast(gradient, "float32"),
+        )
+
+    with _compat.update_step_override(optimizer, update_step):
+        yield

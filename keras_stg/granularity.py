@@ -18,6 +18,7 @@ Built in:
 import math
 import re
 
+import keras
 from keras import ops
 
 
@@ -48,12 +49,28 @@ class Granularity:
         return ops.sum(mask) * per_gate
 
     def get_config(self):
+        """Constructor arguments (Keras serialization); {} for the built-in ones without."""
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __str__(self):
+        """The identifier `get` takes back (`"weight"`, `"block4"`, ...)."""
         return self.name
 
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted(self.get_config().items()))))
+
     def __repr__(self):
-        return f"<granularity {self.get_config()!r}>"
+        return f"<granularity {str(self)!r}>"
 
 
+@keras.saving.register_keras_serializable(package="keras_stg")
 class WeightGranularity(Granularity):
     """One gate per kernel entry."""
 
@@ -63,6 +80,7 @@ class WeightGranularity(Granularity):
         return tuple(kernel_shape)
 
 
+@keras.saving.register_keras_serializable(package="keras_stg")
 class UnitGranularity(Granularity):
     """One gate per output unit (neuron, channel, attention output feature)."""
 
@@ -73,6 +91,7 @@ class UnitGranularity(Granularity):
         return tuple(d if i in out_axes else 1 for i, d in enumerate(kernel_shape))
 
 
+@keras.saving.register_keras_serializable(package="keras_stg")
 class BlockGranularity(Granularity):
     """One gate per `size` consecutive entries along the last input axis.
 
@@ -115,6 +134,9 @@ class BlockGranularity(Granularity):
         return ops.sum(self.expand(mask, kernel_shape, out_axes, in_axes))
 
     def get_config(self):
+        return {"size": self.size}
+
+    def __str__(self):
         return f"block{self.size}"
 
 
@@ -131,9 +153,14 @@ def register_granularity(name, factory):
     Args:
         name: lower-case identifier, e.g. `"row"`.
         factory: a `Granularity` subclass, or a callable returning an instance.
+            A subclass is also registered with Keras (package "keras_stg"), so
+            models gated with it save and load; its `get_config` must return
+            its constructor arguments.
     """
     if not re.fullmatch(r"[a-z_]+", name):
         raise ValueError(f"Granularity names are lower-case letters, got {name!r}.")
+    if isinstance(factory, type) and issubclass(factory, Granularity):
+        keras.saving.register_keras_serializable(package="keras_stg")(factory)
     _REGISTRY[name] = factory
 
 
@@ -151,3 +178,18 @@ def get(identifier):
         f"Unknown granularity {identifier!r}. Use one of: {known} "
         "(or register your own with keras_stg.granularity.register_granularity)."
     )
+
+
+def serialize(granularity):
+    """The saved form of a granularity (Keras' serialization of the instance)."""
+    return keras.saving.serialize_keras_object(get(granularity))
+
+
+def deserialize(config):
+    """Inverse of `serialize`; also takes an identifier string (the form saved before 0.2)."""
+    if isinstance(config, dict):
+        granularity = keras.saving.deserialize_keras_object(config)
+        if not isinstance(granularity, Granularity):
+            raise ValueError(f"{config!r} does not describe a keras_stg granularity.")
+        return granularity
+    return get(config)

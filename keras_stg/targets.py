@@ -2,7 +2,7 @@
 
 Every layer of the model is visited, nested ones included (keras-hub backbones
 keep their attention kernels deep inside custom layers). A layer is gateable
-when it is one of the supported kernel layers; every other layer that owns
+when the layer table (`keras_stg.layer_table`) gives it kernels; every other layer that owns
 trainable weights is reported with the reason it is not gated, never dropped
 silently.
 """
@@ -12,13 +12,8 @@ import re
 
 import keras
 
-_NORMALIZATION = (
-    keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization,
-    keras.layers.GroupNormalization,
-    keras.layers.UnitNormalization,
-)
-
+from keras_stg import _compat
+from keras_stg import layer_table
 
 @dataclasses.dataclass
 class GateTarget:
@@ -64,34 +59,8 @@ class Skipped:
     reason: str
 
 
-def _depthwise_types():
-    return (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
-
-
-def _conv_types():
-    return (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-
-
-def _transpose_types():
-    return (
-        keras.layers.Conv1DTranspose,
-        keras.layers.Conv2DTranspose,
-        keras.layers.Conv3DTranspose,
-    )
-
-
-def _separable_types():
-    return (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
-
-
-def sublayers(layer):
-    """Direct sublayers of `layer` (Keras keeps them in a private list)."""
-    return layer._flatten_layers(include_self=False, recursive=False)
-
-
-def all_layers(model):
-    """Every layer below `model`, depth first, each once."""
-    return model._flatten_layers(include_self=False, recursive=True)
+sublayers = _compat.sublayers
+all_layers = _compat.all_layers
 
 
 def own_weights(layer):
@@ -114,53 +83,15 @@ def layer_path(layer):
     return layer.name
 
 
-def _einsum_axes(equation, rank):
-    inputs, output = equation.replace(" ", "").split("->")
-    kernel_spec = inputs.split(",")[1].replace("...", "")
-    output = output.replace("...", "")
-    if len(kernel_spec) != rank:
-        return None
-    out_axes = tuple(i for i, c in enumerate(kernel_spec) if c in output)
-    in_axes = tuple(i for i, c in enumerate(kernel_spec) if c not in output)
-    return out_axes, in_axes
-
-
 def kernel_targets(layer):
     """The gateable kernels of one layer as `(role, variable, out_axes, in_axes)`.
 
-    Returns None if the layer type is not supported.
+    Returns None if the layer table (`keras_stg.layer_table`) gives it none.
     """
-    if isinstance(layer, keras.layers.EinsumDense):
-        kernel = _variable(layer, "kernel")
-        axes = _einsum_axes(layer.equation, len(kernel.shape))
-        if axes is None:
-            return None
-        return [("kernel", kernel, *axes)]
-    if isinstance(layer, keras.layers.Dense):
-        return [("kernel", _variable(layer, "kernel"), (1,), (0,))]
-    if isinstance(layer, _separable_types()):
-        dw = _variable(layer, "depthwise_kernel")
-        pw = _variable(layer, "pointwise_kernel")
-        r_dw, r_pw = len(dw.shape), len(pw.shape)
-        return [
-            ("depthwise_kernel", dw, (r_dw - 2, r_dw - 1), tuple(range(r_dw - 2))),
-            ("pointwise_kernel", pw, (r_pw - 1,), tuple(range(r_pw - 1))),
-        ]
-    if isinstance(layer, _depthwise_types()):
-        dw = _variable(layer, "kernel")
-        if dw is None:
-            dw = _variable(layer, "depthwise_kernel")
-        r = len(dw.shape)
-        return [("kernel", dw, (r - 2, r - 1), tuple(range(r - 2)))]
-    if isinstance(layer, _transpose_types()):
-        k = _variable(layer, "kernel")
-        r = len(k.shape)
-        return [("kernel", k, (r - 2,), tuple(range(r - 2)) + (r - 1,))]
-    if isinstance(layer, _conv_types()):
-        k = _variable(layer, "kernel")
-        r = len(k.shape)
-        return [("kernel", k, (r - 1,), tuple(range(r - 1)))]
-    return None
+    found = layer_table.kernels(layer)
+    if found is None:
+        return None
+    return [(k.role, _variable(layer, k.role), k.out_axes, k.in_axes) for k in found]
 
 
 def _matches(patterns, layer, path):
@@ -212,7 +143,7 @@ def find_targets(model, include=None, exclude=None):
             continue
         path = layer_path(layer)
         cls = type(layer).__name__
-        if isinstance(layer, _NORMALIZATION):
+        if layer_table.spec(layer).never_gated:
             continue  # Not gated by design; see the normalization policy.
         found = kernel_targets(layer)
         if include is not None and not _matches(include, layer, path):

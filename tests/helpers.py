@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 import keras_stg
-from keras_stg import models
+from keras_stg.experiments import models
 
 
 def lenet():
@@ -255,3 +255,14 @@ def check_invariants(gated, x, y, tmp_path, steps=4):
     reloaded = keras.models.load_model(stripped_path)
     assert max_diff(infer(reloaded, x), y_gated) <= 1e-5
     return history
+
+
+def random_masks(gated, keep=0.5, seed=0, skip=()):
+    """Sets every gate to a random binary mask keeping about `keep` of it."""
+    rng = np.random.default_rng(seed)
+    for gate, target in zip(gated.gates, gated.targets):
+        if target.path.split("/")[-1] in skip:
+            continue
+        mu = np.where(rng.random(gate.mu.shape) < keep, 0.5, -0.5).astype("float32")
+        gate.mu.assign(mu)
+    return gated

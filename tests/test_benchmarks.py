@@ -18,8 +18,8 @@ import keras_stg
 from benchmarks import run as bench
 from benchmarks.edge_popup import (EdgePopupModel, init_like_ours, kept_count, sgd_cosine,
                                    topk_mask)
-from keras_stg import config as stg_config
-from keras_stg import models
+from keras_stg.experiments import config as stg_config
+from keras_stg.experiments import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +112,7 @@ def test_straight_through_gradient_reaches_all_scores():
     x = tf.constant(rng.standard_normal((32, 28, 28, 1)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, 32))
     with tf.GradientTape(persistent=True) as tape:
-        mapping = ep.effective_kernels()
+        mapping = ep.masked_values()
         with keras.StatelessScope(state_mapping=mapping):
             logits = ep.base_model(x)
         loss = tf.reduce_mean(_loss()(y, logits))

@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from keras_stg import data
+from keras_stg.experiments import data
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])

@@ -11,27 +11,16 @@ import numpy as np
 import pytest
 
 import keras_stg
-from export import _common, edgetpu, onnx, shrink, tflite
-from keras_stg import models
+from export import _common, edgetpu, onnx, tflite
+from keras_stg.experiments import models
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _random_masks(gated, keep=0.5, seed=0, skip=()):
-    """Sets every gate to a random binary mask keeping about `keep` of it."""
-    rng = np.random.default_rng(seed)
-    for gate, target in zip(gated.gates, gated.targets):
-        if target.path.split("/")[-1] in skip:
-            continue
-        mu = np.where(rng.random(gate.mu.shape) < keep, 0.5, -0.5).astype("float32")
-        gate.mu.assign(mu)
-    return gated
-
-
 def _ticket(model, granularity="weight", keep=0.5, seed=0, skip=()):
     gated = keras_stg.wrap(model, mode="slt", granularity=granularity, seed=seed)
-    return _random_masks(gated, keep, seed, skip)
+    return helpers.random_masks(gated, keep, seed, skip)
 
 
 def _save_gated(gated, path):
@@ -130,7 +119,7 @@ def test_block_sparse_export_is_smaller():
 
 
 def _trained_mlp(shared_data, n=6000):
-    from keras_stg import data
+    from keras_stg.experiments import data
 
     keras.utils.set_random_seed(0)
     x, y = data.load("mnist", "train", shared_data)
@@ -174,45 +163,6 @@ def test_int8_sparse_runs_without_default_delegates():
 # ------------------------------------------------------------------- shrink
 
 
-def _bn_cnn():
-    inputs = keras.Input((12, 12, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
-    x = keras.layers.BatchNormalization(name="bn1")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Conv2D(8, 3, padding="valid", name="c2")(x)
-    x = keras.layers.BatchNormalization(name="bn2")(x)
-    x = keras.layers.Activation("sigmoid")(x)  # f(0) != 0: removed units are constants
-    x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, name="c3")(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(12, activation="tanh", name="d1")(x)
-    x = keras.layers.Dropout(0.1)(x)
-    outputs = keras.layers.Dense(10, name="d2")(x)
-    return keras.Model(inputs, outputs, name="bn_cnn")
-
-
-@pytest.mark.parametrize("build", [_bn_cnn, lambda: models.conv4((16, 16, 1)),
-                                   lambda: models.lenet_300_100((784,))])
-def test_shrink_equals_masked_model(build):
-    model = build()
-    rng = np.random.default_rng(3)
-    for layer in model.layers:  # BatchNormalization with non-trivial statistics
-        if isinstance(layer, keras.layers.BatchNormalization):
-            for v in layer.weights:
-                v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32")
-                         * (1 if ("variance" in v.name or "gamma" in v.name)
-                            else rng.choice([-1, 1], v.shape)))
-    gated = _ticket(model, granularity="unit", keep=0.5, seed=1)
-    stripped = gated.strip()
-    small, info = shrink.shrink(stripped)
-    assert info["parameters_after"] < 0.75 * info["parameters_before"]
-    assert any(after < before for before, after in info["units"].values())
-    x, _ = helpers.batch(stripped, 6, seed=5)
-    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(stripped, x)) <= 1e-5
-    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(gated, x)) <= 1e-5
-    assert small.output_shape == stripped.output_shape
-
-
 def test_shrink_export_is_smaller_and_exact(tmp_path):
     gated = _ticket(models.conv4((16, 16, 1)), granularity="unit", keep=0.5, skip=("fc3",))
     out = str(tmp_path / "c.tflite")
@@ -223,21 +173,6 @@ def test_shrink_export_is_smaller_and_exact(tmp_path):
     assert report["shrink"]["units"]["conv1"][1] < 64
     assert report["weights_after_shrink"]["kernel_weights"] < report["weights"]["kernel_weights"]
     assert report["latency_ms"] > 0
-
-
-def test_shrink_rejects_branches_naming_the_layer():
-    inputs = keras.Input((8, 8, 3))
-    a = keras.layers.Conv2D(4, 3, padding="same", name="left")(inputs)
-    b = keras.layers.Conv2D(4, 3, padding="same", name="right")(inputs)
-    x = keras.layers.Add(name="merge")([a, b])
-    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(x))
-    model = keras.Model(inputs, outputs)
-    with pytest.raises(shrink.ShrinkError, match="right|merge"):
-        shrink.shrink(model)
-    dw = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.DepthwiseConv2D(3, name="dw"),
-                           keras.layers.Flatten(), keras.layers.Dense(2)])
-    with pytest.raises(shrink.ShrinkError, match="'dw' \\(DepthwiseConv2D\\)"):
-        shrink.shrink(dw)
 
 
 # ------------------------------------------------------------------ Edge TPU
@@ -423,7 +358,7 @@ def test_op_without_builtin_kernel_is_a_clear_error(tmp_path):
 
 
 def test_import_has_no_side_effects():
-    code = ("import sys, os; import export; from export import tflite, onnx, shrink, edgetpu; "
+    code = ("import sys, os; import export; from export import tflite, onnx, edgetpu; "
             "print('tensorflow' in sys.modules, os.environ.get('TF_USE_LEGACY_KERAS'))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_stg
-from keras_stg import fused, gates
+from keras_stg import fused, gate_math
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,8 @@ def _reference(kernel, mu, table, start, sigma, grad, grad_l0):
     with tf.GradientTape(persistent=True) as tape:
         k, m = tf.constant(kernel), tf.constant(mu)
         tape.watch([k, m])
-        value = k * gates.relaxed_gate(m, sigma, eps=eps)
-        l0 = gates.expected_l0(m, sigma)
+        value = k * gate_math.relaxed_gate(m, sigma, eps=eps)
+        l0 = gate_math.expected_l0(m, sigma)
         total = tf.reduce_sum(value * grad) + grad_l0 * l0
     dmu, dkernel = tape.gradient(total, [m, k])
     return value.numpy(), float(l0), dmu.numpy(), dkernel.numpy()
@@ -117,7 +117,6 @@ def _adam():
 @pytest.mark.parametrize("mode", ["slt", "joint"])
 def test_fused_gate_adam_equals_keras_adam(lib, mode, monkeypatch):
     """Gate locations updated by the fused Adam op equal Keras' Adam update."""
-    from keras_stg import model as model_module
 
     calls = []
     apply_adam = tf.raw_ops.ResourceApplyAdam
@@ -141,7 +140,7 @@ def test_fused_gate_adam_equals_keras_adam(lib, mode, monkeypatch):
     assert int(gated.optimizer.iterations.numpy()) == 6
 
     monkeypatch.setattr(tf.raw_ops, "ResourceApplyAdam", apply_adam)
-    monkeypatch.setattr(model_module, "_fusable_adam", lambda optimizer: False)
+    monkeypatch.setattr(fused, "fusable_adam", lambda optimizer: False)
     mus_k, kernels_k, hist_k = _train(True, mode, steps=6, optimizer=_adam())
     for a, b in zip(mus_f, mus_k):
         assert np.abs(a - 0.5).max() > 1e-3  # the gates moved
@@ -156,30 +155,16 @@ def test_fused_gate_adam_equals_keras_adam(lib, mode, monkeypatch):
     keras.optimizers.RMSprop(0.01),
 ])
 def test_other_optimizers_keep_keras_update(optimizer):
-    from keras_stg import model as model_module
 
-    assert not model_module._fusable_adam(optimizer)
-    assert model_module._fusable_adam(keras.optimizers.Adam(0.01))
-    assert model_module._fusable_adam(keras.optimizers.AdamW(0.01))
+    assert not fused.fusable_adam(optimizer)
+    assert fused.fusable_adam(keras.optimizers.Adam(0.01))
+    assert fused.fusable_adam(keras.optimizers.AdamW(0.01))
 
     class MyAdam(keras.optimizers.Adam):
         def update_step(self, gradient, variable, learning_rate):
             return super().update_step(gradient, variable, learning_rate)
 
-    assert not model_module._fusable_adam(MyAdam(0.01))
-
-
-def test_noise_table_is_standard_normal_and_offsets_change():
-    gated = keras_stg.wrap(_mlp(), seed=0, fused=False)
-    table = gated._noise_table.numpy()
-    assert table.shape == (20 * 32 + 32 * 4,)
-    assert abs(table.mean()) < 0.1 and abs(table.std() - 1) < 0.1
-    first = [v.numpy() for _, v in gated.effective_kernels(training=True)]
-    second = [v.numpy() for _, v in gated.effective_kernels(training=True)]
-    assert any(np.abs(a - b).max() > 0 for a, b in zip(first, second))
-    # Same seed, same table: noise is reproducible across processes and loads.
-    again = keras_stg.wrap(_mlp(), seed=0, fused=False)
-    np.testing.assert_array_equal(again._noise_table.numpy(), table)
+    assert not fused.fusable_adam(MyAdam(0.01))
 
 
 def test_env_switch_and_fused_true_error(monkeypatch):

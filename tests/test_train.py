@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import keras_stg
-from keras_stg import config, train
+from keras_stg.experiments import config, train
 from tests.conftest import SHARED_DATA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

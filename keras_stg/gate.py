@@ -3,50 +3,8 @@
 import keras
 from keras import ops
 
-from keras_stg import gates
-
-
-@keras.saving.register_keras_serializable(package="keras_stg")
-class _Bound(keras.constraints.Constraint):
-    """Clips gate locations to `[-bound, bound]`.
-
-    `fused_lib` (set by `GatedModel.train_step` when it uses the fused CPU
-    kernels, see `keras_stg.fused`) clips float32 tensors in one pass instead
-    of TensorFlow's two.
-    """
-
-    def __init__(self, bound):
-        self.bound = float(bound)
-        self.fused_lib = None
-
-    def __call__(self, w):
-        if self.fused_lib is not None and w.dtype == "float32":
-            return self.fused_lib.stg_clip(w, bound=self.bound)
-        return ops.clip(w, -self.bound, self.bound)
-
-    def get_config(self):
-        return {"bound": self.bound}
-
-
-@keras.saving.register_keras_serializable(package="keras_stg")
-class ClippedNormal(keras.initializers.Initializer):
-    """`N(mean, stddev)` draws clipped to `[-bound, bound]` (no clipping if None)."""
-
-    def __init__(self, mean=0.0, stddev=1.0, bound=None, seed=None):
-        self.mean = float(mean)
-        self.stddev = float(stddev)
-        self.bound = None if bound is None else float(bound)
-        self.seed = seed
-        self._normal = keras.initializers.RandomNormal(self.mean, self.stddev, seed=seed)
-
-    def __call__(self, shape, dtype=None):
-        values = self._normal(shape, dtype)
-        if self.bound is None:
-            return values
-        return ops.clip(values, -self.bound, self.bound)
-
-    def get_config(self):
-        return {"mean": self.mean, "stddev": self.stddev, "bound": self.bound, "seed": self.seed}
+from keras_stg import gate_math
+from keras_stg.constraints import Bound
 
 
 @keras.saving.register_keras_serializable(package="keras_stg")
@@ -122,7 +80,7 @@ class StochasticGate(keras.layers.Layer):
                 self.init_mu if callable(self.init_mu)
                 else keras.initializers.Constant(self.init_mu)
             ),
-            constraint=None if self.mu_bound is None else _Bound(self.mu_bound),
+            constraint=None if self.mu_bound is None else Bound(self.mu_bound),
             trainable=True,
         )
 
@@ -139,16 +97,16 @@ class StochasticGate(keras.layers.Layer):
     def gate(self, training=False, sigma=None):
         """The gate tensor: relaxed and noisy if `training`, else binary."""
         if training:
-            return gates.relaxed_gate(self.mu, self.sigma if sigma is None else sigma,
+            return gate_math.relaxed_gate(self.mu, self.sigma if sigma is None else sigma,
                                       self.seed_generator)
-        return gates.binary_mask(self.mu)
+        return gate_math.binary_mask(self.mu)
 
     def mask(self):
         """The binary inference mask as a NumPy array."""
-        return ops.convert_to_numpy(gates.binary_mask(self.mu))
+        return ops.convert_to_numpy(gate_math.binary_mask(self.mu))
 
     def expected_l0(self, sigma=None):
-        return gates.expected_l0(self.mu, self.sigma if sigma is None else sigma)
+        return gate_math.expected_l0(self.mu, self.sigma if sigma is None else sigma)
 
     def apply(self, tensor, training=False):
         """Returns `tensor * gate` without adding any loss (used by `wrap`)."""

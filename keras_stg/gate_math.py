@@ -38,11 +38,6 @@ def relaxed_gate(mu, sigma, seed=None, eps=None):
     return ops.clip(mu + 0.5 + sigma * eps, 0.0, 1.0)
 
 
-def deterministic_gate(mu):
-    """The noise-free relaxed gate `clip(mu + 0.5, 0, 1)` (may be fractional)."""
-    return ops.clip(mu + 0.5, 0.0, 1.0)
-
-
 def binary_mask(mu, dtype=None):
     """The inference mask `1[clip(mu + 0.5, 0, 1) > 0.5]`, i.e. `1[mu > 0]`."""
     return ops.cast(ops.greater(mu, 0.0), dtype or mu.dtype)

@@ -15,8 +15,8 @@ Sources, in order:
 Example:
 
 ```python
-train = keras_stg.data.dataset("mnist", "train", batch_size=128, data_dir="../shared/data")
-(x, y) = keras_stg.data.load("fashion_mnist", "test", data_dir="../shared/data")
+train = keras_stg.experiments.data.dataset("mnist", "train", batch_size=128, data_dir="../shared/data")
+(x, y) = keras_stg.experiments.data.load("fashion_mnist", "test", data_dir="../shared/data")
 ```
 """
 

@@ -11,6 +11,8 @@ initialises them to zero).
 - `kaiming_uniform`: `U(-b, b)`, `b = gain * sqrt(3/fan_in)` (same variance).
 - `uniform`: the paper's uniform, `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
 
+`ClippedNormal` and `random_mu` initialise gate locations instead.
+
 `density` rescales every kernel by `1/sqrt(density)` ("scale-fan" in
 edge-popup): a ticket that keeps a share `density` of each layer's inputs then
 has activations of the dense network's scale.
@@ -18,13 +20,16 @@ has activations of the dense network's scale.
 Example:
 
 ```python
-model = keras_stg.init.signed_constant(model, seed=0)
+model = keras_stg.initializers.signed_constant(model, seed=0)
 ```
 """
 
 import math
+import statistics
 
+import keras
 import numpy as np
+from keras import ops
 
 from keras_stg.targets import find_targets
 
@@ -32,9 +37,9 @@ _GAIN = math.sqrt(2.0)
 
 
 def _targets(model, include, exclude):
-    from keras_stg.model import GatedModel
+    from keras_stg.masking import MaskedModel
 
-    if isinstance(model, GatedModel):
+    if isinstance(model, MaskedModel):
         return model.targets
     return find_targets(model, include, exclude)[0]
 
@@ -98,3 +103,41 @@ def get(name):
             "to keep the model's current weights."
         )
     return INITIALIZERS[name]
+
+
+# ------------------------------------------------------ gate locations
+
+
+@keras.saving.register_keras_serializable(package="keras_stg")
+class ClippedNormal(keras.initializers.Initializer):
+    """`N(mean, stddev)` draws clipped to `[-bound, bound]` (no clipping if None)."""
+
+    def __init__(self, mean=0.0, stddev=1.0, bound=None, seed=None):
+        self.mean = float(mean)
+        self.stddev = float(stddev)
+        self.bound = None if bound is None else float(bound)
+        self.seed = seed
+        self._normal = keras.initializers.RandomNormal(self.mean, self.stddev, seed=seed)
+
+    def __call__(self, shape, dtype=None):
+        values = self._normal(shape, dtype)
+        if self.bound is None:
+            return values
+        return ops.clip(values, -self.bound, self.bound)
+
+    def get_config(self):
+        return {"mean": self.mean, "stddev": self.stddev, "bound": self.bound, "seed": self.seed}
+
+
+def random_mu(density, sigma, bound, seed):
+    """An initializer of gate locations whose binary mask keeps a random `density` share.
+
+    `mu ~ N(sigma * Phi^-1(density), sigma)`, clipped to `[-bound, bound]`:
+    `P(mu > 0) = density`, so the mask starts at the target sparsity, a
+    random subnetwork in every layer, as edge-popup's random scores do; the
+    gates then move weights in and out of it while the controller holds the
+    target.
+    """
+    density = min(max(density, 1e-6), 1.0 - 1e-6)
+    mean = sigma * statistics.NormalDist().inv_cdf(density)
+    return ClippedNormal(mean, sigma, bound, seed)

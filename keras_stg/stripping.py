@@ -37,7 +37,7 @@ def strip(gated):
     pruned.save("ticket.keras")
     ```
     """
-    from keras_stg.model import GatedModel
+    from keras_stg.gated_model import GatedModel
 
     if not isinstance(gated, GatedModel):
         raise TypeError(

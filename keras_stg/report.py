@@ -1,7 +1,8 @@
 """Per-layer sparsity report of a gated model."""
 
-import numpy as np
 from keras import ops
+
+from keras_stg import gate_math
 
 
 def layer_stats(gated):
@@ -25,7 +26,7 @@ def layer_stats(gated):
                 "kept": kept,
                 "sparsity": 1.0 - kept / params,
                 "gates": int(mu.size),
-                "fractional": float(np.mean((mu > -0.5) & (mu < 0.5))),
+                "fractional": float(gate_math.fractional_count(mu)) / max(1, mu.size),
             }
         )
     return rows
@@ -52,7 +53,7 @@ def summary(gated):
     )
     lines = [
         f"Gated model {gated.name!r}: mode={gated.mode}, "
-        f"granularity={gated.granularity.get_config()}, lambda={float(gated.lam.numpy()):.4g}",
+        f"granularity={str(gated.granularity)}, lambda={float(gated.lam.numpy()):.4g}",
         head,
         "-" * len(head),
     ]

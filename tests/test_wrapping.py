@@ -36,8 +36,17 @@ def test_unsupported_layers_are_listed():
 
 def test_error_nothing_to_gate():
     model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
-    with pytest.raises(ValueError, match="has no kernel that stochastic gates can control"):
+    with pytest.raises(ValueError, match="has no kernel to mask, so there is nothing to gate.*"
+                                         "normalization layers are never gated"):
         keras_stg.wrap(model)
+
+
+def test_error_built_model_without_weights_says_nothing_to_gate_not_unbuilt():
+    model = keras.Sequential([keras.Input((4, 4)), keras.layers.Flatten(), keras.layers.ReLU()])
+    assert model.built and not model.weights
+    with pytest.raises(ValueError, match="nothing to gate.*Dense.*register_layer") as info:
+        keras_stg.wrap(model)
+    assert "not built" not in str(info.value)
 
 
 def test_error_unbuilt_model():
@@ -149,7 +158,7 @@ def big_mlp():
 @pytest.mark.parametrize("target", [0.5, 0.9])
 def test_slt_with_a_target_starts_from_a_random_mask_at_the_target(target):
     gated = keras_stg.wrap(big_mlp(), target_sparsity=target, seed=4)
-    assert gated.target_ramp == 0.0  # already at the target: nothing to ramp
+    assert gated.penalty.ramp == 0.0  # already at the target: nothing to ramp
     for gate in gated.gates:
         mu = gate.mu.numpy()
         assert -1.0 <= mu.min() and mu.max() <= 1.0  # inside the bound
@@ -175,7 +184,10 @@ def test_slt_with_a_target_starts_from_a_random_mask_at_the_target(target):
 def test_dense_start_otherwise(kwargs):
     gated = keras_stg.wrap(big_mlp(), seed=0, **kwargs)
     assert gated.sparsity() == 0.0
-    assert gated.target_ramp == 0.4
+    if "target_sparsity" in kwargs:
+        assert gated.penalty == keras_stg.TargetSparsity(kwargs["target_sparsity"], ramp=0.4)
+    else:
+        assert gated.penalty == keras_stg.FixedPenalty(1.0)
     for gate in gated.gates:
         np.testing.assert_array_equal(gate.mu.numpy(), 0.5)
 
@@ -184,7 +196,7 @@ def test_random_start_on_request_and_ramp_override():
     gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.8, init_mu="random",
                            target_ramp=0.3, seed=0)
     assert abs(gated.sparsity() - 0.8) < 0.02
-    assert gated.target_ramp == 0.3
+    assert gated.penalty.ramp == 0.3
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -204,14 +216,16 @@ def test_random_start_survives_save_and_load(tmp_path):
     path = str(tmp_path / "g.keras")
     gated.save(path)
     loaded = keras.models.load_model(path)
-    assert loaded.init_mu == "auto" and loaded.target_ramp == 0.0
+    # The resolved config is saved: the loaded model does what the first one did.
+    assert loaded.config == gated.config
+    assert loaded.config.init_mu == "random" and loaded.penalty.ramp == 0.0
     for a, b in zip(gated.gates, loaded.gates):
         np.testing.assert_array_equal(a.mu.numpy(), b.mu.numpy())
     assert loaded.sparsity() == gated.sparsity()
 
 
 def test_clipped_normal_initializer_round_trips():
-    init = keras_stg.layers.ClippedNormal(-0.6, 0.5, bound=1.0, seed=3)
+    init = keras_stg.initializers.ClippedNormal(-0.6, 0.5, bound=1.0, seed=3)
     values = np.asarray(init((4000,)))
     assert values.min() == -1.0 and values.max() <= 1.0
     assert abs(np.mean(values > 0) - 0.115) < 0.02  # P(N(-0.6, 0.5) > 0)
@@ -282,7 +296,7 @@ def test_finetune_freezes_the_mask_and_trains_the_weights_under_it(tmp_path):
                for a, t in zip(kernels_2, gated.targets))
     np.testing.assert_allclose(gated.strip().predict(x[:8], verbose=0),
                                gated.predict(x[:8], verbose=0), rtol=1e-5, atol=1e-5)
-    assert gated.get_config()["finetune"] == 0.34
+    assert gated.get_config()["config"]["finetune"] == 0.34
     # A saved and reloaded model (as a resumed run) stays frozen in its next fit.
     path = str(tmp_path / "frozen.keras")
     gated.save(path)

@@ -1,116 +1,74 @@
-"""Physically remove pruned neurons and channels from a unit-pruned model.
+"""`shrink`: physically remove pruned neurons and channels from a stripped model.
 
 A unit whose kernel slice and bias are all zero (what `granularity="unit"`
 gates leave after `strip`) outputs exactly zero before its activation. The
 shrunk model drops that unit from its layer and the matching inputs of the
-next Dense / Conv2D layer, so it is smaller and faster on every device, not
-only on sparse kernels.
+next producer (Dense or convolution), so it is smaller and faster on every
+device, not only on sparse kernels.
 
 A removed unit need not be zero after the layers that follow it: a
 BatchNormalization with a shift, or an activation with `f(0) != 0`, turns it
-into a per-channel constant `v`. That constant is folded into the next layer's
-bias (`bias += v * W[unit]`) when this is exact (a Dense layer, or a Conv2D
-with `padding="valid"`); where it is not (a `"same"`-padded Conv2D sees the
-constant only inside the image, not in the zero padding), the unit is kept.
-The model's output layer keeps all its units. Outputs equal the masked
-model's up to float rounding, which `shrink` checks before returning.
+into a per-channel constant `v`. That constant is folded into the next
+layer's bias (`bias += v * W[unit]`) when this is exact: a Dense consumer, or
+a convolution with `padding="valid"` that sees the same constant at every
+position. Where it is not (a `"same"`-padded convolution sees the constant
+only inside the image, not in its zero padding), the unit is kept. The
+model's output layer keeps all its units. Outputs equal the masked model's up
+to float rounding, which `shrink` checks before returning.
 
+What each layer does to channels comes from `keras_stg.layer_table`.
 Supported: Sequential or Functional chains (one input, one output, no
-branches) of Dense and Conv2D with BatchNormalization, pooling (Max/Average,
-Global), Flatten, Dropout and element-wise activations between. Anything else
-raises `ShrinkError` naming the layer.
+branches) of Dense and Conv1D/2D/3D producers with per-channel,
+element-wise, spatial (pooling, padding, cropping), global-pooling and
+Flatten layers between. Anything else raises `ShrinkError` naming the layer
+and the reason.
 """
 
 import numpy as np
 
-from export._common import ExportError
+from keras_stg import _compat
+from keras_stg import layer_table as table
 
 
-class ShrinkError(ExportError):
+class ShrinkError(ValueError):
     """The model's topology cannot be shrunk; the message names the layer."""
-
-
-_ELEMENTWISE = {
-    "linear", "relu", "relu6", "sigmoid", "tanh", "elu", "selu", "gelu", "silu",
-    "swish", "softplus", "softsign", "hard_sigmoid", "hard_silu", "hard_swish",
-    "leaky_relu", "exponential", "mish", "celu", "sparse_plus", "squareplus",
-    "tanh_shrink", "hard_tanh", "soft_shrink", "hard_shrink", "log_sigmoid",
-}
-
-_SUPPORTED = (
-    "Dense, Conv2D, BatchNormalization, MaxPooling2D, AveragePooling2D, "
-    "GlobalAveragePooling2D, GlobalMaxPooling2D, Flatten, Dropout and element-wise "
-    "activations (Activation, ReLU, LeakyReLU, ELU)"
-)
-
-
-def _activation_name(fn):
-    import keras
-
-    try:
-        name = keras.activations.serialize(fn)
-    except Exception:
-        name = getattr(fn, "__name__", None)
-    if isinstance(name, dict):
-        name = name.get("config", name.get("class_name"))
-    return name if isinstance(name, str) else None
 
 
 def _fail(layer, reason):
     raise ShrinkError(
         f"Cannot shrink layer {layer.name!r} ({type(layer).__name__}): {reason}. "
-        f"--shrink supports chains of {_SUPPORTED}; export this model without --shrink "
-        "(--sparse still stores the zeros compactly)."
+        "shrink supports chains of Dense and convolution layers with per-channel, "
+        "element-wise, pooling, padding and Flatten layers between; export this model "
+        "without --shrink (--sparse still stores the zeros compactly)."
     )
 
 
+_CHAIN_KINDS = {table.PRODUCER, table.PER_CHANNEL, table.ELEMENTWISE, table.SPATIAL,
+                table.GLOBAL_POOL, table.FLATTEN}
+
+
 def _kind(layer):
-    """'producer', 'channel' (per-channel weights), 'elementwise', 'pool', 'flatten'."""
+    """The layer's channel kind from the layer table; fails unless shrink handles it."""
+    import keras
+
+    if isinstance(layer, keras.Model):
+        _fail(layer, "nested models are not supported (build the model as one chain)")
+    kind = table.channel_kind(layer)
+    if isinstance(kind, table.Unsupported):
+        _fail(layer, kind.reason)
+    if kind not in _CHAIN_KINDS:
+        _fail(layer, f"its channels are {kind!r}, which a chain cannot have")
+    if kind == table.PRODUCER and not (
+            isinstance(layer, keras.layers.Dense) or _is_conv(layer)):
+        _fail(layer, "only Dense and plain convolution producers can be shrunk")
+    return kind
+
+
+def _is_conv(layer):
     import keras
 
     L = keras.layers
-    if isinstance(layer, (L.EinsumDense,)):
-        _fail(layer, "EinsumDense kernels are not supported")
-    if isinstance(layer, L.Dense):
-        if _activation_name(layer.activation) not in _ELEMENTWISE:
-            _fail(layer, f"its activation {_activation_name(layer.activation)!r} is not element-wise")
-        return "producer"
-    if isinstance(layer, (L.DepthwiseConv2D, L.SeparableConv2D, L.Conv2DTranspose)):
-        _fail(layer, "only plain Conv2D convolutions can be shrunk")
-    if isinstance(layer, L.Conv2D):
-        if layer.groups != 1:
-            _fail(layer, "grouped convolutions are not supported")
-        if layer.data_format != "channels_last":
-            _fail(layer, "only channels_last data format is supported")
-        if _activation_name(layer.activation) not in _ELEMENTWISE:
-            _fail(layer, f"its activation {_activation_name(layer.activation)!r} is not element-wise")
-        return "producer"
-    if isinstance(layer, L.BatchNormalization):
-        if layer.axis not in (-1, len(layer.input.shape) - 1):
-            _fail(layer, f"it normalizes axis {layer.axis}, not the channel axis")
-        return "channel"
-    if isinstance(layer, L.Activation):
-        if _activation_name(layer.activation) not in _ELEMENTWISE:
-            _fail(layer, f"activation {_activation_name(layer.activation)!r} is not element-wise")
-        return "elementwise"
-    if isinstance(layer, (L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.GaussianNoise,
-                          L.GaussianDropout, L.AlphaDropout, L.Identity)):
-        if isinstance(layer, L.Dropout) and getattr(layer, "noise_shape", None) is not None:
-            _fail(layer, "Dropout with a noise_shape is not supported")
-        return "elementwise"
-    if isinstance(layer, (L.MaxPooling2D, L.AveragePooling2D)):
-        if layer.data_format != "channels_last":
-            _fail(layer, "only channels_last data format is supported")
-        return "pool"
-    if isinstance(layer, (L.GlobalAveragePooling2D, L.GlobalMaxPooling2D)):
-        if layer.data_format != "channels_last":
-            _fail(layer, "only channels_last data format is supported")
-        return "global_pool"
-    if isinstance(layer, L.Flatten):
-        return "flatten"
-    if isinstance(layer, keras.Model):
-        _fail(layer, "nested models are not supported (build the model as one chain)")
-    _fail(layer, "this layer type is not supported")
+    return isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D))
 
 
 def _chain(model):
@@ -140,10 +98,10 @@ def _chain(model):
             raise ShrinkError(
                 f"Cannot shrink {model.name!r}: operation {op.name!r} "
                 f"({type(op).__name__}) is not a layer; --shrink supports chains of "
-                f"{_SUPPORTED}."
+                "Dense and convolution layers."
             )
-        nodes = [n for n in op._inbound_nodes if n.operation is op]
-        if len(op._inbound_nodes) != 1:
+        nodes = [n for n in _compat.inbound_nodes(op) if n.operation is op]
+        if len(_compat.inbound_nodes(op)) != 1:
             _fail(op, "it is called more than once (shared layer)")
         inputs = nodes[0].input_tensors
         if len(inputs) != 1:
@@ -175,8 +133,8 @@ def _count_params(model):
     return int(sum(int(np.prod(v.shape)) for v in model.weights))
 
 
-def shrink(model, check=True, atol=1e-5, seed=0):
-    """Returns `(shrunk keras.Model, info dict)`.
+def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
+    """Returns the shrunk plain `keras.Model` (and an info dict with `return_info=True`).
 
     Args:
         model: a plain (stripped) Keras model whose pruned units have zero
@@ -185,6 +143,8 @@ def shrink(model, check=True, atol=1e-5, seed=0):
         check: compare the outputs of both models on random inputs and raise
             `RuntimeError` if they differ by more than `atol` (relative to the
             output scale).
+        return_info: also return `{"units": {layer: (before, after)},
+            "parameters_before", "parameters_after", "max_abs_diff"}`.
 
     Raises:
         ShrinkError: the topology is not a supported chain; names the layer.
@@ -193,7 +153,7 @@ def shrink(model, check=True, atol=1e-5, seed=0):
 
     layers = _chain(model)
     kinds = [_kind(layer) for layer in layers]
-    producers = [i for i, k in enumerate(kinds) if k == "producer"]
+    producers = [i for i, k in enumerate(kinds) if k == table.PRODUCER]
     for i in producers:
         if isinstance(layers[i], keras.layers.Dense) and len(layers[i].input.shape) != 2:
             _fail(layers[i], f"it takes a rank-{len(layers[i].input.shape)} input; only "
@@ -232,8 +192,13 @@ def shrink(model, check=True, atol=1e-5, seed=0):
         else:
             if t.size % c_out:
                 _fail(consumer, f"its input does not match the {c_out} channels of {layer.name!r}")
-            consts = t.reshape(-1, c_out)[0]
-            drop = dead & ((consts == 0) | (consumer.padding == "valid"))
+            positions = t.reshape(-1, c_out)
+            consts = positions[0]
+            # Exact to remove: zero everywhere, or one constant at every position
+            # (not varied by padding) seen by a convolution without padding.
+            zero = ~np.any(positions != 0, axis=0)
+            uniform = np.all(positions == consts, axis=0)
+            drop = dead & (zero | (uniform & (consumer.padding == "valid")))
         if not (~drop).any():
             drop[0] = False  # keep one unit so that every shape stays valid
         keep_out[p] = np.flatnonzero(~drop)
@@ -245,7 +210,9 @@ def shrink(model, check=True, atol=1e-5, seed=0):
             fold = (t[flat_drop, None] * ck[flat_drop]).sum(0)
             keep_in[q] = np.flatnonzero(~flat_drop)
         else:
-            fold = (consts[drop][:, None] * ck[:, :, drop, :].sum((0, 1))).sum(0)
+            spatial = tuple(range(ck.ndim - 2))
+            fold = (consts[drop][:, None] * np.take(ck, np.flatnonzero(drop), axis=ck.ndim - 2)
+                    .sum(spatial)).sum(0)
             keep_in[q] = keep_out[p]
         if np.any(fold != 0):
             cb = (np.zeros(ck.shape[-1], ck.dtype) if cb is None else cb) + fold.astype(ck.dtype)
@@ -258,7 +225,7 @@ def shrink(model, check=True, atol=1e-5, seed=0):
     new_layers = []
     for i, (layer, kind) in enumerate(zip(layers, kinds)):
         config = layer.get_config()
-        if kind == "producer":
+        if kind == table.PRODUCER:
             kernel, bias = weights[i]
             if i in keep_in:
                 kernel = np.take(kernel, keep_in[i], axis=kernel.ndim - 2)
@@ -276,7 +243,7 @@ def shrink(model, check=True, atol=1e-5, seed=0):
             new = type(layer).from_config(config)
             x = new(x)
             if layer.weights:
-                if kind != "channel":
+                if kind != table.PER_CHANNEL:
                     _fail(layer, "it has weights but is not per-channel")
                 values = [np.asarray(v.numpy()) for v in layer.weights]
                 if current_keep is not None:
@@ -304,4 +271,4 @@ def shrink(model, check=True, atol=1e-5, seed=0):
                 f"Shrinking changed the outputs of {model.name!r} by {diff:g} "
                 f"(allowed {atol * scale:g}); this is a bug, please report it."
             )
-    return shrunk, info
+    return (shrunk, info) if return_info else shrunk

@@ -1,0 +1,117 @@
+"""Every private Keras call keras_stg makes, in one place.
+
+Keras 3 has no public API for a few things this library needs: the direct
+sublayers of a layer, the inbound nodes of an operation in a Functional graph,
+the loss computation and loss tracker of `train_step`, the optimizer's slots
+of one variable, and the step function's reduction across workers. Each is
+reached through one function here, so that a Keras release that moves one of
+them breaks one function, and `tests/test_compat.py` (which calls each of them
+on the installed Keras) says which.
+
+Tested with Keras `TESTED_KERAS` (setup.py pins the range).
+"""
+
+import contextlib
+
+import keras
+
+#: The Keras versions `tests/test_compat.py` was run against (setup.py's range).
+TESTED_KERAS = ">=3.15,<3.16"
+
+
+def sublayers(layer):
+    """Direct sublayers of `layer` (Keras tracks them in a private list)."""
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def all_layers(model):
+    """Every layer below `model`, depth first, each once."""
+    return model._flatten_layers(include_self=False, recursive=True)
+
+
+def inbound_nodes(operation):
+    """The graph nodes at which `operation` is called in the Functional models it is in."""
+    return operation._inbound_nodes
+
+
+def compute_loss(model, x, y, y_pred, sample_weight, training=True):
+    """The compiled loss plus the losses layers added, as `Model.train_step` computes it."""
+    return model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+    )
+
+
+def loss_tracker(model):
+    """The `Mean` metric behind the `loss` entry of `fit`'s logs."""
+    return model._loss_tracker
+
+
+def adam_slots(optimizer, variable):
+    """`(first moment, second moment)` slot variables Adam keeps for `variable`."""
+    index = optimizer._get_variable_index(variable)
+    return optimizer._momentums[index], optimizer._velocities[index]
+
+
+@contextlib.contextmanager
+def update_step_override(optimizer, update_step):
+    """While inside, `optimizer.apply_gradients` updates each variable with
+    `update_step(gradient, variable, learning_rate)` (which may call Keras' own,
+    passed as its `keras_update` attribute); everything else `apply_gradients`
+    does (loss scale, clipping, weight decay, EMA, accumulation, constraints,
+    the step counter) is Keras' own. No-op if the instance already has one."""
+    if "update_step" in vars(optimizer):
+        yield False
+        return
+    update_step.keras_update = optimizer.update_step
+    optimizer.update_step = update_step
+    try:
+        yield True
+    finally:
+        del optimizer.update_step
+
+
+def skip_symbolic_build(model, data_batch):
+    """Builds `model`'s compiled metrics on `data_batch` once, then stops `fit` from
+    rebuilding them symbolically (each rebuild traces the model once more)."""
+    model._maybe_symbolic_build(data_batch=data_batch)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+
+def patch_multi_worker_reduce():
+    """Makes Keras reduce scalar logs of a multi-worker step (idempotent, process-wide).
+
+    Keras 3.15 reduces every per-replica log of a multi-worker step with
+    `strategy.reduce("MEAN", v, axis=0)`, which fails on scalar logs ("Invalid
+    reduction dimension 0 for input with 0 dimensions"). Scalars are reduced
+    with `axis=None` instead (the mean over replicas); everything else, and
+    every other strategy, goes to Keras' own function unchanged.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_keras_stg_patch", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(
+            strategy
+        ):
+            def _reduce(v):
+                if not tf_trainer._is_per_replica_instance(v):
+                    return v  # already the same on every replica (e.g. lam)
+                local = strategy.experimental_local_results(v)[0]
+                axis = 0 if getattr(local.shape, "rank", 0) else None
+                return strategy.reduce("MEAN", v, axis=axis)
+
+            return keras.tree.map_structure(_reduce, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._keras_stg_patch = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def tf2onnx_patch():
+    """Keras' compatibility patch for tf2onnx, which `export.onnx` applies before converting."""
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+    return patch_tf2onnx

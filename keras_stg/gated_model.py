@@ -1,0 +1,486 @@
+"""`GatedModel`: any Keras 3 model with a stochastic gate on every kernel.
+
+A `keras_stg.masking.MaskedModel` (substitution, freezing and the training
+step live there) whose mask is a tensor of stochastic gates per kernel,
+trained with the expected-L0 penalty of a `keras_stg.penalty` schedule. Its
+options are one `keras_stg.GateConfig`.
+
+Modes:
+- `"slt"`: strong lottery ticket. Weights stay frozen at their (random)
+  initial values; only the gates train.
+- `"post_training"`: a trained model's weights stay frozen; only gates train.
+- `"joint"`: weights and gates train together.
+
+Normalization policy: gates are never put on normalization layers. In the two
+frozen modes their affine parameters (gamma, beta) stay frozen with the other
+weights, while BatchNormalization's moving mean and variance keep being
+updated during `fit`, so inference statistics describe the masked network and
+not the dense one they were first computed on. In `"joint"` mode every
+parameter trains as usual. Frozen weights are bit-identical after `fit`.
+"""
+
+import math
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from keras_stg import config as config_lib
+from keras_stg import fused as fused_lib
+from keras_stg import gate_math
+from keras_stg import granularity as granularity_lib
+from keras_stg import initializers
+from keras_stg.gate import StochasticGate
+from keras_stg.masking import MaskedModel
+from keras_stg.noise import NoiseTable
+
+
+@keras.saving.register_keras_serializable(package="keras_stg")
+class GatedModel(MaskedModel):
+    """A Keras model whose kernels are multiplied by learned stochastic gates.
+
+    Build it with `keras_stg.wrap(model, ...)`, or as `GatedModel(model,
+    config)` with a `keras_stg.GateConfig` (the keyword form of `wrap` is
+    accepted too). The object is a regular `keras.Model`: compile, fit,
+    evaluate, predict, save to `.keras` and load back with
+    `keras.models.load_model` (import `keras_stg` first so the class is
+    registered).
+
+    Besides the compiled metrics, `fit` and `evaluate` log `sparsity` (share
+    of gated kernel weights removed by the binary mask), `expected_l0`
+    (expected share kept under the relaxation, i.e. the expected L0 norm
+    divided by the weight count) and `lam` (the current penalty weight).
+    A training step logs the mask it started from (known without an extra
+    pass over the gates); the logs that `fit` hands to callbacks at the end
+    of an epoch (History, EarlyStopping, ModelCheckpoint, TensorBoard) hold
+    the mask after the epoch's last step.
+
+    Attributes:
+        config: the resolved `GateConfig` (every automatic choice made).
+        base_model: the wrapped model (its kernels are not modified).
+        targets: list of `keras_stg.targets.GateTarget`, one per gated kernel.
+        gates: list of `StochasticGate`, aligned with `targets`.
+        skipped: layers with trainable weights that are not gated, with reasons.
+        penalty: the penalty schedule (`config.penalty`).
+    """
+
+    def __init__(self, model, config=None, **kwargs):
+        layer_kwargs = {k: kwargs.pop(k) for k in ("name", "trainable", "dtype") if k in kwargs}
+        if config is None:
+            config = config_lib.from_keywords(**kwargs)
+        elif kwargs:
+            raise TypeError(
+                f"Pass either a GateConfig or keyword options, not both (got "
+                f"{', '.join(sorted(kwargs))} beside the config).")
+        elif isinstance(config, dict):
+            config = config_lib.GateConfig.from_config(config)
+        elif not isinstance(config, config_lib.GateConfig):
+            raise TypeError(f"`config` must be a keras_stg.GateConfig, got {config!r}.")
+        config = config.resolve()
+        layer_kwargs.setdefault("name", f"gated_{model.name}")
+        super().__init__(model, freeze=config.mode != "joint", include=config.include,
+                         exclude=config.exclude, **layer_kwargs)
+        self.config = config
+        # True while the mask is frozen (the fine-tuning phase): the forward
+        # pass uses the binary mask and only the weights train.
+        self._mask_frozen = False
+
+        self.gates = []
+        self._n_weights = []
+        for i, t in enumerate(self.targets):
+            shape = tuple(t.variable.shape)
+            gate_shape = self.granularity.gate_shape(shape, t.out_axes, t.in_axes)
+            gate_seed = None if config.seed is None else int(config.seed) * 100003 + i
+            if config.init_mu == "random":
+                init = initializers.random_mu(1.0 - self.target_sparsity, config.sigma,
+                                              config.mu_bound, gate_seed)
+            else:
+                init = config.init_mu
+            self.gates.append(
+                StochasticGate(
+                    sigma=config.sigma,
+                    gate_shape=gate_shape,
+                    init_mu=init,
+                    mu_bound=config.mu_bound,
+                    seed=gate_seed,
+                    name=f"gate_{i}",
+                )
+            )
+            self._n_weights.append(math.prod(shape))
+        self._total_weights = float(sum(self._n_weights))
+        noise_seed = (int(config.seed) if config.seed is not None
+                      else int(np.random.randint(2**31 - 1)))
+        noise = NoiseTable([g.gate_shape for g in self.gates], noise_seed)
+        object.__setattr__(self, "noise", noise)  # holds a tf.Variable Keras must not save
+        self.noise_seed = noise.seed_generator  # tracked: saved, so a resumed run continues
+        # `call` hands the expected and hard densities of its gate draw to
+        # `train_step` through this; thread-local because MirroredStrategy
+        # traces the replicas' steps in concurrent threads.
+        object.__setattr__(self, "_step", threading.local())
+        self.lam = self.add_weight(
+            name="lam",
+            shape=(),
+            initializer=keras.initializers.Constant(self.penalty.lam),
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+        # Total optimizer steps of the current `fit` and steps per epoch (set
+        # by a callback), for the ramp of the sparsity target and the
+        # controller's look-ahead; 0 means no ramp / no look-ahead.
+        self.total_steps = self._state_weight("total_steps")
+        self.epoch_steps = self._state_weight("epoch_steps")
+        # Controller state: last hard sparsity and the smoothed change of it
+        # per step (its velocity).
+        self.last_sparsity = self._state_weight("last_sparsity", -1.0)
+        self.sparsity_velocity = self._state_weight("sparsity_velocity")
+        self.mask_frozen = self._state_weight("mask_frozen")  # 1.0 once frozen (saved)
+        # Values of the gated biases are gated too for unit-like granularities.
+        self._gated_bias = [
+            t.bias is not None
+            and self.granularity.gates_bias
+            and math.prod(t.bias.shape) == math.prod(g.gate_shape)
+            for t, g in zip(self.targets, self.gates)
+        ]
+        self.substituted |= {
+            id(t.bias) for t, b in zip(self.targets, self._gated_bias) if b
+        }
+        self.freeze_base()
+
+    def _state_weight(self, name, value=0.0):
+        return self.add_weight(
+            name=name,
+            shape=(),
+            initializer=keras.initializers.Constant(value),
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+    # The config's fields, read-only.
+    mode = property(lambda self: self.config.mode)
+    granularity = property(lambda self: self.config.granularity)
+    penalty = property(lambda self: self.config.penalty)
+    target_sparsity = property(lambda self: self.config.target_sparsity)
+    sigma = property(lambda self: self.config.sigma)
+    mu_bound = property(lambda self: self.config.mu_bound)
+    seed = property(lambda self: self.config.seed)
+
+    def __repr__(self):
+        if "config" not in vars(self):
+            return super().__repr__()
+        return f"<GatedModel {self.name!r} of {self.base_model.name!r}: {self.config}>"
+
+    # ------------------------------------------------------------------ forward
+
+    def _fused_lib(self):
+        """The fused CPU kernels if this model should use them, else None."""
+        fused = self.config.fused
+        if fused is False or getattr(self, "jit_compile", False) is True:
+            return None  # XLA cannot compile custom ops
+        if fused == "auto" and tf.config.list_logical_devices("GPU"):
+            return None  # GPU steps are fused by XLA; the kernels are CPU-only
+        lib = fused_lib.load()
+        if lib is None and fused is True:
+            raise RuntimeError(
+                "GatedModel(fused=True) but the fused gate kernels are unavailable: "
+                f"{fused_lib.error() or 'disabled by KERAS_STG_FUSED=0'}. "
+                "Use fused='auto' to fall back to the pure-TensorFlow path."
+            )
+        return lib
+
+    def _weight_shaped(self, target, gate):
+        return (
+            tuple(gate.gate_shape) == tuple(target.variable.shape)
+            and target.variable.dtype == "float32"
+            and gate.mu.dtype == "float32"
+        )
+
+    def _relaxed_kernels(self):
+        """`(mapping, expected density, hard density)` for a training step.
+
+        The mapping holds the kernels times fresh relaxed gates; the hard
+        density is the share of weights the binary mask keeps at the `mu` of
+        this draw (the fused kernels count it in the same pass).
+        """
+        noise = self.noise
+        offset = noise.offset()
+        lib = self._fused_lib()
+        rolled = None
+        mapping = []
+        expected = 0.0
+        kept = 0.0
+        for index, (target, gate, gated_bias, n) in enumerate(zip(
+            self.targets, self.gates, self._gated_bias, self._n_weights,
+        )):
+            kernel = target.variable
+            if lib is not None and self._weight_shaped(target, gate):
+                value, l0, gate_kept = lib.stg_weight_gate(
+                    kernel.value, gate.mu.value, noise.table, noise.begin(offset, index),
+                    sigma=gate.sigma, kernel_grad=bool(kernel.trainable),
+                )
+                mapping.append((kernel, value))
+                expected = expected + l0
+                kept = kept + ops.cast(gate_kept, "float32")
+                continue
+            if rolled is None:
+                rolled = noise.rolled(offset)
+            eps = noise.slice(rolled, index)
+            z = gate_math.relaxed_gate(gate.mu, gate.sigma, eps=eps)
+            self._append_gated(mapping, target, gate, gated_bias, z)
+            expected = expected + gate.expected_l0() * (n / noise.sizes[index])
+            kept = kept + self._kept_weights(target, gate)
+        return mapping, expected / self._total_weights, kept / self._total_weights
+
+    def _append_gated(self, mapping, target, gate, gated_bias, z):
+        kernel = target.variable
+        shape = tuple(kernel.shape)
+        z_full = self.granularity.expand(z, shape, target.out_axes, target.in_axes)
+        value = kernel.value
+        mapping.append((kernel, value * ops.cast(z_full, value.dtype)))
+        if gated_bias:
+            bias = target.bias.value
+            mapping.append(
+                (target.bias, bias * ops.cast(ops.reshape(z, bias.shape), bias.dtype))
+            )
+
+    def effective_kernels(self, training=False):
+        """`(variable, value)` pairs: every gated kernel (and bias) times its gate."""
+        if training:
+            return self._relaxed_kernels()[0]
+        mapping = []
+        for target, gate, gated_bias in zip(self.targets, self.gates, self._gated_bias):
+            self._append_gated(mapping, target, gate, gated_bias, gate.gate(False))
+        return mapping
+
+    def masked_values(self, training=False):
+        if training and not self._mask_frozen:
+            mapping, expected, hard = self._relaxed_kernels()
+            self._step.expected_density, self._step.hard_density = expected, hard
+            return mapping
+        return self.effective_kernels(training=False)
+
+    # ------------------------------------------------------------- gate state
+
+    def _expected_density(self):
+        """Expected share of gated kernel weights kept under the relaxation."""
+        total = 0.0
+        for gate, n in zip(self.gates, self._n_weights):
+            per_gate = n / math.prod(gate.gate_shape)
+            total = total + gate.expected_l0() * per_gate
+        return total / self._total_weights
+
+    def _kept_weights(self, target, gate):
+        mask = gate_math.binary_mask(gate.mu)
+        return ops.cast(
+            self.granularity.kept_weights(
+                mask, tuple(target.variable.shape), target.out_axes, target.in_axes
+            ),
+            "float32",
+        )
+
+    def _hard_density(self):
+        kept = 0.0
+        for target, gate in zip(self.targets, self.gates):
+            kept = kept + self._kept_weights(target, gate)
+        return kept / self._total_weights
+
+    def _gate_logs(self, hard_density=None, expected_density=None):
+        if hard_density is None:
+            hard_density = self._hard_density()
+        if expected_density is None:
+            expected_density = self._expected_density()
+        return {
+            "sparsity": 1.0 - hard_density,
+            "expected_l0": expected_density,
+            "lam": ops.convert_to_tensor(self.lam),
+        }
+
+    def freeze_mask(self):
+        """Fixes the mask at exactly `target_sparsity`; from now on only the weights train.
+
+        The kept weights are those with the largest `mu` over the whole model
+        (the mask the gates already hold, give or take the controller's last
+        fraction of a percent), so the frozen mask removes `target_sparsity` of
+        the gated weights to the nearest gate; each gate is saturated at
+        `+-mu_bound`. Training after this uses the binary mask in the forward
+        pass, no penalty and no lambda updates: the
+        weights fine-tune under the mask they will be exported with (as
+        magnitude pruning does after its schedule ends). Idempotent.
+        """
+        mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
+        per_gate = [n / m.size for n, m in zip(self._n_weights, mus)]
+        flat = np.concatenate(mus)
+        weight = np.concatenate([np.full(m.size, w) for m, w in zip(mus, per_gate)])
+        order = np.argsort(-flat, kind="stable")
+        keep_weights = (1.0 - self.target_sparsity) * self._total_weights
+        kept_before = np.cumsum(weight[order]) - weight[order]
+        keep = np.zeros(flat.size, bool)
+        keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
+        # Saturate the frozen gates, so that no gate reads as fractional.
+        bound = self.mu_bound or 1.0
+        new = np.where(keep, bound, -bound).astype("float32")
+        start = 0
+        for gate, m in zip(self.gates, mus):
+            gate.mu.assign(new[start:start + m.size].reshape(gate.mu.shape))
+            gate.mu.trainable = False
+            start += m.size
+        self._mask_frozen = True
+        self.mask_frozen.assign(1.0)
+
+    # ----------------------------------------------------------- train / test
+
+    def before_step(self):
+        self._step.expected_density = self._step.hard_density = None
+        lib = self._fused_lib()
+        for gate in self.gates:
+            if gate.mu.constraint is not None:
+                gate.mu.constraint.fused_lib = lib
+
+    def _step_densities(self):
+        expected, hard = self._step.expected_density, self._step.hard_density
+        if expected is None:  # a subclass overrode `call`
+            expected, hard = self._expected_density(), self._hard_density()
+            self._step.expected_density, self._step.hard_density = expected, hard
+        return expected, hard
+
+    def extra_loss(self):
+        """`lambda * expected density` (none while the mask is frozen)."""
+        expected, _ = self._step_densities()
+        if self._mask_frozen:
+            return None
+        return ops.cast(self.lam, "float32") * expected
+
+    def apply_gradients(self, gradients, variables):
+        lib = self._fused_lib()
+        fused_mu = [g.mu for g in self.gates] if lib and not self._mask_frozen else ()
+        with fused_lib.gate_adam(self.optimizer, fused_mu):
+            self.optimizer.apply_gradients(zip(gradients, variables))
+
+    def after_step(self, iteration):
+        if not self._mask_frozen:
+            self.penalty.update(self, self._step_densities()[1], iteration)
+
+    def step_logs(self):
+        expected, hard = self._step_densities()
+        return self._gate_logs(hard, expected)
+
+    def current_target(self, iteration=None):
+        """The penalty's sparsity target at step `iteration` (1-based; default the
+        optimizer's), or None without a target."""
+        if self.target_sparsity is None:
+            return None
+        if iteration is None:
+            iteration = ops.cast(self.optimizer.iterations, "float32")
+        return self.penalty.target_at(self, iteration)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`; also tells the sparsity schedule how long training runs."""
+        callbacks = [_FitState(self)] + list(callbacks or [])
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        logs.update(self._gate_logs())
+        return logs
+
+    def masks(self):
+        """Binary masks, one NumPy array per gated kernel, broadcast to its shape."""
+        out = []
+        for target, gate in zip(self.targets, self.gates):
+            shape = tuple(target.variable.shape)
+            m = self.granularity.expand(
+                gate_math.binary_mask(gate.mu), shape, target.out_axes, target.in_axes
+            )
+            out.append(np.broadcast_to(ops.convert_to_numpy(m), shape).astype(bool))
+        return out
+
+    def sparsity(self):
+        """Share of gated kernel weights removed by the binary mask (a float)."""
+        return float(ops.convert_to_numpy(1.0 - self._hard_density()))
+
+    def strip(self):
+        """Returns a plain Keras model with `kernel * mask` and no gate state.
+
+        Same architecture and layer names as the wrapped model; its outputs
+        equal this model's inference outputs. See `keras_stg.strip`.
+        """
+        from keras_stg.stripping import strip
+
+        return strip(self)
+
+    # ------------------------------------------------------------- serialize
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "model": keras.saving.serialize_keras_object(self.base_model),
+            "config": self.config.get_config(),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        name = config.pop("name", None)
+        try:
+            model = keras.saving.deserialize_keras_object(
+                config.pop("model"), custom_objects=custom_objects
+            )
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"Could not rebuild the model that {name or 'this GatedModel'!r} wraps: {e} "
+                "If it is a subclassed model, register its class before loading "
+                "(@keras.saving.register_keras_serializable() on the class, or "
+                "custom_objects={'ClassName': ClassName} in load_model)."
+            ) from e
+        if "config" in config:
+            gate_config = config_lib.GateConfig.from_config(config["config"])
+        else:  # saved before GateConfig: the options were flat keywords
+            config["granularity"] = granularity_lib.deserialize(config["granularity"])
+            gate_config = config_lib.from_keywords(**config)
+        return cls(model, gate_config, name=name)
+
+
+class _FitState(keras.callbacks.Callback):
+    """Stores `epochs * steps` of the running `fit` in the gated model, and
+    puts the sparsity after each epoch into the epoch's logs.
+
+    It runs before every other callback, which see the updated logs.
+    """
+
+    def __init__(self, gated):
+        super().__init__()
+        self._gated = gated
+
+    def on_train_begin(self, logs=None):
+        epochs = self.params.get("epochs") or 0
+        steps = self.params.get("steps") or 0
+        gated = self._gated
+        gated.total_steps.assign(float(epochs * steps))
+        gated.epoch_steps.assign(float(steps))
+        # Fine-tuning: the last `finetune` share of the epochs, leaving at least
+        # one epoch to each phase (a 1-epoch fit only trains the gates).
+        self._freeze_epoch = None
+        if gated.config.finetune and epochs >= 2:
+            self._freeze_epoch = min(epochs - 1, max(1, epochs - round(gated.config.finetune * epochs)))
+        if float(ops.convert_to_numpy(gated.mask_frozen)) and not gated._mask_frozen:
+            self._freeze()  # a resumed run that had frozen its mask
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if (self._freeze_epoch is not None and epoch >= self._freeze_epoch
+                and not self._gated._mask_frozen):
+            self._freeze()
+
+    def _freeze(self):
+        gated = self._gated
+        gated.freeze_mask()
+        # The step function changes (binary mask, no gate updates): trace it anew.
+        gated.make_train_function(force=True)
+        if self.params.get("verbose"):
+            print(f"keras_stg: mask frozen at {100 * gated.sparsity():.2f}% sparsity; "
+                  "fine-tuning the weights under it", flush=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and "sparsity" in logs:
+            logs["sparsity"] = self._gated.sparsity()

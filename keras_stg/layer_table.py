@@ -1,0 +1,288 @@
+"""What keras_stg knows about each layer type, in one table.
+
+Every part of the library that needs layer knowledge reads it here: finding
+the kernels to gate (`keras_stg.targets`), their fan-in for the
+initialisations (`keras_stg.initializers`), the summary, the export stage's
+weight statistics, and how channels flow through a layer for `shrink`. A new
+layer type is one `register_layer` call.
+
+A `LayerSpec` says two things about a layer type:
+
+- `kernels(layer)`: its gateable kernels, as `Kernel(role, out_axes,
+  in_axes)`: `role` is the name of the kernel variable (`"kernel"`,
+  `"depthwise_kernel"`, ...), `out_axes` the kernel axes indexing output units
+  (what unit gates and channel gates act on), `in_axes` the axes contracted
+  with the input (the fan-in). It returns None when this layer instance has no
+  kernel the gates can control (an EinsumDense equation it cannot read).
+- `channels(layer)`: how the layer treats the channels (last axis) of its
+  input, one of the `CHANNEL_KINDS`, or `Unsupported(reason)`.
+
+Lookup follows the class hierarchy: a subclass of a registered type (a
+custom `Dense`) gets its parent's entry unless it has its own.
+
+Example, a custom layer with a gateable kernel:
+
+```python
+class Affine(keras.layers.Layer):   # y = x @ w, w of shape (in, out)
+    ...
+
+keras_stg.register_layer(Affine, kernels=lambda layer: [Kernel("w", (1,), (0,))],
+                         channels=PRODUCER)
+```
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import keras
+
+# Channel kinds: how a layer maps the channels (last axis) of its input to
+# those of its output.
+#: Makes a new channel space: output channel j mixes every input channel
+#: (Dense, Conv); consumers' input axes are its `in_axes`.
+PRODUCER = "producer"
+#: One filter per input channel, output channel = input channel (depthwise conv).
+DEPTHWISE = "depthwise"
+#: Weights indexed by channel, channels unchanged (BatchNormalization).
+PER_CHANNEL = "per_channel"
+#: Acts on every entry alone, channels unchanged (activations, dropout).
+ELEMENTWISE = "elementwise"
+#: Spatial windows per channel, channels unchanged (pooling, padding, cropping).
+SPATIAL = "spatial"
+#: Spatial axes reduced away, channels kept (global pooling).
+GLOBAL_POOL = "global_pool"
+#: Spatial and channel axes flattened into one: channel c maps to the rows
+#: `c, c + C, c + 2C, ...` of the consumer.
+FLATTEN = "flatten"
+#: Several inputs combined entry by entry (Add, Multiply, ...): every input
+#: must keep the same channels.
+MERGE = "merge"
+#: Inputs concatenated on the channel axis.
+CONCAT = "concat"
+
+CHANNEL_KINDS = (PRODUCER, DEPTHWISE, PER_CHANNEL, ELEMENTWISE, SPATIAL, GLOBAL_POOL,
+                 FLATTEN, MERGE, CONCAT)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One gateable kernel of a layer: its variable name and axis roles."""
+
+    role: str
+    out_axes: tuple
+    in_axes: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsupported:
+    """A layer whose channels keras_stg cannot follow, and why."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Behaviour of one layer type; see the module docstring."""
+
+    kernels: Optional[Callable] = None
+    channels: object = None  # a kind, or a callable `layer -> kind | Unsupported`
+    #: Never gated, by design (normalization layers: see `keras_stg.gated_model`).
+    never_gated: bool = False
+
+    def channel_kind(self, layer):
+        kind = self.channels(layer) if callable(self.channels) else self.channels
+        if kind is None:
+            return Unsupported("its channel behaviour is not in keras_stg's layer table")
+        return kind
+
+
+_TABLE = {}
+
+
+def register_layer(layer_type, kernels=None, channels=None, never_gated=False):
+    """Adds (or replaces) the entry of `layer_type`; see the module docstring.
+
+    Args:
+        layer_type: a `keras.layers.Layer` subclass.
+        kernels: `layer -> list of Kernel` (or None for this instance); None:
+            the layer has no gateable kernel.
+        channels: a channel kind, or `layer -> kind | Unsupported(reason)`;
+            None: unknown (shrink stops at this layer and says so).
+        never_gated: the layer's weights are never gated even if it has a kernel.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, keras.layers.Layer)):
+        raise TypeError(f"register_layer takes a keras.layers.Layer subclass, got {layer_type!r}.")
+    if isinstance(channels, str) and channels not in CHANNEL_KINDS:
+        raise ValueError(f"Unknown channel kind {channels!r}; use one of {CHANNEL_KINDS}.")
+    _TABLE[layer_type] = LayerSpec(kernels=kernels, channels=channels, never_gated=never_gated)
+
+
+def spec(layer):
+    """The `LayerSpec` of `layer`'s most specific registered class (empty if none)."""
+    for cls in type(layer).__mro__:
+        entry = _TABLE.get(cls)
+        if entry is not None:
+            return entry
+    return LayerSpec()
+
+
+def kernels(layer):
+    """The layer's gateable kernels as `Kernel`s, or None if it has none."""
+    entry = spec(layer)
+    if entry.kernels is None or entry.never_gated:
+        return None
+    return entry.kernels(layer)
+
+
+def kernel_layer_names():
+    """Names of the registered layer types that have gateable kernels, for messages."""
+    return ", ".join(sorted(cls.__name__ for cls, entry in _TABLE.items()
+                            if entry.kernels is not None and not entry.never_gated))
+
+
+def channel_kind(layer):
+    """How `layer` treats its input's channels: a kind from `CHANNEL_KINDS` or `Unsupported`."""
+    return spec(layer).channel_kind(layer)
+
+
+# ------------------------------------------------------------------ built in
+
+#: Activation names that act on each entry alone (softmax does not).
+ELEMENTWISE_ACTIVATIONS = {
+    "linear", "relu", "relu6", "sigmoid", "tanh", "elu", "selu", "gelu", "silu",
+    "swish", "softplus", "softsign", "hard_sigmoid", "hard_silu", "hard_swish",
+    "leaky_relu", "exponential", "mish", "celu", "sparse_plus", "squareplus",
+    "tanh_shrink", "hard_tanh", "soft_shrink", "hard_shrink", "log_sigmoid",
+}
+
+
+def activation_name(fn):
+    """The registered name of a Keras activation function, or None."""
+    try:
+        name = keras.activations.serialize(fn)
+    except Exception:
+        name = getattr(fn, "__name__", None)
+    if isinstance(name, dict):
+        name = name.get("config", name.get("class_name"))
+    return name if isinstance(name, str) else None
+
+
+def _after_activation(kind):
+    """`kind` if the layer's own activation is element-wise, else Unsupported."""
+    def channels(layer):
+        name = activation_name(getattr(layer, "activation", None))
+        if name not in ELEMENTWISE_ACTIVATIONS:
+            return Unsupported(f"its activation {name!r} is not element-wise")
+        return kind
+    return channels
+
+
+def _channels_last(kind):
+    def channels(layer):
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return Unsupported("only the channels_last data format is supported")
+        return kind
+    return channels
+
+
+def _conv_channels(layer):
+    if getattr(layer, "groups", 1) != 1:
+        return Unsupported("grouped convolutions are not supported")
+    if layer.data_format != "channels_last":
+        return Unsupported("only the channels_last data format is supported")
+    return _after_activation(PRODUCER)(layer)
+
+
+def _einsum_kernels(layer):
+    rank = len(layer.kernel.shape)
+    inputs, output = layer.equation.replace(" ", "").split("->")
+    kernel_spec = inputs.split(",")[1].replace("...", "")
+    output = output.replace("...", "")
+    if len(kernel_spec) != rank:
+        return None
+    out_axes = tuple(i for i, c in enumerate(kernel_spec) if c in output)
+    in_axes = tuple(i for i, c in enumerate(kernel_spec) if c not in output)
+    return [Kernel("kernel", out_axes, in_axes)]
+
+
+def _conv_kernels(layer):
+    r = len(layer.kernel.shape)
+    return [Kernel("kernel", (r - 1,), tuple(range(r - 1)))]
+
+
+def _transpose_kernels(layer):
+    r = len(layer.kernel.shape)  # (*spatial, out, in)
+    return [Kernel("kernel", (r - 2,), tuple(range(r - 2)) + (r - 1,))]
+
+
+def _depthwise_kernels(layer):
+    role = "kernel" if any(v.name == "kernel" for v in layer.weights) else "depthwise_kernel"
+    r = len(layer.kernel.shape)  # (*spatial, channels, multiplier)
+    return [Kernel(role, (r - 2, r - 1), tuple(range(r - 2)))]
+
+
+def _separable_kernels(layer):
+    r_dw, r_pw = len(layer.depthwise_kernel.shape), len(layer.pointwise_kernel.shape)
+    return [
+        Kernel("depthwise_kernel", (r_dw - 2, r_dw - 1), tuple(range(r_dw - 2))),
+        Kernel("pointwise_kernel", (r_pw - 1,), tuple(range(r_pw - 1))),
+    ]
+
+
+def _batch_norm_channels(layer):
+    axis = layer.axis
+    rank = len(layer.input.shape) if axis != -1 else None
+    if axis != -1 and axis != rank - 1:
+        return Unsupported(f"it normalizes axis {axis}, not the channel axis")
+    return PER_CHANNEL
+
+
+def _dropout_channels(layer):
+    if getattr(layer, "noise_shape", None) is not None:
+        return Unsupported("Dropout with a noise_shape is not supported")
+    return ELEMENTWISE
+
+
+def _register_builtins():
+    L = keras.layers
+    register_layer(L.Dense, kernels=lambda l: [Kernel("kernel", (1,), (0,))],
+                   channels=_after_activation(PRODUCER))
+    register_layer(L.EinsumDense, kernels=_einsum_kernels,
+                   channels=Unsupported("EinsumDense channels are not followed yet"))
+    for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
+        register_layer(cls, kernels=_conv_kernels, channels=_conv_channels)
+    for cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
+        register_layer(cls, kernels=_transpose_kernels,
+                       channels=Unsupported("transposed convolutions are not followed yet"))
+    for cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
+        register_layer(cls, kernels=_depthwise_kernels, channels=_after_activation(DEPTHWISE))
+    for cls in (L.SeparableConv1D, L.SeparableConv2D):
+        register_layer(cls, kernels=_separable_kernels,
+                       channels=Unsupported("separable convolutions are not followed yet"))
+    register_layer(L.BatchNormalization, channels=_batch_norm_channels, never_gated=True)
+    for cls in (L.LayerNormalization, L.GroupNormalization, L.UnitNormalization):
+        register_layer(cls, never_gated=True,
+                       channels=Unsupported(f"{cls.__name__} mixes the channels it "
+                                            "normalizes"))
+    register_layer(L.Activation, channels=_after_activation(ELEMENTWISE))
+    for cls in (L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.GaussianNoise, L.GaussianDropout,
+                L.AlphaDropout, L.Identity):
+        register_layer(cls, channels=ELEMENTWISE)
+    register_layer(L.Dropout, channels=_dropout_channels)
+    for cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
+                L.AveragePooling2D, L.AveragePooling3D):
+        register_layer(cls, channels=_channels_last(SPATIAL))
+    for cls in (L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D,
+                L.Cropping2D, L.Cropping3D):
+        register_layer(cls, channels=_channels_last(SPATIAL))
+    for cls in (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+                L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D):
+        register_layer(cls, channels=_channels_last(GLOBAL_POOL))
+    register_layer(L.Flatten, channels=_channels_last(FLATTEN))
+    for cls in (L.Add, L.Subtract, L.Multiply, L.Maximum, L.Minimum, L.Average):
+        register_layer(cls, channels=MERGE)
+    register_layer(L.Concatenate, channels=lambda l: CONCAT if l.axis in (-1,) else Unsupported(
+        f"it concatenates on axis {l.axis}, not the channel axis"))
+
+
+_register_builtins()

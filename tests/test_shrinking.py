@@ -1,0 +1,128 @@
+"""`keras_stg.shrink`: physical removal of pruned units, exact against the masked model."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_stg
+from keras_stg.experiments import models
+from keras_stg.shrinking import ShrinkError, shrink
+from tests import helpers
+
+
+def _unit_ticket(model, seed=0, keep=0.5):
+    gated = keras_stg.wrap(model, mode="slt", granularity="unit", seed=seed)
+    return helpers.random_masks(gated, keep, seed)
+
+
+def _bn_cnn():
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(8, 3, padding="valid", name="c2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.Activation("sigmoid")(x)  # f(0) != 0: removed units are constants
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False, name="c3")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(12, activation="tanh", name="d1")(x)
+    x = keras.layers.Dropout(0.1)(x)
+    outputs = keras.layers.Dense(10, name="d2")(x)
+    return keras.Model(inputs, outputs, name="bn_cnn")
+
+
+@pytest.mark.parametrize("build", [_bn_cnn, lambda: models.conv4((16, 16, 1)),
+                                   lambda: models.lenet_300_100((784,))])
+def test_shrink_equals_masked_model(build):
+    model = build()
+    rng = np.random.default_rng(3)
+    for layer in model.layers:  # BatchNormalization with non-trivial statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            for v in layer.weights:
+                v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32")
+                         * (1 if ("variance" in v.name or "gamma" in v.name)
+                            else rng.choice([-1, 1], v.shape)))
+    gated = _unit_ticket(model, seed=1)
+    stripped = gated.strip()
+    small, info = shrink(stripped, return_info=True)
+    assert info["parameters_after"] < 0.75 * info["parameters_before"]
+    assert any(after < before for before, after in info["units"].values())
+    x, _ = helpers.batch(stripped, 6, seed=5)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(stripped, x)) <= 1e-5
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(gated, x)) <= 1e-5
+    assert small.output_shape == stripped.output_shape
+
+
+def test_shrink_rejects_branches_naming_the_layer():
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="left")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="right")(inputs)
+    x = keras.layers.Add(name="merge")([a, b])
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(ShrinkError, match="right|merge"):
+        shrink(model)
+    dw = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.DepthwiseConv2D(3, name="dw"),
+                           keras.layers.Flatten(), keras.layers.Dense(2)])
+    with pytest.raises(ShrinkError, match="'dw' \\(DepthwiseConv2D\\)"):
+        shrink(dw)
+
+
+def _check_exact(model, seed=0):
+    gated = _unit_ticket(model, seed=seed)
+    stripped = gated.strip()
+    small, info = shrink(stripped, return_info=True)
+    x, _ = helpers.batch(stripped, 6, seed=5)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(stripped, x)) <= 1e-5
+    return small, info
+
+
+def test_shrink_through_padding_keeps_channels_a_padded_constant_would_change():
+    """ZeroPadding after a BatchNormalization shift: a removed channel is a constant inside
+    the image and zero on its border, so a valid conv after it cannot fold it; only the
+    channels that are zero everywhere go."""
+    inputs = keras.Input((10, 10, 2))
+    x = keras.layers.Conv2D(8, 3, name="c1")(inputs)
+    x = keras.layers.BatchNormalization(center=True, name="bn")(x)
+    x = keras.layers.ZeroPadding2D(1, name="pad")(x)
+    x = keras.layers.Conv2D(6, 3, name="c2")(x)
+    outputs = keras.layers.Dense(3, name="out")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    beta = np.zeros(8, "float32")
+    beta[:4] = 1.0  # channels 0-3 shifted: a constant after BN, not removable past the pad
+    model.get_layer("bn").beta.assign(beta)
+    gated = _unit_ticket(model, seed=0)
+    mu = np.full(gated.gates[0].mu.shape, -0.5, "float32")  # close every c1 channel
+    gated.gates[0].mu.assign(mu)
+    stripped = gated.strip()
+    small, info = shrink(stripped, return_info=True)
+    assert info["units"]["c1"] == (8, 4)  # the four shifted channels stay
+    x, _ = helpers.batch(stripped, 4, seed=1)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(stripped, x)) <= 1e-5
+
+
+def test_shrink_conv1d_chain_and_returns_a_plain_model(tmp_path):
+    model = keras.Sequential([
+        keras.Input((16, 3)), keras.layers.Conv1D(8, 3, activation="relu", name="a"),
+        keras.layers.MaxPooling1D(2), keras.layers.Conv1D(8, 3, activation="relu", name="b"),
+        keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(4, name="out")])
+    small, info = _check_exact(model)
+    assert info["units"]["a"][1] < 8 and info["units"]["b"][1] < 8
+    assert small.get_layer("a").filters == info["units"]["a"][1]
+    path = str(tmp_path / "small.keras")
+    small.save(path)
+    loaded = keras.models.load_model(path)  # plain Keras: nothing of keras_stg in it
+    x, _ = helpers.batch(small, 3)
+    assert helpers.max_diff(helpers.infer(loaded, x), helpers.infer(small, x)) == 0
+
+
+def test_shrink_names_an_unknown_layer_and_the_table_entry_that_fixes_it():
+    class Odd(keras.layers.Layer):
+        def call(self, x):
+            return x[..., ::-1]
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="d"),
+                              Odd(name="odd"), keras.layers.Dense(2)])
+    with pytest.raises(ShrinkError, match="'odd' \\(Odd\\).*layer table"):
+        shrink(model)
