@@ -235,9 +235,10 @@ def test_quick_frontier_and_export_end_to_end(tmp_path, shared_data):
 
 
 @pytest.mark.e2e
-def test_quick_joint_end_to_end_keeps_the_other_parts(tmp_path, shared_data):
-    """Joint training against tfmot, run into a folder that holds the other parts' results:
-    they stay in results.json and in the one table."""
+@pytest.mark.parametrize("task", ["lenet_mnist", "conv4_fashion"])
+def test_quick_joint_end_to_end_keeps_the_other_parts(tmp_path, shared_data, task):
+    """Joint training against tfmot (one task per run, to keep each test short), run into a
+    folder that holds the other parts' results: they stay in results.json and the table."""
     out = tmp_path / "out"
     out.mkdir()
     kept = {
@@ -257,7 +258,7 @@ def test_quick_joint_end_to_end_keeps_the_other_parts(tmp_path, shared_data):
         "meta": {"quick": True, "commands": {"frontier": "python -m benchmarks.run --quick"}},
     }
     (out / "results.json").write_text(json.dumps(kept))
-    stdout = _quick(tmp_path, shared_data, "joint")
+    stdout = _quick(tmp_path, shared_data, "joint", "--tasks", task)
     table = _table(stdout)
     for part in ("frontier", "joint", "cost", "export"):
         assert any(line.startswith(f"| {part} |") for line in table), part
@@ -268,12 +269,12 @@ def test_quick_joint_end_to_end_keeps_the_other_parts(tmp_path, shared_data):
     data = json.loads((out / "results.json").read_text())
     for part in ("frontier", "cost", "export"):
         assert data[part] == kept[part], part
-    for task in ("lenet_mnist", "conv4_fashion"):
-        tfmot = data["joint"][task]["tfmot"]  # ran in its own process (the test extras)
-        assert tfmot["ok"], tfmot
-        assert [r["sparsity_target"] for r in tfmot["results"]] == [0.9, 0.95]
-        assert all(0 <= r["accuracy"] <= 1 for r in tfmot["results"])
-        assert [r["target"] for r in data["joint"][task]["ours"]] == [0.9, 0.95]
+    assert list(data["joint"]) == [task]
+    tfmot = data["joint"][task]["tfmot"]  # ran in its own process (the test extras)
+    assert tfmot["ok"], tfmot
+    assert [r["sparsity_target"] for r in tfmot["results"]] == [0.9, 0.95]
+    assert all(0 <= r["accuracy"] <= 1 for r in tfmot["results"])
+    assert [r["target"] for r in data["joint"][task]["ours"]] == [0.9, 0.95]
     text = (tmp_path / "RESULTS.md").read_text()
     generated = text[text.index(bench.BEGIN):text.index(bench.END)]
     _check_pngs(out, generated, {"joint_vs_tfmot.png"})
