@@ -102,16 +102,10 @@ def log(msg):
 
 
 def _atomic_write_text(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from keras_stg import _files
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _files.atomic_write_text(path, text)
 
 
 def replace_section(path, body):
@@ -803,15 +797,9 @@ def plot(results, out):
 
 
 def _save_fig(fig, path):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from keras_stg import _files
+
+    _files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def _task_settings(results):

@@ -8,7 +8,7 @@ Usage:
 tfmot only works with Keras 2 (`tf_keras`) and sets `TF_USE_LEGACY_KERAS=1` on
 import, so `benchmarks.run` never imports it: it starts this module as a
 subprocess and reads the JSON it writes. For each sparsity, the network (the
-same architecture as `keras_stg.models`, rebuilt in tf_keras, no bias) is
+same architecture as `keras_stg.experiments.models`, rebuilt in tf_keras, no bias) is
 wrapped with `prune_low_magnitude` and trained (weights and masks) from scratch
 with Adam, the sparsity following a `PolynomialDecay` schedule from 0 to the
 target over the first half of training (as our `target_ramp=0.5`), pruning
@@ -29,22 +29,19 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _write_json(path, obj):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    from keras_stg import _files
+
+    _files.atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def build(tfk, model, input_shape, classes):
-    """LeNet-300-100 / Conv-4 / Conv-6 in tf_keras, layer names as in `keras_stg.models`."""
+    """LeNet-300-100 / Conv-4 / Conv-6 in tf_keras, layer names as in `keras_stg.experiments.models`."""
     L = tfk.layers
     inputs = tfk.Input(input_shape)
     if model == "lenet_300_100":
@@ -148,7 +145,7 @@ def main(argv=None):
     import numpy as np
     import tensorflow as tf
 
-    from keras_stg.experiments import data  # NumPy loaders only; no Keras 3 import
+    from keras_stg.experiments import data  # NumPy loaders (Keras 3 beside tf_keras is harmless)
 
     tfk.utils.set_random_seed(args.seed)
     shape, classes, _, _ = data.DATASETS[args.dataset]

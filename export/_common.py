@@ -96,19 +96,15 @@ def resolve_model_path(path):
 def atomic_write(path, write):
     """`keras_stg._files.atomic_write`, imported on use (importing keras_stg
     loads TensorFlow, and importing `export` must not)."""
-    from keras_stg._files import atomic_write as _atomic_write
+    from keras_stg import _files
 
-    _atomic_write(path, write)
+    _files.atomic_write(path, write)
 
 
 def atomic_write_bytes(path, data):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    from keras_stg import _files
 
-    atomic_write(path, write)
+    _files.atomic_write_bytes(path, data)
 
 
 def write_report(path, report):
@@ -166,6 +162,20 @@ def input_shape(model):
     if isinstance(shapes, list):
         shapes = shapes[0]
     return tuple(shapes[1:])
+
+
+def frozen_inference(model, batch_size=None, **freeze_kwargs):
+    """`(concrete function, frozen function)` of `model(x, training=False)` on float32
+    inputs of the model's shape (batch `batch_size`, None: dynamic), the variables
+    folded in as constants: what both exporters convert."""
+    import tensorflow as tf
+
+    from keras_stg import _compat
+
+    spec = tf.TensorSpec((batch_size,) + input_shape(model), tf.float32, name="input")
+    function = tf.function(lambda x: model(x, training=False))
+    concrete = function.get_concrete_function(spec)
+    return concrete, _compat.freeze(concrete, **freeze_kwargs)
 
 
 def check_static(model, why):
@@ -277,7 +287,7 @@ def load_samples(spec, model, split, n, data_dir=None, seed=0, what="Data"):
     """Input samples (and labels or None) fitted to the model's input shape.
 
     Args:
-        spec: a dataset name of `keras_stg.data` (normalised like training),
+        spec: a dataset name of `keras_stg.experiments.data` (normalised like training),
             a `.npy` file or an array of inputs, or None.
         split: dataset split (`"train"` for calibration, `"test"` for parity).
         n: number of samples (None: all).

@@ -50,17 +50,9 @@ def _erfc_handler(ctx, node, name, args):
 def _frozen_graph(model):
     """`(graph_def, input names, output names)` of the model's inference function."""
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
 
-    shape = _common.input_shape(model)
-    spec = tf.TensorSpec((None,) + shape, tf.float32, name="input")
-    function = tf.function(lambda x: model(x, training=False))
-    concrete = function.get_concrete_function(spec)
-    frozen = convert_variables_to_constants_v2(
-        concrete, lower_control_flow=False, aggressive_inlining=True
-    )
+    concrete, frozen = _common.frozen_inference(
+        model, lower_control_flow=False, aggressive_inlining=True)
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
     # Eager tensors the layers captured (not variables) are still placeholders.
     captured = {

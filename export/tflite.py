@@ -6,7 +6,7 @@ Usage:
         [--samples DATA] [--data-dir D]
 
 `M` is a gated or stripped `.keras` file or a training run's output folder.
-`DATA` is a dataset name of `keras_stg.data` (`mnist`, `fashion_mnist`, ...;
+`DATA` is a dataset name of `keras_stg.experiments.data` (`mnist`, `fashion_mnist`, ...;
 read from `--data-dir` or `$KERAS_STG_DATA`) or a `.npy` file of input
 samples shaped like the model input.
 
@@ -56,12 +56,7 @@ def convert(model, sparse=False, int8=False, representative=None, batch_size=1,
         input_type: `"int8"` or `"uint8"` input/output type for int8 models.
     """
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
 
-    shape = _common.input_shape(model)
-    spec = tf.TensorSpec((batch_size,) + shape, tf.float32)
     kwargs = {}
     optimizations = []
     if int8:
@@ -87,10 +82,9 @@ def convert(model, sparse=False, int8=False, representative=None, batch_size=1,
     # The inference function, traced once and frozen (weights as constants):
     # much faster to convert than a SavedModel round trip
     # (`model.export(format="litert")`), and with the op sets chosen here.
-    function = tf.function(lambda x: model(x, training=False))
     # No `trackable_obj`: the function holds no variables any more, and passing
     # the model makes the converter save and reload a SavedModel (4x slower).
-    frozen = convert_variables_to_constants_v2(function.get_concrete_function(spec))
+    _, frozen = _common.frozen_inference(model, batch_size)
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # its "provide trackable_obj" notice does not apply

@@ -1,4 +1,4 @@
-"""Every private Keras call keras_stg makes, in one place.
+"""Every private Keras and TensorFlow call keras_stg makes, and every patch, in one place.
 
 Keras 3 has no public API for a few things this library needs: the direct
 sublayers of a layer, the inbound nodes of an operation in a Functional graph,
@@ -108,6 +108,16 @@ def patch_multi_worker_reduce():
 
     reduce_per_replica._keras_stg_patch = True
     tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def freeze(concrete_function, **kwargs):
+    """TensorFlow's `convert_variables_to_constants_v2` (no public API): the function
+    with its variables folded in as constants."""
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    return convert_variables_to_constants_v2(concrete_function, **kwargs)
 
 
 def tf2onnx_patch():

@@ -1,4 +1,7 @@
-"""Atomic file writes: an output either appears whole or not at all."""
+"""Atomic file writes: an output either appears whole or not at all.
+
+Every file keras_stg, its export stage and its benchmarks write goes through here.
+"""
 
 import os
 import tempfile
@@ -24,3 +27,19 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_bytes(path, data):
+    """Writes `data` (bytes) to `path` atomically, synced to disk."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def atomic_write_text(path, text):
+    """Writes `text` (UTF-8) to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))

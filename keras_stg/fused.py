@@ -3,11 +3,12 @@
 The gate math of a weight-level gate (noise, shift, clip, the kernel product,
 the expected-L0 penalty and their gradients) is a dozen elementwise
 TensorFlow ops per gated kernel, each a separate pass over memory with its own
-dispatch. On a CPU that costs about as much as the whole training step of a
-small network. The fused kernels do it in one pass forward and one backward.
+dispatch; on a CPU, for a small network, those passes are a large share of the
+step (benchmarks/RESULTS.md, overhead). The fused kernels do it in one pass
+forward and one backward.
 
 They are compiled with the system C++ compiler against the installed
-TensorFlow the first time a gated model trains on a CPU (about 10 s), and
+TensorFlow the first time a gated model trains on a CPU (seconds, once), and
 cached in `$KERAS_STG_CACHE` (default `~/.cache/keras_stg`). If there is no
 compiler, or the build fails, training falls back to the pure-TensorFlow path
 (same math, same noise) with one warning. `KERAS_STG_FUSED=0` turns the

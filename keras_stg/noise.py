@@ -1,7 +1,7 @@
 """The gates' training noise: one table of N(0, 1) draws read at a random offset per step.
 
-Drawing fresh Gaussians for every gate costs more than LeNet-300-100's whole
-training step on a CPU (266k draws); reading a table costs nothing. The table
+Drawing fresh Gaussians for every gate is a random-number pass as large as the
+gated kernels in every step; reading a table at an offset is a copy. The table
 holds one entry per gate, made from the seed. Each step reads it at a random
 offset, so gate `i` of gate tensor `j` sees `table[(start_j + i + offset) mod
 size]`: over steps an i.i.d. draw from the table for every gate, and within a

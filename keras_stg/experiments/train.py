@@ -295,7 +295,7 @@ def run(cfg, data_dir=None, out=None, strategy="default", verbose=None):
 
     Args:
         cfg: a `keras_stg.experiments.config.Config`.
-        data_dir: folder with the raw dataset files (see `keras_stg.data`).
+        data_dir: folder with the raw dataset files (see `keras_stg.experiments.data`).
         out: output folder; with a checkpoint of the same config in it, the
             run resumes after its last completed epoch.
         strategy: `"default"`, `"mirrored"`, `"multi_worker"` or a
