@@ -423,16 +423,22 @@ class GatedModel(MaskedModel):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         name = config.pop("name", None)
+        model_config = config.pop("model")
         try:
             model = keras.saving.deserialize_keras_object(
-                config.pop("model"), custom_objects=custom_objects
+                model_config, custom_objects=custom_objects
             )
         except (TypeError, ValueError) as e:
-            raise type(e)(
-                f"Could not rebuild the model that {name or 'this GatedModel'!r} wraps: {e} "
-                "If it is a subclassed model, register its class before loading "
-                "(@keras.saving.register_keras_serializable() on the class, or "
-                "custom_objects={'ClassName': ClassName} in load_model)."
+            class_name = (model_config.get("registered_name") or model_config.get("class_name")
+                          if isinstance(model_config, dict) else None)
+            # A ValueError, not a TypeError: Keras buries a TypeError raised in
+            # `from_config` under its generic "could not be deserialized" message.
+            raise ValueError(
+                f"Could not rebuild the model that {name or 'this GatedModel'!r} wraps, of "
+                f"class {class_name!r}. If it is a subclassed model, register its class "
+                "before loading: decorate it with "
+                "@keras.saving.register_keras_serializable(), or pass "
+                f"custom_objects={{{class_name!r}: {class_name}}} to load_model. ({e})"
             ) from e
         if "config" in config:
             gate_config = config_lib.GateConfig.from_config(config["config"])

@@ -266,3 +266,16 @@ def random_masks(gated, keep=0.5, seed=0, skip=()):
         mu = np.where(rng.random(gate.mu.shape) < keep, 0.5, -0.5).astype("float32")
         gate.mu.assign(mu)
     return gated
+
+
+def mlp():
+    return keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, name="a"), keras.layers.Dense(3, name="b")],
+        name="mlp",
+    )
+
+
+def big_mlp():
+    return keras.Sequential(
+        [keras.Input((200,)), keras.layers.Dense(100, name="a"), keras.layers.Dense(10, name="b")]
+    )

@@ -1,0 +1,102 @@
+"""`keras_stg._compat`: every private Keras/TensorFlow call works on the installed versions.
+
+Each test exercises one function of `_compat` on real objects, so a Keras or
+TensorFlow release that moves a private attribute fails here, by name.
+"""
+
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_stg import _compat
+from tests.helpers import mlp
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_installed_keras_is_in_the_tested_range():
+    setup = open(f"{ROOT}/setup.py").read()
+    assert f'"keras{_compat.TESTED_KERAS}"' in setup  # one range, stated in both places
+    low, high = re.fullmatch(r">=([\d.]+),<([\d.]+)", _compat.TESTED_KERAS).groups()
+    version = tuple(int(p) for p in keras.__version__.split(".")[:2])
+    assert tuple(int(p) for p in low.split(".")[:2]) <= version < tuple(
+        int(p) for p in high.split(".")[:2])
+
+
+def test_layers_and_nodes():
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="in1")], name="inner")
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(2, name="top")(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    direct = [l.name for l in _compat.sublayers(model)
+              if not isinstance(l, keras.layers.InputLayer)]
+    assert direct == ["inner", "top"]
+    assert "in1" in [l.name for l in _compat.all_layers(model)]
+    nodes = _compat.inbound_nodes(model.get_layer("top"))
+    assert len(nodes) == 1 and nodes[0].operation is model.get_layer("top")
+
+
+def test_loss_and_tracker():
+    model = mlp()
+    model.compile(optimizer="adam", loss="mse")
+    x = np.ones((4, 6), "float32")
+    y = np.zeros((4, 3), "float32")
+    y_pred = model(x)
+    loss = _compat.compute_loss(model, x, y, y_pred, None)
+    np.testing.assert_allclose(float(loss), float(np.mean(np.square(y_pred))), rtol=1e-6)
+    assert isinstance(_compat.loss_tracker(model), keras.metrics.Mean)
+
+
+def test_adam_slots_and_update_step_override():
+    v = keras.Variable(np.ones(3, "float32"))
+    optimizer = keras.optimizers.Adam(0.1)
+    optimizer.build([v])
+    m, s = _compat.adam_slots(optimizer, v)
+    assert tuple(m.shape) == tuple(s.shape) == (3,)
+    calls = []
+
+    def update_step(gradient, variable, learning_rate):
+        calls.append(variable)
+        return update_step.keras_update(gradient, variable, learning_rate)
+
+    with _compat.update_step_override(optimizer, update_step) as active:
+        assert active
+        optimizer.apply_gradients([(tf.ones(3), v)])
+    assert calls and "update_step" not in vars(optimizer)
+    assert np.all(v.numpy() < 1.0)  # Keras' own update ran through the override
+
+
+def test_skip_symbolic_build_and_multi_worker_patch():
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():  # Keras builds symbolically
+        model = mlp()                                            # only under a strategy
+        model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    x, y = np.ones((2, 6), "float32"), np.zeros((2, 3), "float32")
+    before = len(model.metrics_variables)
+    _compat.skip_symbolic_build(model, (x, y, None))
+    assert model.optimizer.built and len(model.metrics_variables) > before
+    model.fit(x, y, epochs=1, verbose=0)  # fit runs without its own symbolic build
+    assert model._maybe_symbolic_build(data_batch=(x, y, None)) is None
+    from keras.src.backend.tensorflow import trainer
+
+    _compat.patch_multi_worker_reduce()
+    _compat.patch_multi_worker_reduce()  # idempotent
+    assert getattr(trainer.reduce_per_replica, "_keras_stg_patch", False)
+    assert trainer._collective_all_reduce_multi_worker(tf.distribute.get_strategy()) is False
+
+
+def test_freeze_folds_variables_into_constants():
+    model = mlp()
+    fn = tf.function(lambda x: model(x, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec((None, 6), tf.float32))
+    frozen = _compat.freeze(concrete)
+    assert not frozen.graph.variables
+    x = np.ones((2, 6), "float32")
+    np.testing.assert_allclose(frozen(tf.constant(x))[0].numpy(), model(x).numpy(), rtol=1e-6)
+
+
+def test_tf2onnx_patch_is_importable():
+    pytest.importorskip("tf2onnx")  # the export extra; installed by the test extras
+    assert callable(_compat.tf2onnx_patch())

@@ -1,0 +1,194 @@
+"""`keras_stg.GatedModel`: gate start, the penalty in training, mask freezing, saving."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_stg
+from tests.helpers import big_mlp, mlp
+
+
+
+def test_batchnorm_statistics_follow_masked_network_weights_frozen():
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(8, name="d")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="o")(x))
+    gated = keras_stg.wrap(model, mode="post_training", lam=0.0, seed=0)
+    bn = model.get_layer("bn")
+    gamma, mean = bn.gamma.numpy().copy(), bn.moving_mean.numpy().copy()
+    x = np.random.default_rng(0).standard_normal((32, 4)).astype("float32") + 3.0
+    gated.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    gated.fit(x, np.zeros(32, "int32"), epochs=2, verbose=0)
+    np.testing.assert_array_equal(bn.gamma.numpy(), gamma)
+    assert not np.allclose(bn.moving_mean.numpy(), mean)
+
+
+def test_target_sparsity_controller_moves_lambda_both_ways():
+    x = np.random.default_rng(0).standard_normal((64, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    # All gates open (sparsity 0) with a high target: lambda must rise; all
+    # closed (sparsity 1) with a low target: it must fall.
+    for target, init_mu, direction in ((0.95, 0.5, 1), (0.05, -0.2, -1)):
+        gated = keras_stg.wrap(
+            mlp(), target_sparsity=target, lam=0.5, init_mu=init_mu, seed=0, target_ramp=0
+        )
+        gated.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        gated.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        assert direction * (float(gated.lam.numpy()) - 0.5) > 0, target
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9])
+def test_slt_with_a_target_starts_from_a_random_mask_at_the_target(target):
+    gated = keras_stg.wrap(big_mlp(), target_sparsity=target, seed=4)
+    assert gated.penalty.ramp == 0.0  # already at the target: nothing to ramp
+    for gate in gated.gates:
+        mu = gate.mu.numpy()
+        assert -1.0 <= mu.min() and mu.max() <= 1.0  # inside the bound
+        # A random subnetwork in every layer, near the target's density.
+        assert abs((mu > 0).mean() - (1 - target)) < 0.03
+        assert len(np.unique(mu)) > mu.size // 2
+    assert abs(gated.sparsity() - target) < 0.01
+    again = keras_stg.wrap(big_mlp(), target_sparsity=target, seed=4)
+    for a, b in zip(gated.gates, again.gates):
+        np.testing.assert_array_equal(a.mu.numpy(), b.mu.numpy())
+    # Gate tensors are drawn independently of each other.
+    a, b = (g.mu.numpy().ravel()[:1000] for g in gated.gates)
+    assert not np.array_equal(a, b[: a.size])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mode": "joint", "target_sparsity": 0.9},  # a trained or training network starts whole
+    {"mode": "post_training", "target_sparsity": 0.9},
+    {"lam": 1.0},  # no target to start at
+    {"target_sparsity": 0.9, "init_mu": 0.5},
+    {"target_sparsity": 0.5, "granularity": "unit"},  # measured better from the whole net
+])
+def test_dense_start_otherwise(kwargs):
+    gated = keras_stg.wrap(big_mlp(), seed=0, **kwargs)
+    assert gated.sparsity() == 0.0
+    if "target_sparsity" in kwargs:
+        assert gated.penalty == keras_stg.TargetSparsity(kwargs["target_sparsity"], ramp=0.4)
+    else:
+        assert gated.penalty == keras_stg.FixedPenalty(1.0)
+    for gate in gated.gates:
+        np.testing.assert_array_equal(gate.mu.numpy(), 0.5)
+
+
+def test_random_start_on_request_and_ramp_override():
+    gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.8, init_mu="random",
+                           target_ramp=0.3, seed=0)
+    assert abs(gated.sparsity() - 0.8) < 0.02
+    assert gated.penalty.ramp == 0.3
+
+
+def test_random_start_survives_save_and_load(tmp_path):
+    gated = keras_stg.wrap(big_mlp(), target_sparsity=0.9, seed=1)
+    gated.compile(optimizer="adam", loss="mse")
+    path = str(tmp_path / "g.keras")
+    gated.save(path)
+    loaded = keras.models.load_model(path)
+    # The resolved config is saved: the loaded model does what the first one did.
+    assert loaded.config == gated.config
+    assert loaded.config.init_mu == "random" and loaded.penalty.ramp == 0.0
+    for a, b in zip(gated.gates, loaded.gates):
+        np.testing.assert_array_equal(a.mu.numpy(), b.mu.numpy())
+    assert loaded.sparsity() == gated.sparsity()
+
+
+def test_freeze_mask_keeps_exactly_the_target_with_the_largest_mu():
+    gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.7, init_mu="random",
+                           seed=2, finetune=0.5)
+    mus = np.concatenate([g.mu.numpy().ravel() for g in gated.gates])
+    assert abs(gated.sparsity() - 0.7) > 1e-4  # the random start is only near the target
+    gated.freeze_mask()
+    kept = np.concatenate([g.mask().ravel() for g in gated.gates]).astype(bool)
+    assert kept.sum() == round(0.3 * mus.size)
+    assert mus[kept].min() >= mus[~kept].max()  # the largest mu are kept
+    frozen = np.concatenate([g.mu.numpy().ravel() for g in gated.gates])
+    np.testing.assert_array_equal(np.abs(frozen), 1.0)  # saturated at the bound
+    assert not any(g.mu.trainable for g in gated.gates)
+    assert float(gated.mask_frozen.numpy()) == 1.0
+    gated.freeze_mask()  # idempotent
+    again = np.concatenate([g.mask().ravel() for g in gated.gates]).astype(bool)
+    np.testing.assert_array_equal(kept, again)
+
+
+def test_finetune_freezes_the_mask_and_trains_the_weights_under_it(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(256, 200)).astype("float32")
+    y = np.random.randint(0, 10, size=256)
+    gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.8, seed=0,
+                           finetune=0.34)  # the last 1 of 3 epochs
+    gated.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = {}
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen[epoch] = ([g.mu.numpy().copy() for g in gated.gates],
+                           [t.variable.numpy().copy() for t in gated.targets],
+                           float(gated.lam.numpy()))
+
+    gated.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[Snapshot()])
+    mus_1 = seen[1][0]
+    mus_2, kernels_2, lam_2 = seen[2]
+    assert any(not np.array_equal(a, b) for a, b in zip(mus_1, mus_2))  # gates trained
+    # Frozen at the start of the last epoch at exactly 80%, then left alone.
+    assert gated.sparsity() == pytest.approx(0.8, abs=1e-4)
+    for a, g in zip(mus_2, gated.gates):
+        np.testing.assert_array_equal(a, g.mu.numpy())
+    assert float(gated.lam.numpy()) == lam_2
+    # The weights kept training, and the stripped model is the frozen mask.
+    assert any(not np.array_equal(a, t.variable.numpy())
+               for a, t in zip(kernels_2, gated.targets))
+    np.testing.assert_allclose(gated.strip().predict(x[:8], verbose=0),
+                               gated.predict(x[:8], verbose=0), rtol=1e-5, atol=1e-5)
+    assert gated.get_config()["config"]["finetune"] == 0.34
+    # A saved and reloaded model (as a resumed run) stays frozen in its next fit.
+    path = str(tmp_path / "frozen.keras")
+    gated.save(path)
+    loaded = keras.models.load_model(path)
+    assert float(loaded.mask_frozen.numpy()) == 1.0
+    before = [g.mu.numpy().copy() for g in loaded.gates]
+    kernels = [t.variable.numpy().copy() for t in loaded.targets]
+    loaded.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    for a, g in zip(before, loaded.gates):
+        np.testing.assert_array_equal(a, g.mu.numpy())
+    assert any(not np.array_equal(a, t.variable.numpy())
+               for a, t in zip(kernels, loaded.targets))
+
+
+class Unregistered(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_loading_a_wrap_of_an_unregistered_subclassed_model_names_the_fix(tmp_path):
+    model = Unregistered(name="mine")
+    model(np.zeros((1, 4), "float32"))
+    gated = keras_stg.wrap(model, seed=0)
+    gated(np.zeros((1, 4), "float32"))
+    path = str(tmp_path / "u.keras")
+    gated.save(path)
+    with pytest.raises(ValueError, match="^Could not rebuild the model that 'gated_mine' wraps, "
+                                         "of class 'Unregistered'.*register_keras_serializable"):
+        keras.models.load_model(path)
+    loaded = keras.models.load_model(path, custom_objects={"Unregistered": Unregistered})
+    np.testing.assert_array_equal(loaded.masks()[0], gated.masks()[0])
+
+
+def test_a_config_saved_before_gate_config_still_loads():
+    """Files written by keras_stg 0.1 stored the options as flat keywords."""
+    gated = keras_stg.wrap(big_mlp(), target_sparsity=0.9, seed=1)
+    old = {"name": gated.name, "model": keras.saving.serialize_keras_object(big_mlp()),
+           "mode": "slt", "granularity": "weight", "lam": 1.0, "target_sparsity": 0.9,
+           "sigma": 0.5, "include": None, "exclude": None, "init_mu": "auto", "mu_bound": 1.0,
+           "seed": 1, "controller_rate": 0.01, "target_ramp": 0.0, "controller_horizon": 3.0,
+           "fused": "auto", "finetune": 0.0}
+    loaded = keras_stg.GatedModel.from_config(old)
+    assert loaded.config == gated.config
