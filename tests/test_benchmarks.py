@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import keras_stg
 from benchmarks import run as bench
+from benchmarks.suite import common, part_cost, part_frontier, report, tasks
 from benchmarks.edge_popup import (EdgePopupModel, init_like_ours, kept_count, sgd_cosine,
                                    topk_mask)
 from keras_stg.experiments import config as stg_config
@@ -75,7 +76,7 @@ def test_same_frozen_weights_as_ours(density, scale_fan):
 
 def test_benchmark_takes_each_task_config():
     """Ours runs with the task config's batch size and scale-fan; --batch-size overrides."""
-    setup = bench.Setup(bench.parse_args([]))
+    setup = tasks.Setup(bench.parse_args([]))
     lenet = stg_config.load(os.path.join(REPO, "configs", "lenet_300_100_mnist_slt.yaml"))
     joint = stg_config.load(os.path.join(REPO, "configs",
                                                "lenet_300_100_mnist_joint.yaml"))
@@ -85,7 +86,7 @@ def test_benchmark_takes_each_task_config():
     conv4_joint = stg_config.load(os.path.join(REPO, "configs", "conv4_fashion_mnist_joint.yaml"))
     assert setup.batch_for("conv4_fashion", "joint") == conv4_joint.batch_size
     assert setup.config("conv4_fashion", "joint").finetune == joint.finetune == 0.7
-    assert bench.Setup(bench.parse_args(["--batch-size", "32"])).batch_for(
+    assert tasks.Setup(bench.parse_args(["--batch-size", "32"])).batch_for(
         "lenet_mnist", "joint") == 32
 
 
@@ -135,13 +136,13 @@ def test_edge_popup_rejects_bad_density():
 
 def test_replace_section_keeps_hand_written_text(tmp_path):
     path = tmp_path / "RESULTS.md"
-    bench.replace_section(str(path), "first")
-    assert path.read_text() == f"{bench.BEGIN}\nfirst\n{bench.END}\n"
+    report.replace_section(str(path), "first")
+    assert path.read_text() == f"{common.BEGIN}\nfirst\n{common.END}\n"
     path.write_text("# Title\n\nhand\n\n" + path.read_text() + "\n## After\nkept\n")
-    bench.replace_section(str(path), "second\nrun")
+    report.replace_section(str(path), "second\nrun")
     text = path.read_text()
     assert text.startswith("# Title\n\nhand\n\n")
-    assert f"{bench.BEGIN}\nsecond\nrun\n{bench.END}" in text
+    assert f"{common.BEGIN}\nsecond\nrun\n{common.END}" in text
     assert "first" not in text and text.endswith("## After\nkept\n")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
@@ -153,7 +154,7 @@ def test_table_says_why_tfmot_was_skipped():
                                          "ours": [{"target": 0.9, "accuracy": 0.5,
                                                    "sparsity": 0.9, "wall_time_s": 1.0}],
                                          "tfmot": {"ok": False, "reason": "not importable"}}}}
-    table = bench.markdown_table(bench.table_rows(results))
+    table = report.markdown_table(report.table_rows(results))
     assert "skipped: not importable" in table
     assert "export stage not available" in table
 
@@ -162,7 +163,7 @@ def _quick(tmp_path, shared_data, *only):
     """Runs `python -m benchmarks.run --quick --only ONLY` into `tmp_path`; returns its stdout."""
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
     if not results.exists():
-        results.write_text(f"# Hand-written\n\nkeep me\n\n{bench.BEGIN}\nold\n{bench.END}\n\ntail\n")
+        results.write_text(f"# Hand-written\n\nkeep me\n\n{common.BEGIN}\nold\n{common.END}\n\ntail\n")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TF_USE_LEGACY_KERAS", None)
     proc = subprocess.run(
@@ -175,10 +176,10 @@ def _quick(tmp_path, shared_data, *only):
 
 
 def _table(stdout):
-    header = "| " + " | ".join(bench.HEADER) + " |"
+    header = "| " + " | ".join(report.HEADER) + " |"
     assert header in stdout
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
-    assert all(line.count("|") == len(bench.HEADER) + 1 for line in table)
+    assert all(line.count("|") == len(report.HEADER) + 1 for line in table)
     return table
 
 
@@ -215,7 +216,7 @@ def test_quick_frontier_and_export_end_to_end(tmp_path, shared_data):
         probes = [r["target"] for r in front["ours"] if r.get("probe")]
         assert probes == [pytest.approx(1 - (1 - best["target"]) / 4)]
         assert [r["sparsity"] for r in front["edge_popup"]] == pytest.approx([0.5, 0.9], abs=1e-4)
-        slt_config = stg_config.load(os.path.join(REPO, "configs", bench.TASK_CONFIGS[task][0]
+        slt_config = stg_config.load(os.path.join(REPO, "configs", common.TASK_CONFIGS[task][0]
                                                   + ".yaml"))
         assert front["batch"] == slt_config.batch_size
         assert front["scale_fan"] is bool(slt_config.scale_fan)
@@ -227,10 +228,10 @@ def test_quick_frontier_and_export_end_to_end(tmp_path, shared_data):
     # Generated section replaced between the markers, the rest kept.
     text = (tmp_path / "RESULTS.md").read_text()
     assert text.startswith("# Hand-written\n\nkeep me\n\n") and text.endswith("\n\ntail\n")
-    assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
+    assert text.count(common.BEGIN) == 1 and text.count(common.END) == 1
     assert "\nold\n" not in text
-    generated = text[text.index(bench.BEGIN):text.index(bench.END)]
-    assert "| " + " | ".join(bench.HEADER) + " |" in generated and "Quick run" in generated
+    generated = text[text.index(common.BEGIN):text.index(common.END)]
+    assert "| " + " | ".join(report.HEADER) + " |" in generated and "Quick run" in generated
     _check_pngs(out, generated, {"frontier_conv4_fashion.png", "frontier_lenet_mnist.png"})
 
 
@@ -276,16 +277,16 @@ def test_quick_joint_end_to_end_keeps_the_other_parts(tmp_path, shared_data, tas
     assert all(0 <= r["accuracy"] <= 1 for r in tfmot["results"])
     assert [r["target"] for r in data["joint"][task]["ours"]] == [0.9, 0.95]
     text = (tmp_path / "RESULTS.md").read_text()
-    generated = text[text.index(bench.BEGIN):text.index(bench.END)]
+    generated = text[text.index(common.BEGIN):text.index(common.END)]
     _check_pngs(out, generated, {"joint_vs_tfmot.png"})
 
 
 def test_cost_part_times_plain_gated_and_edge_popup_steps(tmp_path):
     """`cost` in this process on synthetic batches: every step time is measured."""
-    setup = bench.Setup(bench.parse_args(["--quick", "--out", str(tmp_path)]))
+    setup = tasks.Setup(bench.parse_args(["--quick", "--out", str(tmp_path)]))
     results = {"cost": {}}
     saves = []
-    bench.part_cost(setup, ["lenet_mnist", "conv4_fashion"], results, lambda: saves.append(1))
+    part_cost.part_cost(setup, ["lenet_mnist", "conv4_fashion"], results, lambda: saves.append(1))
     assert list(results["cost"]) == ["lenet_mnist"] and saves  # --quick: LeNet only
     row = results["cost"]["lenet_mnist"]
     assert row["steps"] == 5 and row["repeats"] == 2
@@ -295,25 +296,25 @@ def test_cost_part_times_plain_gated_and_edge_popup_steps(tmp_path):
 
 def test_frontier_with_one_method_keeps_the_other_methods_rows(monkeypatch, tmp_path):
     """`--methods ours` re-runs ours against edge-popup's rows of the same setting."""
-    setup = bench.Setup(bench.parse_args(["--out", str(tmp_path)]))
+    setup = tasks.Setup(bench.parse_args(["--out", str(tmp_path)]))
     monkeypatch.setattr(setup, "datasets", lambda task, part="slt": (None, None, 1))
-    monkeypatch.setattr(bench, "task_available", lambda setup, task: None)
+    monkeypatch.setattr(part_frontier, "task_available", lambda setup, task: None)
     calls = []
 
     def fake_ours(setup, task, sparsity, mode, train, test, **kwargs):
         calls.append(sparsity)
         return {"accuracy": 0.5, "sparsity": sparsity, "wall_time_s": 1.0}, None
 
-    monkeypatch.setattr(bench, "train_ours", fake_ours)
+    monkeypatch.setattr(part_frontier, "train_ours", fake_ours)
     results = {"frontier": {}}
-    bench.part_frontier(setup, ["conv4_fashion"], [0.5, 0.9], results, lambda: None,
+    part_frontier.part_frontier(setup, ["conv4_fashion"], [0.5, 0.9], results, lambda: None,
                         methods=("ours",))
     assert results["frontier"]["conv4_fashion"]["edge_popup"] == []  # nothing to keep
     entry = results["frontier"]["conv4_fashion"]
     entry["edge_popup"] = [{"target": 0.5, "accuracy": 0.9}, {"target": 0.9, "accuracy": 0.8}]
     entry["ours"].append({"target": 0.875, "accuracy": 0.1, "probe": True})
     calls.clear()
-    bench.part_frontier(setup, ["conv4_fashion"], [0.5, 0.9], results, lambda: None,
+    part_frontier.part_frontier(setup, ["conv4_fashion"], [0.5, 0.9], results, lambda: None,
                         methods=("ours",))
     entry = results["frontier"]["conv4_fashion"]
     assert [r["accuracy"] for r in entry["edge_popup"]] == [0.9, 0.8]
@@ -321,9 +322,9 @@ def test_frontier_with_one_method_keeps_the_other_methods_rows(monkeypatch, tmp_
     assert calls == [0.5, 0.9, 0.875]
     assert [r["target"] for r in entry["ours"]] == [0.5, 0.9, 0.875]
     # Another setting (here the batch size) does not keep rows.
-    other = bench.Setup(bench.parse_args(["--out", str(tmp_path), "--batch-size", "7"]))
+    other = tasks.Setup(bench.parse_args(["--out", str(tmp_path), "--batch-size", "7"]))
     monkeypatch.setattr(other, "datasets", lambda task, part="slt": (None, None, 1))
-    bench.part_frontier(other, ["conv4_fashion"], [0.5], results, lambda: None,
+    part_frontier.part_frontier(other, ["conv4_fashion"], [0.5], results, lambda: None,
                         methods=("ours",))
     assert results["frontier"]["conv4_fashion"]["edge_popup"] == []
 
@@ -331,24 +332,24 @@ def test_frontier_with_one_method_keeps_the_other_methods_rows(monkeypatch, tmp_
 def test_limit_shortens_training_only_and_is_part_of_the_setting(monkeypatch, tmp_path):
     """`--limit N` trains on N examples, tests on the whole split, and is named in
     the rows; rows of a run with another limit are not kept."""
-    setup = bench.Setup(bench.parse_args(["--out", str(tmp_path), "--limit", "3000"]))
+    setup = tasks.Setup(bench.parse_args(["--out", str(tmp_path), "--limit", "3000"]))
     assert setup.limits("conv4_fashion") == (3000, None)
     monkeypatch.setattr(setup, "datasets", lambda task, part="slt": (None, None, 1))
-    monkeypatch.setattr(bench, "task_available", lambda setup, task: None)
-    monkeypatch.setattr(bench, "train_ours", lambda *a, **k: (
+    monkeypatch.setattr(part_frontier, "task_available", lambda setup, task: None)
+    monkeypatch.setattr(part_frontier, "train_ours", lambda *a, **k: (
         {"accuracy": 0.5, "sparsity": a[2], "wall_time_s": 1.0}, None))
     results = {"frontier": {}, "joint": {}, "cost": {}}
-    bench.part_frontier(setup, ["conv4_fashion"], [0.9], results, lambda: None,
+    part_frontier.part_frontier(setup, ["conv4_fashion"], [0.9], results, lambda: None,
                         methods=("ours",))
     entry = results["frontier"]["conv4_fashion"]
     assert entry["limit"] == 3000
     assert "first 3000 training examples" in entry["title"]
-    assert "first 3000 training examples" in bench.table_rows(results)[0][1]
+    assert "first 3000 training examples" in report.table_rows(results)[0][1]
     entry["edge_popup"] = [{"target": 0.9, "accuracy": 0.8, "sparsity": 0.9,
                             "wall_time_s": 1.0}]
-    full = bench.Setup(bench.parse_args(["--out", str(tmp_path)]))
+    full = tasks.Setup(bench.parse_args(["--out", str(tmp_path)]))
     monkeypatch.setattr(full, "datasets", lambda task, part="slt": (None, None, 1))
-    bench.part_frontier(full, ["conv4_fashion"], [0.9], results, lambda: None,
+    part_frontier.part_frontier(full, ["conv4_fashion"], [0.9], results, lambda: None,
                         methods=("ours",))
     assert results["frontier"]["conv4_fashion"]["edge_popup"] == []
     with pytest.raises(SystemExit):
@@ -365,7 +366,7 @@ def test_section_names_the_command_of_each_tasks_rows():
                          "b": {"command": "python -m benchmarks.run B", "run": "t2"},
                          "c": {}},  # an older entry: the part's latest command
                "cost": {}}
-    assert bench._commands(results) == ["python -m benchmarks.run A    # t1",
+    assert report._commands(results) == ["python -m benchmarks.run A    # t1",
                                         "python -m benchmarks.run B    # t2",
                                         "python -m benchmarks.run C    # t3"]
 
