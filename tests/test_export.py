@@ -320,21 +320,6 @@ def test_run_dir_and_subprocess_cli(lenet_file, tmp_path, shared_data):
     assert "must end with '.tflite'" in bad.stderr
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    path = str(tmp_path / "model.tflite")
-    _common.atomic_write_bytes(path, b"old")
-
-    def broken(tmp):
-        with open(tmp, "wb") as f:
-            f.write(b"half")
-        raise KeyboardInterrupt  # interrupted mid-write
-
-    with pytest.raises(KeyboardInterrupt):
-        _common.atomic_write(path, broken)
-    assert open(path, "rb").read() == b"old"
-    assert os.listdir(tmp_path) == ["model.tflite"]
-
-
 def test_failed_conversion_writes_nothing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise _common.ExportError("conversion failed")
