@@ -187,3 +187,16 @@ def test_two_process_multi_worker_smoke(shared_data, tmp_path):
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["replicas"] == 2 and saved["strategy"] == "multi_worker"
     assert "test accuracy" in logs[0] and "test accuracy" not in logs[1]  # only the chief reports
+
+
+def test_experiment_config_maps_onto_one_gate_config():
+    cfg = config.load(CONFIG, ["target_sparsity=0.8", "exclude=[fc3]", "sigma=0.4"])
+    gate = cfg.gate_config().resolve()
+    assert gate.penalty == keras_stg.TargetSparsity(0.8, lam=cfg.lam, ramp=0.0,
+                                                    horizon=cfg.controller_horizon)
+    assert (gate.mode, str(gate.granularity), gate.exclude, gate.sigma) == ("slt", "weight",
+                                                                            ["fc3"], 0.4)
+    assert gate.init == cfg.init and gate.init_mu == "random" and gate.seed == cfg.seed
+    assert gate.init_density == (pytest.approx(0.2) if cfg.scale_fan else None)
+    joint = config.load(CONFIG, ["mode=joint"]).gate_config().resolve()
+    assert joint.init is None  # trained weights are kept outside slt mode

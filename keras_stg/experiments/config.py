@@ -9,7 +9,7 @@ import typing
 
 import yaml
 
-MODES = ("slt", "post_training", "joint")
+from keras_stg.config import MODES
 
 
 @dataclasses.dataclass
@@ -88,6 +88,18 @@ class Config:
     limit: typing.Optional[int] = None
     test_limit: typing.Optional[int] = None
     eval_batch_size: int = 1000
+
+    def gate_config(self):
+        """The `keras_stg.GateConfig` of this experiment (the YAML keys of the gates)."""
+        from keras_stg import config as gate_config
+
+        return gate_config.from_keywords(
+            mode=self.mode, granularity=self.granularity, lam=self.lam,
+            target_sparsity=self.target_sparsity, target_ramp=self.target_ramp,
+            controller_horizon=self.controller_horizon, sigma=self.sigma, exclude=self.exclude,
+            init=self.init if self.mode == "slt" else None, init_mu=self.init_mu,
+            init_density="auto" if self.scale_fan else None, seed=self.seed,
+            finetune=self.finetune)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

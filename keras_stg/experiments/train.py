@@ -62,14 +62,7 @@ def make_gated(cfg, model):
 
     import keras_stg
 
-    gated = keras_stg.wrap(
-        model, mode=cfg.mode, granularity=cfg.granularity, lam=cfg.lam,
-        target_sparsity=cfg.target_sparsity, sigma=cfg.sigma, exclude=cfg.exclude,
-        init=cfg.init if cfg.mode == "slt" else None, init_mu=cfg.init_mu,
-        init_density="auto" if cfg.scale_fan else None,
-        seed=cfg.seed, target_ramp=cfg.target_ramp,
-        controller_horizon=cfg.controller_horizon, finetune=cfg.finetune,
-    )
+    gated = keras_stg.wrap(model, cfg.gate_config())
     gated.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
