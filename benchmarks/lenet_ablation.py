@@ -15,9 +15,9 @@ sparsity, per-epoch validation accuracy, sparsity and lambda) and appends it
 to `--log`. The library's controller also clamps the look-ahead to the steps
 left in `fit`; this script does not. Runs of it are tabled in RESULTS.md.
 """
-import argparse, json, os, time, sys
+import argparse, json, os, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-import keras, numpy as np, tensorflow as tf
+import keras
 import keras_stg
 from keras_stg import initializers as init_lib
 from keras_stg.experiments import data, models

@@ -452,6 +452,62 @@ def format_report(report):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------ the pipeline
+# Both exporters run: `start` (check every argument, load the model), optionally
+# `shrink_model`, their own conversion and target checks, `evaluate` (size,
+# weights, parity against the Keras model) and `finish` (write, report).
+
+
+def start(model, out, ext, report, samples, fmt, options):
+    """Checks the output, report and samples arguments, then loads the model.
+
+    Returns `(out, report, samples, keras_model, gated, source, result)`; `result`
+    is the report dict begun with the format, output, model and options.
+    """
+    out = check_out_path(out, ext)
+    report = check_report_path(report)
+    samples = check_data_arg(samples, "Samples")
+    if isinstance(model, (str, os.PathLike)):
+        resolve_model_path(model)
+    keras_model, gated, source = load_model(model)
+    input_shape(keras_model)
+    result = {"format": fmt, "out": out, "model": source or keras_model.name,
+              "options": options}
+    if gated is not None:
+        result["granularity"] = str(gated.granularity)
+    return out, report, samples, keras_model, gated, source, result
+
+
+def shrink_model(keras_model, gated, result):
+    """`keras_stg.shrink` of the model to convert; its info goes into `result`."""
+    import sys
+
+    from keras_stg.shrinking import ShrinkError, shrink
+
+    if gated is not None and gated.granularity.name != "unit":
+        print(f"note: {keras_model.name!r} was gated with granularity "
+              f"{gated.granularity.name!r}; --shrink removes whole units only, "
+              "which 'unit' gates produce.", file=sys.stderr)
+    try:
+        target, info = shrink(keras_model, return_info=True)
+    except ShrinkError as e:
+        raise ExportError(str(e)) from None
+    result["shrink"] = info
+    result["weights_after_shrink"] = weight_stats(target)
+    return target
+
+
+def evaluate(result, keras_model, run, samples, data, baseline):
+    """Size against `baseline`, weight statistics and parity of `run` (the exported
+    file's runner) against the Keras model on `samples = (x, labels, origin)`."""
+    x, y, origin = samples
+    reference = np.asarray(keras_model.predict(x, batch_size=32, verbose=0))
+    result["size"] = size_entry(data, baseline)
+    result["weights"] = weight_stats(keras_model)
+    result["parity_data"] = origin
+    result["parity"] = parity(reference, run(x), y)
+
+
 def finish(out, data, result, report=None, verbose=True):
     """Writes the exported bytes and the report (both atomically), prints it."""
     atomic_write_bytes(out, data)

@@ -1,7 +1,7 @@
 """Export a ticket to ONNX.
 
 Usage:
-    python -m export.onnx --model M --out model.onnx [--opset N] [--report FILE]
+    python -m export.onnx --model M --out model.onnx [--opset N] [--shrink] [--report FILE]
         [--samples DATA] [--data-dir D]
 
 `M` is a gated or stripped `.keras` file or a training run's output folder.
@@ -23,7 +23,6 @@ with the Keras model on real samples and the median batch-1 latency in
 onnxruntime on this CPU.
 """
 
-import os
 
 import numpy as np
 
@@ -128,6 +127,7 @@ def export(
     model,
     out,
     opset=DEFAULT_OPSET,
+    shrink=False,
     report=None,
     samples=None,
     data_dir=None,
@@ -142,35 +142,25 @@ def export(
             `keras_stg.GatedModel` or plain Keras model.
         out: output path ending in `.onnx`; written atomically.
         opset: ONNX opset version (>= 9).
+        shrink: remove pruned units first (`keras_stg.shrink`; unit-gated chains).
         report: optional `.json` path for the report.
         samples: dataset name / `.npy` / array for the parity check (default:
             the training run's dataset, else Gaussian noise).
         data_dir: folder with the raw dataset files.
         num_samples: parity samples; latency_runs: timed runs (0 skips).
     """
-    out = _common.check_out_path(out, ".onnx")
-    report = _common.check_report_path(report)
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= 23:
         raise ExportError(f"--opset must be an integer from {MIN_OPSET} to 23, got {opset!r}.")
-    samples = _common.check_data_arg(samples, "Samples")
-    if isinstance(model, (str, os.PathLike)):
-        _common.resolve_model_path(model)
-    keras_model, gated, source = _common.load_model(model)
-    shape = _common.input_shape(keras_model)
-    result = {"format": "onnx", "out": out, "model": source or keras_model.name,
-              "options": {"opset": opset}}
-    if gated is not None:
-        result["granularity"] = str(gated.granularity)
+    out, report, samples, keras_model, gated, source, result = _common.start(
+        model, out, ".onnx", report, samples, "onnx", {"opset": opset, "shrink": bool(shrink)})
+    target = _common.shrink_model(keras_model, gated, result) if shrink else keras_model
+    shape = _common.input_shape(target)
     x, y, origin = _common.parity_samples(keras_model, samples, None, source, data_dir,
                                           num_samples)
 
-    data = convert(keras_model, opset)
+    data = convert(target, opset)
     runner = Runner(data)
-    reference = np.asarray(keras_model.predict(x, batch_size=32, verbose=0))
-    result["size"] = _common.size_entry(data, data)
-    result["weights"] = _common.weight_stats(keras_model)
-    result["parity_data"] = origin
-    result["parity"] = _common.parity(reference, runner(x), y)
+    _common.evaluate(result, keras_model, runner, (x, y, origin), data, data)
     result["runtime"] = "onnxruntime CPUExecutionProvider, 1 thread"
     if latency_runs:
         result["latency_ms"] = runner.latency_ms(shape, latency_runs)
@@ -182,6 +172,8 @@ def main(argv=None):
     parser = _common.cli_parser("onnx", "Export a gated or stripped Keras model to ONNX.", ".onnx")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help="ONNX opset version (default %(default)s)")
+    parser.add_argument("--shrink", action="store_true",
+                        help="physically remove pruned units (unit-gated models)")
     _common.add_common_args(
         parser, samples_help="parity samples: a dataset name or a .npy file (default: the "
                              "training run's dataset)",
@@ -190,7 +182,8 @@ def main(argv=None):
 
     def work(a):
         _common.check_counts(a)
-        return export(a.model, a.out, opset=a.opset, report=a.report, samples=a.samples,
+        return export(a.model, a.out, opset=a.opset, shrink=a.shrink, report=a.report,
+                      samples=a.samples,
                       data_dir=a.data_dir, num_samples=a.num_samples, latency_runs=a.runs)
 
     _common.run_cli(parser, args, work)

@@ -31,8 +31,6 @@ batch-1 latency in the LiteRT interpreter.
 """
 
 import logging
-import os
-import sys
 
 import numpy as np
 
@@ -223,8 +221,6 @@ def export(
             failure (`--edgetpu`); nothing is written then.
     """
     # ---- argument checks, before any work
-    out = _common.check_out_path(out, ".tflite")
-    report = _common.check_report_path(report)
     if edgetpu:
         if sparse:
             raise ExportError(
@@ -239,34 +235,13 @@ def export(
             "--data-dir) or a .npy file of input samples."
         )
     calibration = _common.check_data_arg(calibration, "Calibration data")
-    samples = _common.check_data_arg(samples, "Samples")
-    if isinstance(model, (str, os.PathLike)):
-        _common.resolve_model_path(model)
-
-    keras_model, gated, source = _common.load_model(model)
-    if edgetpu:
-        _common.check_static(keras_model, "--edgetpu")
-    _common.input_shape(keras_model)
     options = {"sparse": bool(sparse), "int8": bool(int8), "edgetpu": bool(edgetpu),
                "shrink": bool(shrink)}
-    result = {"format": "tflite", "out": out, "model": source or keras_model.name,
-              "options": options}
-    if gated is not None:
-        result["granularity"] = str(gated.granularity)
-
-    target = keras_model
-    if shrink:
-        from keras_stg.shrinking import ShrinkError, shrink as shrink_model
-
-        if gated is not None and gated.granularity.name != "unit":
-            print(f"note: {keras_model.name!r} was gated with granularity "
-                  f"{gated.granularity.name!r}; --shrink removes whole units only, "
-                  "which 'unit' gates produce.", file=sys.stderr)
-        try:
-            target, info = shrink_model(keras_model, return_info=True)
-        except ShrinkError as e:
-            raise _common.ExportError(str(e)) from None
-        result["shrink"] = info
+    out, report, samples, keras_model, gated, source, result = _common.start(
+        model, out, ".tflite", report, samples, "tflite", options)
+    if edgetpu:
+        _common.check_static(keras_model, "--edgetpu")
+    target = _common.shrink_model(keras_model, gated, result) if shrink else keras_model
 
     representative = None
     if int8:
@@ -296,13 +271,8 @@ def export(
 
     # ---- report
     runner = Runner(data)
-    reference = np.asarray(keras_model.predict(x, batch_size=32, verbose=0))
-    result["size"] = _common.size_entry(data, dense if dense is not None else data)
-    result["weights"] = _common.weight_stats(keras_model)
-    if shrink:
-        result["weights_after_shrink"] = _common.weight_stats(target)
-    result["parity_data"] = origin
-    result["parity"] = _common.parity(reference, runner(x), y)
+    _common.evaluate(result, keras_model, runner, (x, y, origin), data,
+                     dense if dense is not None else data)
     result["runtime"] = f"LiteRT interpreter, 1 thread, {runner.resolver}"
     if latency_runs:
         result["latency_ms"] = runner.latency_ms(latency_runs)

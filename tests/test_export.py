@@ -163,6 +163,18 @@ def test_int8_sparse_runs_without_default_delegates():
 # ------------------------------------------------------------------- shrink
 
 
+def test_onnx_shrink_export_is_smaller_and_exact(tmp_path):
+    gated = _ticket(models.lenet_300_100((784,)), granularity="unit", keep=0.5, skip=("fc3",))
+    full = onnx.export(gated, str(tmp_path / "full.onnx"), num_samples=8, latency_runs=0,
+                       verbose=False)
+    small = onnx.export(gated, str(tmp_path / "small.onnx"), shrink=True, num_samples=8,
+                        latency_runs=0, verbose=False)
+    assert small["parity"]["max_abs_diff"] <= 1e-5
+    assert small["shrink"]["units"]["fc1"][1] < 300
+    assert small["size"]["bytes"] < 0.5 * full["size"]["bytes"]
+    assert small["options"] == {"opset": onnx.DEFAULT_OPSET, "shrink": True}
+
+
 def test_shrink_export_is_smaller_and_exact(tmp_path):
     gated = _ticket(models.conv4((16, 16, 1)), granularity="unit", keep=0.5, skip=("fc3",))
     out = str(tmp_path / "c.tflite")
