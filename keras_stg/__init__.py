@@ -6,6 +6,7 @@ Public API:
     FixedPenalty, TargetSparsity      -> schedules of the expected-L0 penalty
     strip(gated)                      -> plain keras.Model with kernel * mask
     shrink(model)                     -> plain keras.Model with pruned units removed
+    channel_groups(model)             -> channels coupled through residuals, concats, SE
     summary(gated), layer_stats(gated)-> per-layer sparsity report
     StochasticGate                    -> gate layer for hand-built models
     register_layer                    -> teach keras_stg a layer type (layer_table)
@@ -15,6 +16,7 @@ Public API:
 from keras_stg import granularity
 from keras_stg import initializers
 from keras_stg.config import GateConfig
+from keras_stg.dependency import ChannelGroup, channel_groups
 from keras_stg.gate import StochasticGate
 from keras_stg.gated_model import GatedModel
 from keras_stg.layer_table import register_layer
@@ -28,6 +30,7 @@ from keras_stg.wrapping import wrap
 __version__ = "0.2.0"
 
 __all__ = [
+    "ChannelGroup",
     "FixedPenalty",
     "GateConfig",
     "GatedModel",
@@ -37,6 +40,7 @@ __all__ = [
     "TargetSparsity",
     "granularity",
     "initializers",
+    "channel_groups",
     "layer_stats",
     "register_layer",
     "shrink",

@@ -15,7 +15,9 @@ A `LayerSpec` says two things about a layer type:
   with the input (the fan-in). It returns None when this layer instance has no
   kernel the gates can control (an EinsumDense equation it cannot read).
 - `channels(layer)`: how the layer treats the channels (last axis) of its
-  input, one of the `CHANNEL_KINDS`, or `Unsupported(reason)`.
+  input, one of the `CHANNEL_KINDS`, or `Unsupported(reason)`. A producer's
+  own activation is checked apart (`activation_reason`): it only concerns
+  its output channels.
 
 Lookup follows the class hierarchy: a subclass of a registered type (a
 custom `Dense`) gets its parent's entry unless it has its own.
@@ -35,6 +37,8 @@ import dataclasses
 from typing import Callable, Optional
 
 import keras
+
+from keras_stg import _compat
 
 # Channel kinds: how a layer maps the channels (last axis) of its input to
 # those of its output.
@@ -190,7 +194,21 @@ def _conv_channels(layer):
         return Unsupported("grouped convolutions are not supported")
     if layer.data_format != "channels_last":
         return Unsupported("only the channels_last data format is supported")
-    return _after_activation(PRODUCER)(layer)
+    return PRODUCER
+
+
+def activation_reason(layer):
+    """Why the layer's own activation mixes its output channels (softmax), or None.
+
+    A producer's activation acts on its output only: its input channels can
+    still be pruned, its output channels not.
+    """
+    if not hasattr(layer, "activation"):
+        return None
+    name = activation_name(layer.activation)
+    if name not in ELEMENTWISE_ACTIVATIONS:
+        return f"the activation {name!r} of {layer.name!r} is not element-wise"
+    return None
 
 
 def _einsum_kernels(layer):
@@ -237,16 +255,18 @@ def _batch_norm_channels(layer):
     return PER_CHANNEL
 
 
-def _dropout_channels(layer):
-    if getattr(layer, "noise_shape", None) is not None:
-        return Unsupported("Dropout with a noise_shape is not supported")
-    return ELEMENTWISE
+def _reshape_channels(layer):
+    node = _compat.inbound_nodes(layer)[0] if _compat.inbound_nodes(layer) else None
+    before = node.input_tensors[0].shape[-1] if node is not None else None
+    if before is None or tuple(layer.target_shape)[-1] != before:
+        return Unsupported(f"it reshapes the channel axis (to {tuple(layer.target_shape)})")
+    return SPATIAL  # the last axis is unchanged, so every entry keeps its channel
 
 
 def _register_builtins():
     L = keras.layers
     register_layer(L.Dense, kernels=lambda l: [Kernel("kernel", (1,), (0,))],
-                   channels=_after_activation(PRODUCER))
+                   channels=PRODUCER)
     register_layer(L.EinsumDense, kernels=_einsum_kernels,
                    channels=Unsupported("EinsumDense channels are not followed yet"))
     for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
@@ -268,7 +288,13 @@ def _register_builtins():
     for cls in (L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.GaussianNoise, L.GaussianDropout,
                 L.AlphaDropout, L.Identity):
         register_layer(cls, channels=ELEMENTWISE)
-    register_layer(L.Dropout, channels=_dropout_channels)
+    register_layer(L.Dropout, channels=ELEMENTWISE)  # zeros stay zero, at any noise_shape
+    register_layer(L.SpatialDropout1D, channels=ELEMENTWISE)
+    register_layer(L.SpatialDropout2D, channels=ELEMENTWISE)
+    register_layer(L.Rescaling, channels=ELEMENTWISE)
+    register_layer(L.Normalization, channels=lambda l: PER_CHANNEL if tuple(l.axis) == (-1,)
+                   else Unsupported(f"it normalizes axes {l.axis}"))
+    register_layer(L.Reshape, channels=_reshape_channels)
     for cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
                 L.AveragePooling2D, L.AveragePooling3D):
         register_layer(cls, channels=_channels_last(SPATIAL))

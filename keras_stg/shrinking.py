@@ -24,6 +24,8 @@ Flatten layers between. Anything else raises `ShrinkError` naming the layer
 and the reason.
 """
 
+import warnings
+
 import numpy as np
 
 from keras_stg import _compat
@@ -61,6 +63,8 @@ def _kind(layer):
     if kind == table.PRODUCER and not (
             isinstance(layer, keras.layers.Dense) or _is_conv(layer)):
         _fail(layer, "only Dense and plain convolution producers can be shrunk")
+    if kind in (table.PRODUCER, table.DEPTHWISE) and table.activation_reason(layer):
+        _fail(layer, table.activation_reason(layer))
     return kind
 
 
@@ -72,12 +76,14 @@ def _is_conv(layer):
 
 
 def _chain(model):
-    """The model's layers in order; raises `ShrinkError` unless it is a plain chain."""
+    """The model's layers in order, or None if it is not a plain chain (it branches,
+    merges, calls a layer twice or nests a model). Raises `ShrinkError` for models
+    whose graph is not visible."""
     import keras
 
     if isinstance(model, keras.Sequential):
         layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
-        return layers
+        return None if any(isinstance(l, keras.Model) for l in layers) else layers
     operations = getattr(model, "operations", None)
     if operations is None or not hasattr(model, "inputs") or model.inputs is None:
         raise ShrinkError(
@@ -101,17 +107,15 @@ def _chain(model):
                 "Dense and convolution layers."
             )
         nodes = [n for n in _compat.inbound_nodes(op) if n.operation is op]
-        if len(_compat.inbound_nodes(op)) != 1:
-            _fail(op, "it is called more than once (shared layer)")
+        if len(_compat.inbound_nodes(op)) != 1 or isinstance(op, keras.Model):
+            return None
         inputs = nodes[0].input_tensors
-        if len(inputs) != 1:
-            _fail(op, f"it merges {len(inputs)} branches")
-        if inputs[0] is not previous:
-            _fail(op, "its input is not the previous layer's output (the model branches)")
+        if len(inputs) != 1 or inputs[0] is not previous:
+            return None
         layers.append(op)
         previous = nodes[0].output_tensors[0]
     if previous is not model.outputs[0]:
-        raise ShrinkError(f"Cannot shrink {model.name!r}: the model's output is not the end of its layer chain.")
+        return None
     return layers
 
 
@@ -133,25 +137,10 @@ def _count_params(model):
     return int(sum(int(np.prod(v.shape)) for v in model.weights))
 
 
-def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
-    """Returns the shrunk plain `keras.Model` (and an info dict with `return_info=True`).
-
-    Args:
-        model: a plain (stripped) Keras model whose pruned units have zero
-            kernel slices and zero biases (`GatedModel.strip()` of a
-            `granularity="unit"` model).
-        check: compare the outputs of both models on random inputs and raise
-            `RuntimeError` if they differ by more than `atol` (relative to the
-            output scale).
-        return_info: also return `{"units": {layer: (before, after)},
-            "parameters_before", "parameters_after", "max_abs_diff"}`.
-
-    Raises:
-        ShrinkError: the topology is not a supported chain; names the layer.
-    """
+def _shrink_chain(model, layers):
+    """`(shrunk model, units)` of a chain, with removed constants folded where exact."""
     import keras
 
-    layers = _chain(model)
     kinds = [_kind(layer) for layer in layers]
     producers = [i for i, k in enumerate(kinds) if k == table.PRODUCER]
     for i in producers:
@@ -250,10 +239,176 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
                     values = [v[current_keep] for v in values]
                 new.set_weights(values)
         new_layers.append(new)
-    shrunk = keras.Model(inputs, x, name=model.name)
+    return keras.Model(inputs, x, name=model.name), units
 
+
+# ------------------------------------------------------------------ graphs
+
+
+def _input_shape(layer):
+    node = _compat.inbound_nodes(layer)[0]
+    return tuple(node.input_tensors[0].shape)
+
+
+def _zero_maps_to_zero(layer, channels):
+    """Per channel: does `layer` (inference) map an all-zero input to zero?"""
+    import keras
+
+    shape = tuple(d if d is not None else 1 for d in _input_shape(layer)[1:])
+    out = layer(keras.ops.zeros((1,) + shape), training=False)
+    out = np.asarray(keras.ops.convert_to_numpy(out)).reshape(-1, channels)
+    return ~np.any(out != 0, axis=0)
+
+
+def _activation_keeps_zero(layer, channels):
+    import keras
+
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return np.ones(channels, bool)
+    return np.full(channels, float(keras.ops.convert_to_numpy(act(keras.ops.zeros(())))) == 0)
+
+
+def _removable(group):
+    """Channels of `group` that are exactly zero everywhere they flow."""
+    dead = np.ones(group.size, bool)
+    for m in group.members:
+        idx = slice(m.offset, m.offset + group.size)
+        if m.role == "producer":
+            kernel, bias = _producer_weights(m.layer)
+            dead &= _dead_units(kernel, bias)
+            dead &= _activation_keeps_zero(m.layer, group.size)
+        elif m.role == "depthwise":
+            if m.layer.use_bias:
+                dead &= np.asarray(m.layer.bias.numpy())[idx] == 0
+            dead &= _activation_keeps_zero(m.layer, group.size)
+        elif m.role in ("per_channel", "elementwise"):
+            channels = int(_input_shape(m.layer)[-1])
+            dead &= _zero_maps_to_zero(m.layer, channels)[idx]
+    return dead
+
+
+def _shrink_graph(model):
+    """`(shrunk model, units)`: the channels of each group that are zero everywhere removed."""
+    import keras
+
+    from keras_stg.dependency import channel_groups
+
+    try:
+        groups = channel_groups(model)
+    except TypeError as e:
+        raise ShrinkError(f"Cannot shrink {model.name!r}: {e}") from None
+    # Per layer: which entries of its output axis (producers, depthwise,
+    # per-channel) and of its kernel's input axis (consumers) are removed.
+    out_drop, in_drop, units, unprunable = {}, {}, {}, []
+    for group in groups:
+        names = "/".join(layer.name for layer in group.producers)
+        if not group.prunable:
+            unprunable.append(f"{names}: {group.reason}")
+            continue
+        odd = [m.layer for m in group.members if m.role in ("producer", "consumer")
+               and not (isinstance(m.layer, keras.layers.Dense) or _is_conv(m.layer))]
+        if odd:
+            unprunable.append(f"{names}: shrink resizes only Dense and convolution layers, "
+                              f"not {odd[0].name!r} ({type(odd[0]).__name__})")
+            continue
+        dead = _removable(group)
+        if dead.all():
+            dead[0] = False  # keep one channel so that every shape stays valid
+        if not dead.any():
+            continue
+        for m in group.members:
+            layer = m.layer
+            if m.role == "consumer":
+                size = int(layer.kernel.shape[-2 if not isinstance(layer, keras.layers.Dense)
+                                            else 0])
+                drop = in_drop.setdefault(id(layer), np.zeros(size, bool))
+                for k in range(m.repeat):
+                    start = m.offset + k * m.period
+                    drop[start:start + group.size] |= dead
+            elif m.role in ("producer", "depthwise", "per_channel"):
+                size = (int(layer.kernel.shape[-1]) if m.role == "producer" else
+                        int(_input_shape(layer)[-1]))
+                drop = out_drop.setdefault(id(layer), np.zeros(size, bool))
+                drop[m.offset:m.offset + group.size] |= dead
+        for layer in group.producers:
+            units[layer.name] = (group.size, int((~dead).sum()))
+
+    new_layers = {}
+
+    def clone(layer):
+        config = layer.get_config()
+        drop = out_drop.get(id(layer))
+        if drop is not None and table.channel_kind(layer) == table.PRODUCER:
+            key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
+            config[key] = int((~drop).sum())
+        if isinstance(layer, keras.layers.Reshape) and -1 not in config["target_shape"]:
+            config["target_shape"] = tuple(config["target_shape"][:-1]) + (-1,)  # channels
+        new = type(layer).from_config(config)
+        new_layers[id(layer)] = (layer, new)
+        return new
+
+    shrunk = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for old, new in new_layers.values():
+        values = []
+        keep_out = None if id(old) not in out_drop else ~out_drop[id(old)]
+        keep_in = None if id(old) not in in_drop else ~in_drop[id(old)]
+        kind = table.channel_kind(old)
+        for v in old.weights:
+            value = np.asarray(v.numpy())
+            name = v.name
+            if kind == table.PRODUCER and name == "kernel":
+                if keep_in is not None:
+                    value = np.compress(keep_in, value, axis=value.ndim - 2)
+                if keep_out is not None:
+                    value = np.compress(keep_out, value, axis=-1)
+            elif kind == table.DEPTHWISE and name in ("kernel", "depthwise_kernel"):
+                if keep_out is not None:
+                    value = np.compress(keep_out, value, axis=value.ndim - 2)
+            elif keep_out is not None and value.ndim == 1 and value.shape[0] == keep_out.size:
+                value = value[keep_out]  # biases and per-channel weights
+            values.append(value)
+        if values:
+            new.set_weights(values)
+    return shrunk, units, unprunable
+
+
+def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
+    """Returns the shrunk plain `keras.Model` (and an info dict with `return_info=True`).
+
+    Args:
+        model: a plain (stripped) Keras model whose pruned units have zero
+            kernel slices and zero biases (`GatedModel.strip()` of a
+            `granularity="unit"` model).
+        check: compare the outputs of both models on random inputs and raise
+            `RuntimeError` if they differ by more than `atol` (relative to the
+            output scale).
+        return_info: also return `{"units": {layer: (before, after)},
+            "parameters_before", "parameters_after", "max_abs_diff"}`.
+
+    A chain (Sequential, or Functional without branches) also loses the units
+    that are a constant after a normalization shift, folded into the next
+    layer's bias where that is exact. Any other graph (residual `Add`s,
+    `Concatenate`, depthwise convolutions, squeeze-and-excitation, nested
+    models) loses, per channel group (`keras_stg.channel_groups`), the
+    channels that are exactly zero everywhere they flow: zero kernel slices
+    and biases in every producer, and every layer on their path mapping 0 to
+    0 (what `granularity="channel"` leaves after `strip`).
+
+    Raises:
+        ShrinkError: the model cannot be shrunk (a subclassed model, an
+            unsupported layer in a chain); names the layer and the fix.
+    """
+
+    layers = _chain(model)
+    unprunable = []
+    if layers is not None and all(table.channel_kind(l) in _CHAIN_KINDS for l in layers):
+        shrunk, units = _shrink_chain(model, layers)
+    else:
+        shrunk, units, unprunable = _shrink_graph(model)
     info = {
         "units": units,
+        "unprunable": unprunable,
         "parameters_before": _count_params(model),
         "parameters_after": _count_params(shrunk),
     }
@@ -271,4 +426,10 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
                 f"Shrinking changed the outputs of {model.name!r} by {diff:g} "
                 f"(allowed {atol * scale:g}); this is a bug, please report it."
             )
+    if info["parameters_after"] == info["parameters_before"]:
+        why = f" Unprunable: {'; '.join(unprunable)}." if unprunable else ""
+        warnings.warn(
+            f"shrink removed nothing from {model.name!r}: no unit or channel is zero "
+            "everywhere it flows. Gate the model with granularity='unit' (or 'channel') and "
+            f"strip it first.{why}", stacklevel=2)
     return (shrunk, info) if return_info else shrunk

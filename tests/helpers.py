@@ -279,3 +279,36 @@ def big_mlp():
     return keras.Sequential(
         [keras.Input((200,)), keras.layers.Dense(100, name="a"), keras.layers.Dense(10, name="b")]
     )
+
+
+def zero_channel_groups(model, share=0.5, seed=0):
+    """Zeroes a random `share` of every prunable channel group's channels where a
+    channel gate would: producers' kernel slices and biases, normalization gamma and
+    beta, depthwise biases (the channel is then zero everywhere it flows)."""
+    from keras_stg.dependency import channel_groups
+
+    rng = np.random.default_rng(seed)
+    zeroed = {}
+    for group in channel_groups(model):
+        if not group.prunable:
+            continue
+        dead = np.flatnonzero(rng.random(group.size) < share)
+        zeroed[id(group.members[0].layer)] = dead
+        for m in group.members:
+            layer = m.layer
+            if m.role == "producer":
+                variables = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+                index = dead
+            elif m.role == "per_channel":
+                variables = [v for v in (getattr(layer, "gamma", None),
+                                         getattr(layer, "beta", None)) if v is not None]
+                index = dead + m.offset
+            elif m.role == "depthwise" and layer.use_bias:
+                variables, index = [layer.bias], dead + m.offset
+            else:
+                continue
+            for v in variables:
+                value = np.array(v.numpy())
+                value[..., index] = 0
+                v.assign(value)
+    return zeroed

@@ -175,6 +175,18 @@ def test_onnx_shrink_export_is_smaller_and_exact(tmp_path):
     assert small["options"] == {"opset": onnx.DEFAULT_OPSET, "shrink": True}
 
 
+def test_shrink_export_of_a_residual_network(tmp_path):
+    model = helpers.tiny_resnet50()
+    helpers.zero_channel_groups(model, share=0.5, seed=0)
+    out = str(tmp_path / "r.tflite")
+    report = tflite.export(model, out, shrink=True, num_samples=8, latency_runs=5,
+                           verbose=False)
+    assert report["parity"]["max_abs_diff"] <= 1e-5
+    assert report["shrink"]["parameters_after"] < 0.6 * report["shrink"]["parameters_before"]
+    assert report["size"]["ratio_vs_dense_float"] < 0.7
+    assert report["shrink"]["units"]["conv2_block1_0_conv"][1] < 16
+
+
 def test_shrink_export_is_smaller_and_exact(tmp_path):
     gated = _ticket(models.conv4((16, 16, 1)), granularity="unit", keep=0.5, skip=("fc3",))
     out = str(tmp_path / "c.tflite")

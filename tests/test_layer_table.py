@@ -46,7 +46,6 @@ def test_channel_kinds(layer, shape, kind):
 
 
 @pytest.mark.parametrize("layer, shape, reason", [
-    (L.Dense(4, activation="softmax"), (3,), "activation 'softmax' is not element-wise"),
     (L.Activation("softmax"), (4,), "not element-wise"),
     (L.Conv2D(4, 3, groups=2), (8, 8, 2), "grouped convolutions"),
     (L.BatchNormalization(axis=1), (8, 8, 2), "normalizes axis 1"),
@@ -58,6 +57,15 @@ def test_unsupported_channels_say_why(layer, shape, reason):
         _built(layer, shape)
     kind = table.channel_kind(layer)
     assert isinstance(kind, table.Unsupported) and reason in kind.reason
+
+
+def test_a_producers_activation_concerns_its_output_only():
+    softmax = _built(L.Dense(4, activation="softmax", name="p"), (3,))
+    assert table.channel_kind(softmax) == table.PRODUCER
+    assert table.activation_reason(softmax) == \
+        "the activation 'softmax' of 'p' is not element-wise"
+    assert table.activation_reason(_built(L.Conv2D(4, 3, activation="relu"), (8, 8, 2))) is None
+    assert table.activation_reason(L.ReLU()) is None
 
 
 def test_subclass_inherits_its_parent_entry_and_normalization_is_never_gated():
@@ -99,7 +107,7 @@ def test_a_registered_custom_layer_is_gated_stripped_and_shrunk():
         stripped = gated.strip()
         x, _ = helpers.batch(stripped, 4)
         assert helpers.max_diff(helpers.infer(stripped, x), helpers.infer(gated, x)) <= 1e-6
-        # shrink needs Dense or Conv producers: a custom one is named, not mis-shrunk.
+        # shrink resizes Dense and Conv producers only: a custom one is named, not mis-shrunk.
         with pytest.raises(keras_stg.ShrinkError, match="'aff' \\(Affine\\).*Dense and plain"):
             keras_stg.shrink(stripped)
     finally:

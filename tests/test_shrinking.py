@@ -6,7 +6,7 @@ import pytest
 
 import keras_stg
 from keras_stg.experiments import models
-from keras_stg.shrinking import ShrinkError, shrink
+from keras_stg.shrinking import shrink
 from tests import helpers
 
 
@@ -54,19 +54,14 @@ def test_shrink_equals_masked_model(build):
     assert small.output_shape == stripped.output_shape
 
 
-def test_shrink_rejects_branches_naming_the_layer():
-    inputs = keras.Input((8, 8, 3))
-    a = keras.layers.Conv2D(4, 3, padding="same", name="left")(inputs)
-    b = keras.layers.Conv2D(4, 3, padding="same", name="right")(inputs)
-    x = keras.layers.Add(name="merge")([a, b])
-    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(x))
-    model = keras.Model(inputs, outputs)
-    with pytest.raises(ShrinkError, match="right|merge"):
-        shrink(model)
-    dw = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.DepthwiseConv2D(3, name="dw"),
-                           keras.layers.Flatten(), keras.layers.Dense(2)])
-    with pytest.raises(ShrinkError, match="'dw' \\(DepthwiseConv2D\\)"):
-        shrink(dw)
+def test_shrink_depthwise_chains_go_through_the_channel_groups():
+    dw = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(6, 1, name="pw"),
+                           keras.layers.DepthwiseConv2D(3, name="dw"),
+                           keras.layers.Flatten(), keras.layers.Dense(2, name="out")])
+    helpers.zero_channel_groups(dw, share=0.5, seed=3)
+    small, info = shrink(dw, return_info=True)
+    assert info["units"]["pw"][1] < 6 and small.get_layer("dw").kernel.shape[-2] < 6
+    assert info["max_abs_diff"] <= 1e-6
 
 
 def _check_exact(model, seed=0):
@@ -117,12 +112,66 @@ def test_shrink_conv1d_chain_and_returns_a_plain_model(tmp_path):
     assert helpers.max_diff(helpers.infer(loaded, x), helpers.infer(small, x)) == 0
 
 
-def test_shrink_names_an_unknown_layer_and_the_table_entry_that_fixes_it():
+def test_an_unknown_layer_makes_its_channels_unprunable_and_says_so():
     class Odd(keras.layers.Layer):
         def call(self, x):
             return x[..., ::-1]
 
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="d"),
                               Odd(name="odd"), keras.layers.Dense(2)])
-    with pytest.raises(ShrinkError, match="'odd' \\(Odd\\).*layer table"):
-        shrink(model)
+    with pytest.warns(UserWarning, match="shrink removed nothing.*'odd' \\(Odd\\).*layer table"):
+        small, info = shrink(model, return_info=True)
+    assert info["parameters_after"] == info["parameters_before"]
+    assert any("'odd' (Odd)" in reason for reason in info["unprunable"])
+
+
+@pytest.mark.parametrize("build", [helpers.tiny_resnet50, helpers.tiny_mobilenet_v2,
+                                   lambda: __import__("tests.test_dependency", fromlist=["x"])
+                                   ._se_concat_flatten()],
+                         ids=["resnet", "mobilenet_v2", "se_concat_flatten"])
+def test_graph_shrink_removes_coupled_zero_channels_exactly(build, tmp_path):
+    model = build()
+    rng = np.random.default_rng(0)
+    for layer in model.layers:  # non-trivial normalization statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.uniform(-1, 1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape))
+    helpers.zero_channel_groups(model, share=0.5, seed=1)
+    small, info = shrink(model, return_info=True)
+    assert info["parameters_after"] < 0.8 * info["parameters_before"]
+    assert info["max_abs_diff"] <= 1e-5
+    x, _ = helpers.batch(model, 4, seed=2)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(model, x)) <= 1e-5
+    before, after = next(iter(info["units"].values()))
+    assert after < before
+    path = str(tmp_path / "small.keras")
+    small.save(path)
+    assert helpers.max_diff(helpers.infer(keras.models.load_model(path), x),
+                            helpers.infer(small, x)) == 0
+
+
+def test_graph_shrink_keeps_a_channel_that_a_shift_makes_non_zero():
+    inputs = keras.Input((6, 6, 2))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    a = keras.layers.BatchNormalization(name="bn")(a)
+    b = keras.layers.Conv2D(4, 1, name="b")(inputs)
+    x = keras.layers.Add()([a, b])
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    for layer in (model.get_layer("a"), model.get_layer("b")):  # every channel's kernels zero
+        layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    beta = np.zeros(4, "float32")
+    beta[1] = 0.5  # channel 1 is 0.5 after the normalization, not 0
+    model.get_layer("bn").beta.assign(beta)
+    small, info = shrink(model, return_info=True)
+    assert info["units"]["a"] == (4, 1) and small.get_layer("a").filters == 1
+    x, _ = helpers.batch(model, 3)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(model, x)) <= 1e-6
+
+
+def test_graph_shrink_of_a_full_keras_application():
+    model = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+    helpers.zero_channel_groups(model, share=0.5, seed=0)
+    small, info = shrink(model, return_info=True)  # checks the outputs itself
+    assert info["parameters_after"] < 0.6 * info["parameters_before"]
+    assert info["max_abs_diff"] <= 1e-5

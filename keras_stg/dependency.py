@@ -1,0 +1,321 @@
+"""Channel dependency analysis: which channels of a model must be kept or removed together.
+
+A *channel group* is a set of channel spaces that are the same channels: the
+output channels of a convolution, the BatchNormalization after it, the
+depthwise convolution after that, both branches of a residual `Add`, the trunk
+and the excitation of a squeeze-and-excitation `Multiply`. Removing channel `c`
+of a group removes it from every *member*: the producers' output axes (kernel
+and bias), the per-channel layers' weights, the depthwise kernels, and the
+consumers' input axes (at an offset after a `Concatenate`, and once per
+position after a `Flatten`).
+
+`channel_groups(model)` walks the layer graph (Sequential, Functional, nested
+sub-models) and applies to every layer its channel behaviour from
+`keras_stg.layer_table`. A group that reaches a model input or output, an op
+the table does not know, or a shared layer is *unprunable*, and says why.
+
+Example:
+
+```python
+for group in keras_stg.channel_groups(model):
+    print(group)           # size, producers, members, or why it is unprunable
+```
+"""
+
+import dataclasses
+import math
+
+import keras
+
+from keras_stg import _compat
+from keras_stg import layer_table as table
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One place a group's channels live.
+
+    Attributes:
+        layer: the layer.
+        role: `"producer"` (output axis of its kernel, and its bias),
+            `"depthwise"` (channel axis of a depthwise kernel, and its bias),
+            `"per_channel"` (every weight of the layer, indexed by channel),
+            `"elementwise"` (no weights; on the channels' path) or
+            `"consumer"` (input axis of its kernel).
+        offset: where the group's channel 0 sits on the member's channel axis
+            (after a `Concatenate`).
+        repeat, period: a consumer after a `Flatten` sees channel `c` at the
+            rows `offset + c + k * period` for `k < repeat`.
+    """
+
+    layer: keras.layers.Layer
+    role: str
+    offset: int = 0
+    repeat: int = 1
+    period: int = 0
+
+
+class _Slot:
+    """A channel space in the union-find of groups."""
+
+    def __init__(self, size):
+        self.size = int(size)
+        self.parent = self
+        self.members = []
+        self.reasons = []
+
+    def root(self):
+        slot = self
+        while slot.parent is not slot:
+            slot.parent = slot.parent.parent
+            slot = slot.parent
+        return slot
+
+
+def _union(a, b):
+    a, b = a.root(), b.root()
+    if a is b:
+        return a
+    if a.size != b.size:  # cannot happen for valid graphs; never merge mismatched spaces
+        a.reasons.append(f"coupled with a space of {b.size} channels")
+        b.reasons.append(f"coupled with a space of {a.size} channels")
+        return a
+    b.parent = a
+    a.members.extend(b.members)
+    a.reasons.extend(b.reasons)
+    return a
+
+
+@dataclasses.dataclass
+class _View:
+    """The channels of a tensor: segments `(slot, offset)` in order; `repeat` > 1 after a
+    Flatten (the block of `period` channels repeats once per spatial position)."""
+
+    segments: list
+    repeat: int = 1
+
+    @property
+    def channels(self):
+        return sum(s.size for s, _ in self.segments)
+
+    def slots(self):
+        return [s for s, _ in self.segments]
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels that are kept or removed together.
+
+    Attributes:
+        size: number of channels.
+        members: every `Member` (producers first).
+        reason: why the group cannot be pruned, or None.
+    """
+
+    size: int
+    members: list
+    reason: object = None
+
+    @property
+    def prunable(self):
+        return self.reason is None
+
+    @property
+    def producers(self):
+        return [m.layer for m in self.members if m.role == "producer"]
+
+    def __str__(self):
+        names = ", ".join(f"{m.layer.name}:{m.role}" for m in self.members)
+        state = "prunable" if self.prunable else f"unprunable ({self.reason})"
+        return f"<channel group of {self.size}: {state}; {names}>"
+
+
+def _mark(view, reason):
+    for slot in view.slots():
+        slot.root().reasons.append(reason)
+
+
+def _channels(tensor):
+    shape = tensor.shape
+    return int(shape[-1]) if len(shape) and shape[-1] is not None else 0
+
+
+class _SequentialOutput:
+    """The output of a layer inside a Sequential (only its shape is read)."""
+
+    def __init__(self, layer):
+        self.shape = tuple(layer.output.shape) if _compat.inbound_nodes(layer) else (None,)
+
+
+def _add_member(view, layer, role, **extra):
+    for slot, offset in view.segments:
+        slot.root().members.append(Member(layer, role, offset, **extra))
+
+
+class _Walker:
+    def __init__(self):
+        self.slots = []  # every channel space made
+
+    def new(self, size, reason=None):
+        slot = _Slot(size)
+        if reason:
+            slot.reasons.append(reason)
+        self.slots.append(slot)
+        return _View([(slot, 0)])
+
+    def unknown(self, views, outputs, reason):
+        for v in views:
+            _mark(v, reason)
+        return [self.new(_channels(t), reason) for t in outputs]
+
+    def layer(self, layer, views, outputs):
+        """Output views of one call of `layer` on inputs of `views`."""
+        if isinstance(layer, keras.Model):
+            return self.model(layer, views)
+        if layer.weights and len(_compat.inbound_nodes(layer)) > 1:
+            # Its weights serve several calls: a channel cannot be removed from one alone.
+            return self.unknown(views, outputs, f"{layer.name!r} is a shared layer")
+        kind = table.channel_kind(layer)
+        name = f"{layer.name!r} ({type(layer).__name__})"
+        if isinstance(kind, table.Unsupported):
+            return self.unknown(views, outputs, f"{name}: {kind.reason}")
+        if len(outputs) != 1:
+            return self.unknown(views, outputs, f"{name} has {len(outputs)} outputs")
+        out_channels = _channels(outputs[0])
+        if kind == table.MERGE:
+            return [self.merge(layer, views, out_channels)]
+        if kind == table.CONCAT:
+            if any(v.repeat != 1 for v in views):
+                return self.unknown(views, outputs, f"{name} concatenates flattened tensors")
+            segments, start = [], 0
+            for v in views:
+                segments.extend((slot, start + offset) for slot, offset in v.segments)
+                start += v.channels
+            return [_View(segments)]
+        if len(views) != 1:
+            return self.unknown(views, outputs, f"{name} takes {len(views)} inputs")
+        (view,) = views
+        if kind == table.PRODUCER:
+            if view.repeat != 1 and not isinstance(layer, keras.layers.Dense):
+                return self.unknown(views, outputs, f"{name} reads a flattened tensor")
+            period = view.channels if view.repeat != 1 else 0
+            _add_member(view, layer, "consumer", repeat=view.repeat, period=period)
+            out = self.new(out_channels, table.activation_reason(layer))
+            out.segments[0][0].members.append(Member(layer, "producer"))
+            return [out]
+        if view.repeat != 1 and kind != table.ELEMENTWISE:
+            return self.unknown(views, outputs, f"{name} after a Flatten")
+        if kind == table.DEPTHWISE:
+            if getattr(layer, "depth_multiplier", 1) != 1:
+                return self.unknown(views, outputs, f"{name} has depth_multiplier > 1")
+            if table.activation_reason(layer):
+                _mark(view, table.activation_reason(layer))
+            _add_member(view, layer, "depthwise")
+            return [view]
+        if kind == table.PER_CHANNEL:
+            _add_member(view, layer, "per_channel")
+            return [view]
+        if kind == table.ELEMENTWISE:
+            _add_member(view, layer, "elementwise")
+            return [view]
+        if kind in (table.SPATIAL, table.GLOBAL_POOL):
+            return [view]
+        if kind == table.FLATTEN:
+            if view.channels == 0 or view.repeat != 1:
+                return self.unknown(views, outputs, f"{name} flattens an unknown shape")
+            return [_View(view.segments, repeat=max(1, out_channels // view.channels))]
+        return self.unknown(views, outputs, f"{name}: unknown channel kind {kind!r}")
+
+    def merge(self, layer, views, out_channels):
+        full = [v for v in views if v.channels == out_channels]
+        if any(v.repeat != 1 for v in views) or not full:
+            return self._merge_unknown(layer, views, out_channels)
+        first = full[0]
+        for v in full[1:]:
+            if [s.size for s, _ in v.segments] != [s.size for s, _ in first.segments]:
+                return self._merge_unknown(layer, views, out_channels)
+            for (a, _), (b, _) in zip(first.segments, v.segments):
+                _union(a, b)
+        for v in views:  # broadcast inputs (one channel) do not couple
+            if v not in full and v.channels != 1:
+                return self._merge_unknown(layer, views, out_channels)
+        return _View([(s.root(), o) for s, o in first.segments])
+
+    def _merge_unknown(self, layer, views, out_channels):
+        reason = f"{layer.name!r} ({type(layer).__name__}) merges tensors it cannot align"
+        for v in views:
+            _mark(v, reason)
+        return self.new(out_channels, reason)
+
+    def model(self, model, input_views):
+        """Walks a Sequential or Functional `model` from `input_views`; returns output views."""
+        if isinstance(model, keras.Sequential):
+            views = input_views
+            for layer in model.layers:
+                if isinstance(layer, keras.layers.InputLayer):
+                    continue
+                views = self.layer(layer, views, [_SequentialOutput(layer)])
+            return views
+        if not getattr(model, "inputs", None) or not hasattr(model, "operations"):
+            raise TypeError(
+                f"{model.name!r} ({type(model).__name__}) is a subclassed model: its layer "
+                "graph is not visible, so its channels cannot be followed. Build it as a "
+                "Functional or Sequential model.")
+        known = {id(t): v for t, v in zip(model.inputs, input_views)}
+        for op in model.operations:
+            if isinstance(op, keras.layers.InputLayer):
+                continue
+            for node in _compat.inbound_nodes(op):
+                inputs = list(node.input_tensors)
+                if not inputs or any(id(t) not in known for t in inputs):
+                    continue  # a call of this layer in another model
+                views = [known[id(t)] for t in inputs]
+                outputs = list(node.output_tensors)
+                if not isinstance(op, keras.layers.Layer):
+                    new = self.unknown(views, outputs, f"op {op.name!r} ({type(op).__name__}) "
+                                       "is not a layer of the table")
+                else:
+                    new = self.layer(op, views, outputs)
+                for t, v in zip(outputs, new):
+                    known[id(t)] = v
+        return [known[id(t)] for t in model.outputs]
+
+
+def channel_groups(model):
+    """The channel groups of `model` (a built Sequential or Functional Keras model).
+
+    Returns a list of `ChannelGroup`, one per set of coupled output channels of
+    the model's producers (Dense and convolution layers), in the model's layer
+    order; unprunable ones carry their reason.
+    """
+    if not isinstance(model, keras.Model) or not model.built:
+        raise TypeError(f"channel_groups takes a built keras.Model, got {model!r}.")
+    walker = _Walker()
+    inputs = getattr(model, "inputs", None)
+    if not inputs or not (isinstance(model, keras.Sequential) or hasattr(model, "operations")):
+        raise TypeError(
+            f"{model.name!r} ({type(model).__name__}) is a subclassed model, or has no "
+            "Input: its layer graph is not visible, so its channels cannot be followed. "
+            "Build it as a Functional or Sequential model with keras.Input(...).")
+    input_views = [walker.new(_channels(t), "reaches a model input") for t in model.inputs]
+    outputs = walker.model(model, input_views)
+    for v in outputs:
+        _mark(v, "reaches a model output")
+    order = {id(layer): i for i, layer in enumerate(_compat.all_layers(model))}
+    groups, seen = [], set()
+    roots = []
+    for slot in walker.slots:
+        root = slot.root()
+        if id(root) in seen:
+            continue
+        seen.add(id(root))
+        roots.append(root)
+    for root in roots:
+        members = sorted(root.members, key=lambda m: (m.role != "producer",
+                                                      order.get(id(m.layer), math.inf)))
+        if not any(m.role == "producer" for m in members):
+            continue
+        groups.append(ChannelGroup(root.size, members, root.reasons[0] if root.reasons else None))
+    groups.sort(key=lambda g: order.get(id(g.members[0].layer), math.inf))
+    return groups
+

@@ -1,0 +1,120 @@
+"""`keras_stg.channel_groups`: channels coupled through the graph, and why some are not prunable."""
+
+import keras
+import pytest
+
+import keras_stg
+from tests import helpers
+
+L = keras.layers
+
+
+def _group_of(groups, producer):
+    (group,) = [g for g in groups if producer in [l.name for l in g.producers]]
+    return group
+
+
+def _roles(group):
+    return {(m.layer.name, m.role, m.offset, m.repeat, m.period) for m in group.members}
+
+
+def test_residual_adds_couple_the_shortcut_and_both_blocks():
+    groups = keras_stg.channel_groups(helpers.tiny_resnet50())
+    stage2 = _group_of(groups, "conv2_block1_0_conv")
+    assert {l.name for l in stage2.producers} == {"conv2_block1_0_conv", "conv2_block1_3_conv",
+                                                  "conv2_block2_3_conv"}
+    assert stage2.prunable
+    members = _roles(stage2)
+    assert ("conv2_block1_0_bn", "per_channel", 0, 1, 0) in members
+    assert ("conv2_block2_1_conv", "consumer", 0, 1, 0) in members  # the next block reads it
+    assert ("conv2_block1_out", "elementwise", 0, 1, 0) in members
+    inner = _group_of(groups, "conv2_block1_1_conv")
+    assert inner.producers == [inner.members[0].layer] and inner.prunable
+
+
+def test_depthwise_convolutions_share_their_input_channels():
+    groups = keras_stg.channel_groups(helpers.tiny_mobilenet_v2())
+    expand = _group_of(groups, "block_1_expand_conv")
+    members = _roles(expand)
+    assert ("block_1_depthwise", "depthwise", 0, 1, 0) in members
+    assert ("block_1_project_conv", "consumer", 0, 1, 0) in members
+    # block 2 adds its projection to block 1's: one group.
+    assert {l.name for l in _group_of(groups, "block_1_project_conv").producers} == {
+        "block_1_project_conv", "block_2_project_conv"}
+    head = _group_of(groups, "predictions")
+    assert not head.prunable and "softmax" in head.reason
+
+
+def _se_concat_flatten():
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = L.Conv2D(6, 3, padding="same", name="b")(inputs)
+    x = L.Concatenate(name="cat")([a, b])
+    x = L.BatchNormalization(name="bn")(x)
+    se = L.GlobalAveragePooling2D(name="squeeze")(x)
+    se = L.Reshape((1, 1, 10), name="reshape")(se)
+    se = L.Conv2D(3, 1, activation="relu", name="se1")(se)
+    se = L.Conv2D(10, 1, activation="sigmoid", name="se2")(se)
+    y = L.Conv2D(10, 1, name="trunk")(x)
+    y = L.Multiply(name="excite")([y, se])
+    z = L.Conv2D(5, 1, name="d")(y)
+    outputs = L.Dense(2, name="out")(L.Flatten(name="flat")(z))
+    return keras.Model(inputs, outputs)
+
+
+def test_concat_offsets_se_coupling_and_flatten_rows():
+    groups = keras_stg.channel_groups(_se_concat_flatten())
+    a, b = _group_of(groups, "a"), _group_of(groups, "b")
+    assert ("bn", "per_channel", 0, 1, 0) in _roles(a) and ("bn", "per_channel", 4, 1, 0) in _roles(b)
+    assert ("trunk", "consumer", 4, 1, 0) in _roles(b)
+    assert ("se1", "consumer", 4, 1, 0) in _roles(b)  # through pooling and a channel-keeping reshape
+    excite = _group_of(groups, "trunk")
+    assert {l.name for l in excite.producers} == {"trunk", "se2"}  # the SE multiply couples them
+    flat = _group_of(groups, "d")
+    assert ("out", "consumer", 0, 64, 5) in _roles(flat)  # channel c at rows c + 5k, 64 positions
+    assert all(g.prunable for g in (a, b, excite, flat))
+    assert not _group_of(groups, "out").prunable
+
+
+def test_unknown_ops_outputs_and_shared_layers_are_unprunable_with_the_reason():
+    inputs = keras.Input((6,))
+    x = L.Dense(4, name="d1")(inputs)
+    y = keras.ops.flip(x, axis=-1)  # an op the table does not know
+    shared = L.Dense(4, name="shared")
+    z = shared(L.Dense(4, name="d2")(inputs))
+    z = shared(z)
+    outputs = L.Dense(2, name="out")(L.Concatenate()([y, z]))
+    groups = keras_stg.channel_groups(keras.Model(inputs, outputs))
+    assert "op 'flip'" in _group_of(groups, "d1").reason
+    assert "shared layer" in _group_of(groups, "d2").reason
+    assert _group_of(groups, "out").reason == "reaches a model output"
+    assert "channel group of 4: unprunable" in str(_group_of(groups, "d1"))
+
+
+def test_channels_are_followed_into_nested_models():
+    inner = keras.Sequential([keras.Input((8, 8, 4)), L.BatchNormalization(name="inner_bn"),
+                              L.ReLU(name="inner_relu"), L.Conv2D(3, 1, name="inner_conv")],
+                             name="inner")
+    inputs = keras.Input((8, 8, 2))
+    x = L.Conv2D(4, 3, padding="same", name="outer")(inputs)
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(inner(x)))
+    groups = keras_stg.channel_groups(keras.Model(inputs, outputs))
+    outer = _group_of(groups, "outer")
+    assert {("inner_bn", "per_channel"), ("inner_conv", "consumer")} <= {
+        (m.layer.name, m.role) for m in outer.members}
+    assert _group_of(groups, "inner_conv").prunable
+
+
+def test_subclassed_models_are_a_clear_error():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = L.Dense(2)
+
+        def call(self, x):
+            return self.d(x)
+
+    model = Sub()
+    model(keras.ops.zeros((1, 3)))
+    with pytest.raises(TypeError, match="subclassed model.*Functional or Sequential"):
+        keras_stg.channel_groups(model)
