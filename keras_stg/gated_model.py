@@ -28,6 +28,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_stg import config as config_lib
+from keras_stg.channel_gates import ChannelPlan
 from keras_stg import fused as fused_lib
 from keras_stg import gate_math
 from keras_stg import granularity as granularity_lib
@@ -88,10 +89,20 @@ class GatedModel(MaskedModel):
         self._mask_frozen = False
 
         self.gates = []
-        self._n_weights = []
-        for i, t in enumerate(self.targets):
-            shape = tuple(t.variable.shape)
-            gate_shape = self.granularity.gate_shape(shape, t.out_axes, t.in_axes)
+        self._n_weights = [math.prod(tuple(t.variable.shape)) for t in self.targets]
+        self._total_weights = float(sum(self._n_weights))
+        # Channel gates (one per channel group, shared by its members) or one
+        # gate tensor per kernel.
+        plan = None
+        if getattr(self.granularity, "shared", False):
+            plan = ChannelPlan(model, self.targets)
+            self._check_channel_plan(plan)
+            gate_shapes = [(size,) for size in plan.sizes]
+        else:
+            gate_shapes = [self.granularity.gate_shape(tuple(t.variable.shape), t.out_axes,
+                                                       t.in_axes) for t in self.targets]
+        object.__setattr__(self, "_plan", plan)
+        for i, gate_shape in enumerate(gate_shapes):
             gate_seed = None if config.seed is None else int(config.seed) * 100003 + i
             if config.init_mu == "random":
                 init = initializers.random_mu(1.0 - self.target_sparsity, config.sigma,
@@ -108,8 +119,6 @@ class GatedModel(MaskedModel):
                     name=f"gate_{i}",
                 )
             )
-            self._n_weights.append(math.prod(shape))
-        self._total_weights = float(sum(self._n_weights))
         noise_seed = (int(config.seed) if config.seed is not None
                       else int(np.random.randint(2**31 - 1)))
         noise = NoiseTable([g.gate_shape for g in self.gates], noise_seed)
@@ -138,7 +147,8 @@ class GatedModel(MaskedModel):
         self.mask_frozen = self._state_weight("mask_frozen")  # 1.0 once frozen (saved)
         # Values of the gated biases are gated too for unit-like granularities.
         self._gated_bias = [
-            t.bias is not None
+            plan is None
+            and t.bias is not None
             and self.granularity.gates_bias
             and math.prod(t.bias.shape) == math.prod(g.gate_shape)
             for t, g in zip(self.targets, self.gates)
@@ -146,7 +156,48 @@ class GatedModel(MaskedModel):
         self.substituted |= {
             id(t.bias) for t, b in zip(self.targets, self._gated_bias) if b
         }
+        if plan is not None:
+            self.substituted |= plan.substituted(self.targets)
         self.freeze_base()
+
+    def _check_channel_plan(self, plan):
+        if not plan.groups:
+            reasons = "; ".join(f"{'/'.join(l.name for l in g.producers)}: "
+                                f"{g.reason or 'a producer is not gated'}"
+                                for g in plan.skipped[:5])
+            raise ValueError(
+                f"granularity='channel' found no channel group of {self.base_model.name!r} to "
+                f"gate ({reasons}). Use granularity='unit', or see keras_stg.channel_groups.")
+        target = self.target_sparsity
+        if target is not None:
+            reachable = plan.max_sparsity(self.targets)
+            if target > reachable - 0.01:
+                raise ValueError(
+                    f"target_sparsity={target} cannot be reached with channel gates on "
+                    f"{self.base_model.name!r}: closing every gated channel removes "
+                    f"{100 * reachable:.1f}% of the kernel weights (the rest sit in unprunable "
+                    "groups, see keras_stg.channel_groups). Lower the target, or gate fewer "
+                    "layers' weights with exclude=.")
+
+    @property
+    def groups(self):
+        """The wrapped model's channel groups (`keras_stg.channel_groups`): with
+        `granularity="channel"` the gated ones first (aligned with `gates`), then the
+        ones left ungated, each with the reason."""
+        if self._plan is not None:
+            return self._plan.groups + self._plan.skipped
+        from keras_stg.dependency import channel_groups
+
+        return channel_groups(self.base_model)
+
+    def target_gate(self, index):
+        """The gate tensor controlling the outputs of target `index` (None if ungated)."""
+        if self._plan is None:
+            return self.gates[index]
+        spec = self._plan.targets.get(index)
+        if spec is None or spec.out is None or not spec.out.segments:
+            return None
+        return self.gates[spec.out.segments[0][0]]
 
     def _state_weight(self, name, value=0.0):
         return self.add_weight(
@@ -206,6 +257,12 @@ class GatedModel(MaskedModel):
         """
         noise = self.noise
         offset = noise.offset()
+        if self._plan is not None:
+            rolled = noise.rolled(offset)
+            zs = [gate_math.relaxed_gate(g.mu, g.sigma, eps=noise.slice(rolled, i))
+                  for i, g in enumerate(self.gates)]
+            mapping = self._plan.mapping(self.targets, zs)
+            return mapping, self._expected_density(), self._hard_density()
         lib = self._fused_lib()
         rolled = None
         mapping = []
@@ -249,6 +306,9 @@ class GatedModel(MaskedModel):
         """`(variable, value)` pairs: every gated kernel (and bias) times its gate."""
         if training:
             return self._relaxed_kernels()[0]
+        if self._plan is not None:
+            binary = self._plan.binary(self.gates)
+            return self._plan.mapping(self.targets, binary, binary_inputs=binary)
         mapping = []
         for target, gate, gated_bias in zip(self.targets, self.gates, self._gated_bias):
             self._append_gated(mapping, target, gate, gated_bias, gate.gate(False))
@@ -265,6 +325,9 @@ class GatedModel(MaskedModel):
 
     def _expected_density(self):
         """Expected share of gated kernel weights kept under the relaxation."""
+        if self._plan is not None:
+            p = [gate_math.open_probability(g.mu, g.sigma) for g in self.gates]
+            return self._plan.kept(self.targets, p) / self._total_weights
         total = 0.0
         for gate, n in zip(self.gates, self._n_weights):
             per_gate = n / math.prod(gate.gate_shape)
@@ -281,6 +344,9 @@ class GatedModel(MaskedModel):
         )
 
     def _hard_density(self):
+        if self._plan is not None:
+            kept = self._plan.kept(self.targets, self._plan.binary(self.gates))
+            return kept / self._total_weights
         kept = 0.0
         for target, gate in zip(self.targets, self.gates):
             kept = kept + self._kept_weights(target, gate)
@@ -310,14 +376,34 @@ class GatedModel(MaskedModel):
         magnitude pruning does after its schedule ends). Idempotent.
         """
         mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
-        per_gate = [n / m.size for n, m in zip(self._n_weights, mus)]
         flat = np.concatenate(mus)
-        weight = np.concatenate([np.full(m.size, w) for m, w in zip(mus, per_gate)])
         order = np.argsort(-flat, kind="stable")
         keep_weights = (1.0 - self.target_sparsity) * self._total_weights
-        kept_before = np.cumsum(weight[order]) - weight[order]
         keep = np.zeros(flat.size, bool)
-        keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
+        if self._plan is None:
+            per_gate = [n / m.size for n, m in zip(self._n_weights, mus)]
+            weight = np.concatenate([np.full(m.size, w) for m, w in zip(mus, per_gate)])
+            kept_before = np.cumsum(weight[order]) - weight[order]
+            keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
+        else:
+            # A channel's weight depends on which channels around it stay: search
+            # the number of largest-mu channels whose mask is nearest the target.
+            def kept(n):
+                mask = np.zeros(flat.size, "float32")
+                mask[order[:n]] = 1.0
+                pieces = np.split(mask, np.cumsum([m.size for m in mus])[:-1])
+                return float(ops.convert_to_numpy(self._plan.kept(self.targets, pieces)))
+
+            low, high = 0, flat.size
+            while low < high:
+                mid = (low + high) // 2
+                if kept(mid) < keep_weights:
+                    low = mid + 1
+                else:
+                    high = mid
+            n = low if low == 0 or abs(kept(low) - keep_weights) <= abs(
+                kept(low - 1) - keep_weights) else low - 1
+            keep[order[:n]] = True
         # Saturate the frozen gates, so that no gate reads as fractional.
         bound = self.mu_bound or 1.0
         new = np.where(keep, bound, -bound).astype("float32")
@@ -387,6 +473,9 @@ class GatedModel(MaskedModel):
 
     def masks(self):
         """Binary masks, one NumPy array per gated kernel, broadcast to its shape."""
+        if self._plan is not None:
+            binary = [ops.convert_to_numpy(m) for m in self._plan.binary(self.gates)]
+            return self._plan.masks(self.targets, binary)
         out = []
         for target, gate in zip(self.targets, self.gates):
             shape = tuple(target.variable.shape)

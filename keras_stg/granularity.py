@@ -10,6 +10,9 @@ Built in:
 - `"weight"`: one gate per kernel entry (unstructured; the paper).
 - `"unit"`: one gate per output neuron / output channel (structured); the
   layer's bias is gated with the same gate, so a pruned unit is removed whole.
+- `"channel"`: one gate per channel of a channel group, shared by every layer the
+  channel passes through (residual branches, depthwise convolutions,
+  normalization), so that `shrink` can remove it from the model.
 - `"block"` / `"block4"` / `"block16"`: one gate per block of consecutive
   kernel entries along the last input axis (the 1x4 float and 1x16 int8 block
   patterns that TFLite's FULLY_CONNECTED runs natively sparse).
@@ -140,10 +143,30 @@ class BlockGranularity(Granularity):
         return f"block{self.size}"
 
 
+@keras.saving.register_keras_serializable(package="keras_stg")
+class ChannelGranularity(Granularity):
+    """One gate per channel of a channel group (`keras_stg.channel_groups`), shared by
+    every member: the producers' outputs, depthwise kernels, normalization, and (at
+    inference) the consumers' inputs; so a closed channel can be removed by `shrink`.
+
+    `GatedModel` applies these gates itself (`keras_stg.channel_gates`); the
+    per-kernel methods below are not used.
+    """
+
+    name = "channel"
+    #: Gates are shared across kernels (one per channel group), not one tensor per kernel.
+    shared = True
+    gates_bias = True
+
+    def gate_shape(self, kernel_shape, out_axes, in_axes):
+        raise TypeError("channel gates belong to channel groups, not to single kernels")
+
+
 _REGISTRY = {
     "weight": WeightGranularity,
     "unit": UnitGranularity,
     "block": BlockGranularity,
+    "channel": ChannelGranularity,
 }
 
 

@@ -1,5 +1,6 @@
 """Per-layer sparsity report of a gated model."""
 
+import numpy as np
 from keras import ops
 
 from keras_stg import gate_math
@@ -13,9 +14,9 @@ def layer_stats(gated):
     them, so a high share means training has not settled.
     """
     rows = []
-    for target, mask in zip(gated.targets, gated.masks()):
-        gate = next(g for t, g in zip(gated.targets, gated.gates) if t is target)
-        mu = ops.convert_to_numpy(gate.mu)
+    for i, (target, mask) in enumerate(zip(gated.targets, gated.masks())):
+        gate = gated.target_gate(i)
+        mu = ops.convert_to_numpy(gate.mu) if gate is not None else np.zeros((0,))
         params = int(mask.size)
         kept = int(mask.sum())
         rows.append(

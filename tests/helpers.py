@@ -250,6 +250,19 @@ def check_invariants(gated, x, y, tmp_path, steps=4):
     loaded.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
     assert any(not np.array_equal(a, g.mu.numpy()) for a, g in zip(mu_loaded, loaded.gates))
 
+    if str(gated.granularity) == "channel":
+        # Closed channels are zero wherever they flow: shrink removes exactly them.
+        small, info = keras_stg.shrink(pruned, return_info=True)
+        assert max_diff(infer(small, x), y_gated) <= 1e-5
+        from keras_stg import layer_table
+
+        kernels = sum(int(np.prod(v.shape)) for layer in small._flatten_layers()
+                      if layer_table.kernels(layer) for v in layer.weights
+                      if v.name in ("kernel", "depthwise_kernel"))
+        # A group with every channel closed keeps one (no layer has zero width).
+        whole = not any(np.all(g.mask() == 0) for g in gated.gates)
+        assert kernels == kept if whole else kernels >= kept, (kernels, kept)
+
     stripped_path = os.path.join(tmp_path, "stripped.keras")
     pruned.save(stripped_path)
     reloaded = keras.models.load_model(stripped_path)

@@ -18,6 +18,11 @@ CASES = [
     for model in helpers.MODELS
     for mode in ("slt", "post_training", "joint")
     for gran in ("weight", "unit")
+] + [
+    # Channel gates need channel groups: the families whose layers the table follows.
+    (model, mode, "channel")
+    for model in ("lenet", "tiny_mobilenet_v2", "tiny_resnet50")
+    for mode in ("slt", "post_training", "joint")
 ]
 
 

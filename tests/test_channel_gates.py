@@ -1,0 +1,83 @@
+"""`granularity="channel"`: one gate per channel group, shared by every member."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_stg
+from tests import helpers
+
+
+def _channel_gated(build=helpers.tiny_resnet50, **options):
+    options.setdefault("seed", 0)
+    gated = keras_stg.wrap(build(), granularity="channel", **options)
+    rng = np.random.default_rng(0)
+    for g in gated.gates:  # a random half of every group's channels closed
+        g.mu.assign(np.where(rng.random(g.mu.shape) < 0.5, 0.5, -0.5).astype("float32"))
+    return gated
+
+
+def test_coupled_members_share_one_mask_everywhere():
+    gated = _channel_gated(mode="post_training")
+    (group,) = [g for g in gated.groups[:len(gated.gates)]
+                if "conv2_block1_0_conv" in [l.name for l in g.producers]]
+    gate = gated.gates[gated.groups.index(group)]
+    closed = gate.mask() == 0
+    assert 0 < closed.sum() < closed.size
+    pruned = gated.strip()
+    for name in ("conv2_block1_0_conv", "conv2_block1_3_conv", "conv2_block2_3_conv"):
+        kernel = pruned.get_layer(name).kernel.numpy()
+        assert np.all(kernel[..., closed] == 0) and np.any(kernel[..., ~closed] != 0), name
+        bn = pruned.get_layer(name.replace("_conv", "_bn"))
+        assert np.all(bn.gamma.numpy()[closed] == 0) and np.all(bn.beta.numpy()[closed] == 0)
+    # The next block reads the group: its input rows are zero for closed channels.
+    reader = pruned.get_layer("conv2_block2_1_conv").kernel.numpy()
+    assert np.all(reader[:, :, closed, :] == 0)
+    x, _ = helpers.batch(pruned, 4)
+    assert helpers.max_diff(helpers.infer(pruned, x), helpers.infer(gated, x)) <= 1e-5
+    assert "groups" in type(gated).__dict__ and len(gated.groups) > len(gated.gates)
+    assert keras_stg.summary(gated).count("\n") > len(gated.targets)
+
+
+def test_freeze_mask_lands_on_the_target_with_channel_gates():
+    gated = keras_stg.wrap(helpers.tiny_mobilenet_v2(), mode="joint", granularity="channel",
+                           target_sparsity=0.4, init_mu="random", seed=1, finetune=0.5)
+    gated.freeze_mask()
+    assert gated.sparsity() == pytest.approx(0.4, abs=0.03)
+    assert all(set(np.unique(g.mu.numpy())) <= {-1.0, 1.0} for g in gated.gates)
+
+
+def test_a_channel_gated_ticket_exports_shrunk(tmp_path):
+    from export import tflite
+
+    gated = _channel_gated(helpers.tiny_mobilenet_v2, mode="post_training")
+    report = tflite.export(gated, str(tmp_path / "m.tflite"), shrink=True, num_samples=8,
+                           latency_runs=0, verbose=False)
+    assert report["parity"]["max_abs_diff"] <= 1e-5
+    assert report["shrink"]["parameters_after"] < 0.8 * report["shrink"]["parameters_before"]
+
+
+def test_channel_gates_need_groups_and_a_reachable_target():
+    with pytest.raises(ValueError, match="found no channel group.*separable convolutions"):
+        keras_stg.wrap(helpers.cnn_bn(), granularity="channel")
+    inputs = keras.Input((8,))
+    x = keras.layers.Dense(4, name="b")(inputs)
+    x = keras.ops.flip(keras.layers.Dense(64, name="a")(x), axis=-1)  # 'a' cannot be pruned
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+    # Closing all of b's channels removes b and a (288 of 416 weights), never out's 128.
+    with pytest.raises(ValueError, match="target_sparsity=0.9 cannot be reached.*removes "
+                                         "69.2% of the kernel weights.*Lower the target"):
+        keras_stg.wrap(model, granularity="channel", target_sparsity=0.9)
+
+
+def test_channel_gated_models_save_and_load(tmp_path):
+    gated = _channel_gated(helpers.tiny_mobilenet_v2)
+    helpers.compile_gated(gated)
+    x, y = helpers.batch(gated.base_model, 4)
+    gated.train_on_batch(x, y)
+    path = str(tmp_path / "c.keras")
+    gated.save(path)
+    loaded = keras.models.load_model(path)
+    assert str(loaded.granularity) == "channel" and len(loaded.gates) == len(gated.gates)
+    for a, b in zip(gated.masks(), loaded.masks()):
+        np.testing.assert_array_equal(a, b)
