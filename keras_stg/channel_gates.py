@@ -165,17 +165,18 @@ class ChannelPlan:
 
     # -------------------------------------------------------------- counting
 
-    def kept(self, targets, values):
+    def kept(self, targets, values, costs=None):
         """Kept weights (a scalar tensor) when gate g keeps `values[g]` (probabilities or a
-        binary mask) of each channel."""
+        binary mask) of each channel; each target's weights count `costs[i]` (default 1)."""
         total = 0.0
         for i, t in enumerate(targets):
             shape = tuple(t.variable.shape)
             spec = self.targets.get(i)
+            cost = 1.0 if costs is None else costs[i]
             if spec is None:
-                total = total + float(math.prod(shape))
+                total = total + float(math.prod(shape)) * cost
                 continue
-            rest = float(math.prod(shape))
+            rest = float(math.prod(shape)) * cost
             factor = 1.0
             for axis, spec_axis in ((spec.out_axis, spec.out), (spec.in_axis, spec.inputs)):
                 if spec_axis is None:
@@ -185,10 +186,11 @@ class ChannelPlan:
             total = total + rest * factor
         return total
 
-    def max_sparsity(self, targets):
+    def max_sparsity(self, targets, costs=None):
         closed = [np.zeros(s, "float32") for s in self.sizes]
-        total = sum(math.prod(t.variable.shape) for t in targets)
-        return 1.0 - float(ops.convert_to_numpy(self.kept(targets, closed))) / total
+        costs = costs or [1.0] * len(targets)
+        total = sum(math.prod(t.variable.shape) * c for t, c in zip(targets, costs))
+        return 1.0 - float(ops.convert_to_numpy(self.kept(targets, closed, costs))) / total
 
     def masks(self, targets, binary):
         """Boolean masks broadcast to each kernel's shape."""

@@ -27,6 +27,8 @@ from keras_stg import penalty as penalty_lib
 
 #: Training modes: what trains besides the gates.
 MODES = ("slt", "post_training", "joint")
+#: What `target_sparsity` (and the penalty) counts: kernel weights or multiply-adds.
+COSTS = ("params", "flops")
 
 
 @dataclasses.dataclass
@@ -70,6 +72,10 @@ class GateConfig:
             end of each `fit` (rounded, leaving at least one epoch to each
             phase) during which the mask is frozen at exactly the target (the
             largest `mu` kept) and only the weights train. 0: gates train to the end.
+        cost: what the sparsity, its target and the penalty count: `"params"`
+            (kernel weights) or `"flops"` (multiply-adds per example: each kernel
+            weight counts once per output position of its layer, so a gate weighs
+            the multiply-adds it controls).
     """
 
     mode: str = "slt"
@@ -86,6 +92,7 @@ class GateConfig:
     seed: Optional[int] = None
     fused: object = "auto"
     finetune: float = 0.0
+    cost: str = "params"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -133,6 +140,10 @@ class GateConfig:
         if self.mu_bound is not None and not (
                 isinstance(self.mu_bound, (int, float)) and self.mu_bound > 0):
             raise ValueError(f"`mu_bound` must be > 0 or None, got {self.mu_bound!r}.")
+        if self.cost not in COSTS:
+            hint = (" Per-layer latency costs are not measured yet; 'flops' is the closest."
+                    if self.cost == "latency" else "")
+            raise ValueError(f"Unknown cost {self.cost!r}; use 'params' or 'flops'.{hint}")
         if self.fused not in ("auto", True, False):
             raise ValueError(f"`fused` must be 'auto', True or False, got {self.fused!r}.")
         if isinstance(self.finetune, bool) or not (

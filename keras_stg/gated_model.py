@@ -33,6 +33,7 @@ from keras_stg import fused as fused_lib
 from keras_stg import gate_math
 from keras_stg import granularity as granularity_lib
 from keras_stg import initializers
+from keras_stg import layer_table
 from keras_stg.gate import StochasticGate
 from keras_stg.masking import MaskedModel
 from keras_stg.noise import NoiseTable
@@ -90,7 +91,12 @@ class GatedModel(MaskedModel):
 
         self.gates = []
         self._n_weights = [math.prod(tuple(t.variable.shape)) for t in self.targets]
-        self._total_weights = float(sum(self._n_weights))
+        # What one kernel weight of each target costs: 1 (params) or the
+        # multiply-adds it takes part in per example (flops); the densities
+        # below are shares of the total cost.
+        self._unit_cost = [float(layer_table.positions(t.layer)) if config.cost == "flops"
+                           else 1.0 for t in self.targets]
+        self._total_weights = float(sum(n * c for n, c in zip(self._n_weights, self._unit_cost)))
         # Channel gates (one per channel group, shared by its members) or one
         # gate tensor per kernel.
         plan = None
@@ -170,12 +176,12 @@ class GatedModel(MaskedModel):
                 f"gate ({reasons}). Use granularity='unit', or see keras_stg.channel_groups.")
         target = self.target_sparsity
         if target is not None:
-            reachable = plan.max_sparsity(self.targets)
+            reachable = plan.max_sparsity(self.targets, self._unit_cost)
             if target > reachable - 0.01:
                 raise ValueError(
                     f"target_sparsity={target} cannot be reached with channel gates on "
                     f"{self.base_model.name!r}: closing every gated channel removes "
-                    f"{100 * reachable:.1f}% of the kernel weights (the rest sit in unprunable "
+                    f"{100 * reachable:.1f}% of the kernel {'weights' if self.config.cost == 'params' else 'multiply-adds'} (the rest sit in unprunable "
                     "groups, see keras_stg.channel_groups). Lower the target, or gate fewer "
                     "layers' weights with exclude=.")
 
@@ -268,8 +274,8 @@ class GatedModel(MaskedModel):
         mapping = []
         expected = 0.0
         kept = 0.0
-        for index, (target, gate, gated_bias, n) in enumerate(zip(
-            self.targets, self.gates, self._gated_bias, self._n_weights,
+        for index, (target, gate, gated_bias, n, cost) in enumerate(zip(
+            self.targets, self.gates, self._gated_bias, self._n_weights, self._unit_cost,
         )):
             kernel = target.variable
             if lib is not None and self._weight_shaped(target, gate):
@@ -278,16 +284,16 @@ class GatedModel(MaskedModel):
                     sigma=gate.sigma, kernel_grad=bool(kernel.trainable),
                 )
                 mapping.append((kernel, value))
-                expected = expected + l0
-                kept = kept + ops.cast(gate_kept, "float32")
+                expected = expected + l0 * cost
+                kept = kept + ops.cast(gate_kept, "float32") * cost
                 continue
             if rolled is None:
                 rolled = noise.rolled(offset)
             eps = noise.slice(rolled, index)
             z = gate_math.relaxed_gate(gate.mu, gate.sigma, eps=eps)
             self._append_gated(mapping, target, gate, gated_bias, z)
-            expected = expected + gate.expected_l0() * (n / noise.sizes[index])
-            kept = kept + self._kept_weights(target, gate)
+            expected = expected + gate.expected_l0() * (n / noise.sizes[index] * cost)
+            kept = kept + self._kept_weights(target, gate) * cost
         return mapping, expected / self._total_weights, kept / self._total_weights
 
     def _append_gated(self, mapping, target, gate, gated_bias, z):
@@ -327,10 +333,10 @@ class GatedModel(MaskedModel):
         """Expected share of gated kernel weights kept under the relaxation."""
         if self._plan is not None:
             p = [gate_math.open_probability(g.mu, g.sigma) for g in self.gates]
-            return self._plan.kept(self.targets, p) / self._total_weights
+            return self._plan.kept(self.targets, p, self._unit_cost) / self._total_weights
         total = 0.0
-        for gate, n in zip(self.gates, self._n_weights):
-            per_gate = n / math.prod(gate.gate_shape)
+        for gate, n, cost in zip(self.gates, self._n_weights, self._unit_cost):
+            per_gate = n / math.prod(gate.gate_shape) * cost
             total = total + gate.expected_l0() * per_gate
         return total / self._total_weights
 
@@ -345,11 +351,11 @@ class GatedModel(MaskedModel):
 
     def _hard_density(self):
         if self._plan is not None:
-            kept = self._plan.kept(self.targets, self._plan.binary(self.gates))
+            kept = self._plan.kept(self.targets, self._plan.binary(self.gates), self._unit_cost)
             return kept / self._total_weights
         kept = 0.0
-        for target, gate in zip(self.targets, self.gates):
-            kept = kept + self._kept_weights(target, gate)
+        for target, gate, cost in zip(self.targets, self.gates, self._unit_cost):
+            kept = kept + self._kept_weights(target, gate) * cost
         return kept / self._total_weights
 
     def _gate_logs(self, hard_density=None, expected_density=None):
@@ -381,7 +387,7 @@ class GatedModel(MaskedModel):
         keep_weights = (1.0 - self.target_sparsity) * self._total_weights
         keep = np.zeros(flat.size, bool)
         if self._plan is None:
-            per_gate = [n / m.size for n, m in zip(self._n_weights, mus)]
+            per_gate = [n / m.size * c for n, m, c in zip(self._n_weights, mus, self._unit_cost)]
             weight = np.concatenate([np.full(m.size, w) for m, w in zip(mus, per_gate)])
             kept_before = np.cumsum(weight[order]) - weight[order]
             keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
@@ -392,7 +398,8 @@ class GatedModel(MaskedModel):
                 mask = np.zeros(flat.size, "float32")
                 mask[order[:n]] = 1.0
                 pieces = np.split(mask, np.cumsum([m.size for m in mus])[:-1])
-                return float(ops.convert_to_numpy(self._plan.kept(self.targets, pieces)))
+                return float(ops.convert_to_numpy(
+                    self._plan.kept(self.targets, pieces, self._unit_cost)))
 
             low, high = 0, flat.size
             while low < high:

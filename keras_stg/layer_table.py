@@ -34,6 +34,7 @@ keras_stg.register_layer(Affine, kernels=lambda layer: [Kernel("w", (1,), (0,))]
 """
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import keras
@@ -90,6 +91,10 @@ class LayerSpec:
 
     kernels: Optional[Callable] = None
     channels: object = None  # a kind, or a callable `layer -> kind | Unsupported`
+    #: `layer -> int`: how many times each kernel weight is used per example (one
+    #: multiply-add each): the output positions of a convolution, 1 for a Dense on
+    #: vectors. None: the output positions (every axis but batch and channels).
+    positions: Optional[Callable] = None
     #: Never gated, by design (normalization layers: see `keras_stg.gated_model`).
     never_gated: bool = False
 
@@ -103,7 +108,8 @@ class LayerSpec:
 _TABLE = {}
 
 
-def register_layer(layer_type, kernels=None, channels=None, never_gated=False):
+def register_layer(layer_type, kernels=None, channels=None, never_gated=False,
+                   positions=None):
     """Adds (or replaces) the entry of `layer_type`; see the module docstring.
 
     Args:
@@ -113,12 +119,15 @@ def register_layer(layer_type, kernels=None, channels=None, never_gated=False):
         channels: a channel kind, or `layer -> kind | Unsupported(reason)`;
             None: unknown (shrink stops at this layer and says so).
         never_gated: the layer's weights are never gated even if it has a kernel.
+        positions: `layer -> int`, multiply-adds per kernel weight and example
+            (default: the output's positions, every axis but batch and channels).
     """
     if not (isinstance(layer_type, type) and issubclass(layer_type, keras.layers.Layer)):
         raise TypeError(f"register_layer takes a keras.layers.Layer subclass, got {layer_type!r}.")
     if isinstance(channels, str) and channels not in CHANNEL_KINDS:
         raise ValueError(f"Unknown channel kind {channels!r}; use one of {CHANNEL_KINDS}.")
-    _TABLE[layer_type] = LayerSpec(kernels=kernels, channels=channels, never_gated=never_gated)
+    _TABLE[layer_type] = LayerSpec(kernels=kernels, channels=channels, never_gated=never_gated,
+                                   positions=positions)
 
 
 def spec(layer):
@@ -142,6 +151,45 @@ def kernel_layer_names():
     """Names of the registered layer types that have gateable kernels, for messages."""
     return ", ".join(sorted(cls.__name__ for cls, entry in _TABLE.items()
                             if entry.kernels is not None and not entry.never_gated))
+
+
+def _shape(layer, which):
+    nodes = _compat.inbound_nodes(layer)
+    if not nodes:
+        raise ValueError(
+            f"{layer.name!r} has not been called on an input, so its multiply-adds are "
+            "unknown; build the model from keras.Input(...) (a Functional or Sequential model).")
+    tensors = nodes[0].output_tensors if which == "output" else nodes[0].input_tensors
+    return tuple(tensors[0].shape)
+
+
+def _spatial(shape):
+    return math.prod(int(d) for d in shape[1:-1] if d is not None) if len(shape) > 2 else 1
+
+
+def positions(layer):
+    """Multiply-adds per kernel weight and example (see `LayerSpec.positions`)."""
+    entry = spec(layer)
+    if entry.positions is not None:
+        return int(entry.positions(layer))
+    return _spatial(_shape(layer, "output"))
+
+
+def _input_positions(layer):
+    return _spatial(_shape(layer, "input"))
+
+
+def _einsum_positions(layer):
+    out = _shape(layer, "output")
+    elements = math.prod(int(d) for d in out[1:] if d is not None)
+    kernel = table_kernel_out_size(layer)
+    return max(1, elements // kernel)
+
+
+def table_kernel_out_size(layer):
+    found = kernels(layer)
+    shape = tuple(layer.kernel.shape)
+    return math.prod(shape[a] for a in found[0].out_axes) if found else 1
 
 
 def channel_kind(layer):
@@ -267,12 +315,12 @@ def _register_builtins():
     L = keras.layers
     register_layer(L.Dense, kernels=lambda l: [Kernel("kernel", (1,), (0,))],
                    channels=PRODUCER)
-    register_layer(L.EinsumDense, kernels=_einsum_kernels,
+    register_layer(L.EinsumDense, kernels=_einsum_kernels, positions=_einsum_positions,
                    channels=Unsupported("EinsumDense channels are not followed yet"))
     for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
         register_layer(cls, kernels=_conv_kernels, channels=_conv_channels)
     for cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
-        register_layer(cls, kernels=_transpose_kernels,
+        register_layer(cls, kernels=_transpose_kernels, positions=_input_positions,
                        channels=Unsupported("transposed convolutions are not followed yet"))
     for cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
         register_layer(cls, kernels=_depthwise_kernels, channels=_after_activation(DEPTHWISE))

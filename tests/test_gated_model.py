@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_stg
+from tests import helpers
 from tests.helpers import big_mlp, mlp
 
 
@@ -192,3 +193,31 @@ def test_a_config_saved_before_gate_config_still_loads():
            "fused": "auto", "finetune": 0.0}
     loaded = keras_stg.GatedModel.from_config(old)
     assert loaded.config == gated.config
+
+
+def test_flops_cost_weighs_each_weight_by_its_multiply_adds():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)  # 108 weights x 64
+    outputs = keras.layers.Dense(2, name="fc")(keras.layers.Flatten()(x))  # 512 weights x 1
+    model = keras.Model(inputs, outputs)
+    params = keras_stg.wrap(model, seed=0, mode="post_training")
+    flops = keras_stg.wrap(keras.models.clone_model(model), seed=0, mode="post_training",
+                           cost="flops")
+    for gated in (params, flops):
+        gated.gates[0].mu.assign(np.full(gated.gates[0].mu.shape, -0.5, "float32"))  # conv off
+    assert params.sparsity() == pytest.approx(108 / 620)
+    assert flops.sparsity() == pytest.approx(108 * 64 / (108 * 64 + 512))
+    assert flops.get_config()["config"]["cost"] == "flops"
+    with pytest.raises(ValueError, match="Unknown cost 'latency'.*not measured yet"):
+        keras_stg.wrap(keras.models.clone_model(model), cost="latency")
+
+
+def test_flops_cost_with_channel_gates_lands_the_controller_on_multiply_adds():
+    gated = keras_stg.wrap(helpers.tiny_mobilenet_v2(), mode="joint", granularity="channel",
+                           target_sparsity=0.4, cost="flops", init_mu="random", seed=0,
+                           finetune=0.5)
+    gated.freeze_mask()
+    stats = keras_stg.layer_stats(gated)
+    kept = sum(r["kept_macs"] for r in stats) / sum(r["macs"] for r in stats)
+    assert 1 - kept == pytest.approx(gated.sparsity(), abs=1e-6)
+    assert gated.sparsity() == pytest.approx(0.4, abs=0.03)

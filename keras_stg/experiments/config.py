@@ -9,7 +9,7 @@ import typing
 
 import yaml
 
-from keras_stg.config import MODES
+from keras_stg.config import COSTS, MODES
 
 
 @dataclasses.dataclass
@@ -35,6 +35,8 @@ class Config:
         controller_horizon: the lambda controller's look-ahead, in epochs.
         finetune: `joint` mode: share of the epochs at the end during which the
             mask is frozen at the target and only the weights train (0: none).
+        cost: what `target_sparsity` counts: `params` (kernel weights) or
+            `flops` (multiply-adds per example).
         lam: fixed lambda, or the adaptive lambda's start.
         sigma: gate noise scale.
         init_mu: initial gate locations: a number (0.5: every gate fully
@@ -73,6 +75,7 @@ class Config:
     target_ramp: typing.Optional[float] = None
     controller_horizon: float = 3.0
     finetune: float = 0.0
+    cost: str = "params"
     lam: float = 1.0
     sigma: float = 0.5
     init_mu: typing.Union[float, str] = "auto"
@@ -99,7 +102,7 @@ class Config:
             controller_horizon=self.controller_horizon, sigma=self.sigma, exclude=self.exclude,
             init=self.init if self.mode == "slt" else None, init_mu=self.init_mu,
             init_density="auto" if self.scale_fan else None, seed=self.seed,
-            finetune=self.finetune)
+            finetune=self.finetune, cost=self.cost)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -115,6 +118,7 @@ class Config:
         choice("dataset", data.DATASETS)
         choice("model", models.MODELS)
         choice("mode", MODES)
+        choice("cost", COSTS)
         if isinstance(self.init_mu, str) and self.init_mu not in ("auto", "random"):
             raise ValueError(
                 f"Config key 'init_mu' must be a number, 'auto' or 'random', got {self.init_mu!r}.")
