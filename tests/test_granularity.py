@@ -67,7 +67,7 @@ def test_block_granularity_trains_and_strips():
 
 
 def test_unknown_granularity_error():
-    with pytest.raises(ValueError, match="Unknown granularity 'rows'. Use one of: block, unit, weight"):
+    with pytest.raises(ValueError, match="Unknown granularity 'rows'. Use one of: block, channel, unit, weight"):
         granularity.get("rows")
 
 

@@ -156,11 +156,41 @@ def swin_t(input_shape=(224, 224, 3), classes=10, embed_dim=96, depths=(2, 2, 6,
     return keras.Model(inputs, outputs, name=name)
 
 
+def resnet20(input_shape=(32, 32, 3), classes=10, width=16, blocks=3):
+    """ResNet-20 for CIFAR (He et al. 2016): a 3x3 stem of `width` channels, three
+    stages of `blocks` basic blocks (3x3, 3x3; `width`, 2x, 4x channels, stride 2
+    between stages) with a 1x1 projection shortcut where the shape changes,
+    BatchNormalization after every convolution, global pooling and a linear head."""
+    inputs = keras.Input(input_shape)
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    for stage in range(3):
+        filters = width * 2 ** stage
+        for block in range(blocks):
+            name = f"stage{stage + 1}_block{block + 1}"
+            stride = 2 if stage > 0 and block == 0 else 1
+            shortcut = x
+            if stride != 1 or x.shape[-1] != filters:
+                shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False,
+                                         name=f"{name}_proj")(x)
+                shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+            y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                              name=f"{name}_conv1")(x)
+            y = layers.ReLU(name=f"{name}_relu1")(layers.BatchNormalization(name=f"{name}_bn1")(y))
+            y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+            y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+            x = layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(classes, name="head")(x)
+    return keras.Model(inputs, outputs, name="resnet20")
+
+
 #: Builders by config name: `builder(input_shape=..., classes=..., **model_args)`.
 MODELS = {
     "lenet_300_100": lenet_300_100,
     "conv4": conv4,
     "conv6": conv6,
+    "resnet20": resnet20,
     "resnet50": resnet50,
     "wide_resnet50": wide_resnet50,
     "vit": vit,
