@@ -263,7 +263,11 @@ def main(argv=None):
     text = table(rows)
     print()
     print(text)
-    meta = {"command": "python -m benchmarks.structured " + " ".join(argv or []),
+    import shlex
+    import sys
+
+    words = sys.argv[1:] if argv is None else argv
+    meta = {"command": " ".join(["python -m benchmarks.structured"] + [shlex.quote(w) for w in words]),
             "date": time.strftime("%Y-%m-%d %H:%M"), "limit": args.limit,
             "test_limit": args.test_limit, "epochs": args.epochs, "batch": args.batch_size,
             "machine": f"{platform.machine()} x{os.cpu_count()}", "tf": tf.__version__,
