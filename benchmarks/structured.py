@@ -11,7 +11,8 @@ every method with the same total epochs, batch, optimiser (Adam 1e-3) and data:
 - `ours`: `keras_stg.wrap(model, mode="joint", granularity="channel",
   cost="flops", target_sparsity=t, finetune=0.3)` trained for `E` epochs
   from the same initial weights, then `strip` and `shrink`: `t` is the share of
-  multiply-adds removed.
+  multiply-adds removed (`--init-mu random`: the gates start as a random
+  mask at the target instead of open).
 - `l1 filter`: Li et al. 2017, "Pruning Filters for Efficient ConvNets": the
   dense model trained for `E - F` epochs (`F = E // 2`, at least 1), then in
   every channel group (`keras_stg.channel_groups`, so residual branches are
@@ -110,8 +111,10 @@ def train_dense(args, x, y):
 def train_ours(args, target, x, y):
     import keras_stg
 
+    init_mu = args.init_mu if args.init_mu in ("auto", "random") else float(args.init_mu)
     gated = keras_stg.wrap(_fresh(args.seed), mode="joint", granularity="channel",
-                           cost="flops", target_sparsity=target, finetune=0.3, seed=args.seed)
+                           cost="flops", target_sparsity=target, finetune=0.3, seed=args.seed,
+                           init_mu=init_mu)
     _compile(gated)
     gated.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=args.verbose,
               shuffle=True)
@@ -201,6 +204,9 @@ def parse_args(argv=None):
     p.add_argument("--targets", type=float, nargs="+", default=None,
                    help="shares of multiply-adds to remove (default 0.5 0.75)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-mu", default="auto",
+                   help="our gates' start: auto (all open), random (a random mask at the "
+                        "target) or a number")
     p.add_argument("--out", default=None)
     p.add_argument("--results", default=None)
     args = p.parse_args(argv)
