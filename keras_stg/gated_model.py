@@ -108,10 +108,13 @@ class GatedModel(MaskedModel):
             gate_shapes = [self.granularity.gate_shape(tuple(t.variable.shape), t.out_axes,
                                                        t.in_axes) for t in self.targets]
         object.__setattr__(self, "_plan", plan)
+        start_density = None
+        if config.init_mu == "random":
+            start_density = self._random_start_density()
         for i, gate_shape in enumerate(gate_shapes):
             gate_seed = None if config.seed is None else int(config.seed) * 100003 + i
             if config.init_mu == "random":
-                init = initializers.random_mu(1.0 - self.target_sparsity, config.sigma,
+                init = initializers.random_mu(start_density, config.sigma,
                                               config.mu_bound, gate_seed)
             else:
                 init = config.init_mu
@@ -165,6 +168,28 @@ class GatedModel(MaskedModel):
         if plan is not None:
             self.substituted |= plan.substituted(self.targets)
         self.freeze_base()
+
+    def _random_start_density(self):
+        """Share of gates a random start opens so that the mask starts at the target.
+
+        Per-kernel gates: `1 - target`. Channel gates: a kernel between two groups
+        keeps (kept inputs) x (kept outputs), so opening a share `q` of every
+        group keeps about `q^2` of it; `q` is found by bisection on the plan's count.
+        """
+        keep = 1.0 - self.target_sparsity
+        plan = self._plan
+        if plan is None:
+            return keep
+        low, high = 0.0, 1.0
+        for _ in range(30):
+            q = (low + high) / 2
+            values = [np.full(size, q, "float32") for size in plan.sizes]
+            kept = float(ops.convert_to_numpy(plan.kept(self.targets, values, self._unit_cost)))
+            if kept / self._total_weights < keep:
+                low = q
+            else:
+                high = q
+        return (low + high) / 2
 
     def _check_channel_plan(self, plan):
         if not plan.groups:

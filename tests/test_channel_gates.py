@@ -81,3 +81,15 @@ def test_channel_gated_models_save_and_load(tmp_path):
     assert str(loaded.granularity) == "channel" and len(loaded.gates) == len(gated.gates)
     for a, b in zip(gated.masks(), loaded.masks()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cost", ["params", "flops"])
+def test_a_random_start_begins_at_the_target_with_channel_gates(cost):
+    """A kernel between two groups keeps inputs x outputs: each group opens about the
+    square root of the kept share, so the mask starts at the target, not past it."""
+    from keras_stg.experiments import models
+
+    gated = keras_stg.wrap(models.resnet20((28, 28, 1)), mode="joint", granularity="channel",
+                           target_sparsity=0.5, init_mu="random", cost=cost, seed=0)
+    assert 0.65 < gated._random_start_density() < 0.75  # about sqrt(0.5), not 0.5
+    assert gated.sparsity() == pytest.approx(0.5, abs=0.05)
