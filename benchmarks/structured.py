@@ -123,7 +123,8 @@ def train_ours(args, target, x, y):
 
 def _l1_prune(model, share):
     """Zeroes, in every prunable channel group, the `share` of channels with the smallest
-    L1 norm of their producers' kernels (and the matching BN gamma and beta)."""
+    L1 norm of their producers' kernels (`ChannelGroup.zero`: kernels, biases, BN gamma
+    and beta)."""
     import numpy as np
 
     import keras_stg
@@ -133,20 +134,7 @@ def _l1_prune(model, share):
             continue
         norms = sum(np.abs(layer.kernel.numpy()).reshape(-1, group.size).sum(0)
                     for layer in group.producers)
-        drop = np.argsort(norms, kind="stable")[:int(share * group.size)]
-        for m in group.members:
-            if m.role == "producer":
-                variables, index = [m.layer.kernel] + (
-                    [m.layer.bias] if m.layer.use_bias else []), drop
-            elif m.role == "per_channel" and hasattr(m.layer, "gamma"):
-                variables, index = [v for v in (m.layer.gamma, m.layer.beta) if v is not None], \
-                    drop + m.offset
-            else:
-                continue
-            for v in variables:
-                value = np.array(v.numpy())
-                value[..., index] = 0
-                v.assign(value)
+        group.zero(np.argsort(norms, kind="stable")[:int(share * group.size)])
     return model
 
 

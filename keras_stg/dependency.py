@@ -124,6 +124,31 @@ class ChannelGroup:
     def producers(self):
         return [m.layer for m in self.members if m.role == "producer"]
 
+    def zero(self, channels):
+        """Zeroes `channels` (indices into the group) where a closed channel gate would:
+        producers' kernel output slices and biases, normalization gamma and beta, depthwise
+        biases; the channels are then zero everywhere they flow and `shrink` removes them."""
+        import numpy as np
+
+        channels = np.asarray(channels, int)
+        for m in self.members:
+            layer = m.layer
+            if m.role == "producer":
+                variables = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+                index = channels
+            elif m.role == "per_channel":
+                variables = [v for v in (getattr(layer, "gamma", None),
+                                         getattr(layer, "beta", None)) if v is not None]
+                index = channels + m.offset
+            elif m.role == "depthwise" and layer.use_bias:
+                variables, index = [layer.bias], channels + m.offset
+            else:
+                continue
+            for v in variables:
+                value = np.array(v.numpy())
+                value[..., index] = 0
+                v.assign(value)
+
     def __str__(self):
         names = ", ".join(f"{m.layer.name}:{m.role}" for m in self.members)
         state = "prunable" if self.prunable else f"unprunable ({self.reason})"

@@ -307,21 +307,22 @@ def zero_channel_groups(model, share=0.5, seed=0):
             continue
         dead = np.flatnonzero(rng.random(group.size) < share)
         zeroed[id(group.members[0].layer)] = dead
-        for m in group.members:
-            layer = m.layer
-            if m.role == "producer":
-                variables = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
-                index = dead
-            elif m.role == "per_channel":
-                variables = [v for v in (getattr(layer, "gamma", None),
-                                         getattr(layer, "beta", None)) if v is not None]
-                index = dead + m.offset
-            elif m.role == "depthwise" and layer.use_bias:
-                variables, index = [layer.bias], dead + m.offset
-            else:
-                continue
-            for v in variables:
-                value = np.array(v.numpy())
-                value[..., index] = 0
-                v.assign(value)
+        group.zero(dead)
     return zeroed
+
+
+def se_concat_flatten():
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(6, 3, padding="same", name="b")(inputs)
+    x = keras.layers.Concatenate(name="cat")([a, b])
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    se = keras.layers.GlobalAveragePooling2D(name="squeeze")(x)
+    se = keras.layers.Reshape((1, 1, 10), name="reshape")(se)
+    se = keras.layers.Conv2D(3, 1, activation="relu", name="se1")(se)
+    se = keras.layers.Conv2D(10, 1, activation="sigmoid", name="se2")(se)
+    y = keras.layers.Conv2D(10, 1, name="trunk")(x)
+    y = keras.layers.Multiply(name="excite")([y, se])
+    z = keras.layers.Conv2D(5, 1, name="d")(y)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.Flatten(name="flat")(z))
+    return keras.Model(inputs, outputs)

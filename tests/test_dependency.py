@@ -45,25 +45,8 @@ def test_depthwise_convolutions_share_their_input_channels():
     assert not head.prunable and "softmax" in head.reason
 
 
-def _se_concat_flatten():
-    inputs = keras.Input((8, 8, 3))
-    a = L.Conv2D(4, 3, padding="same", name="a")(inputs)
-    b = L.Conv2D(6, 3, padding="same", name="b")(inputs)
-    x = L.Concatenate(name="cat")([a, b])
-    x = L.BatchNormalization(name="bn")(x)
-    se = L.GlobalAveragePooling2D(name="squeeze")(x)
-    se = L.Reshape((1, 1, 10), name="reshape")(se)
-    se = L.Conv2D(3, 1, activation="relu", name="se1")(se)
-    se = L.Conv2D(10, 1, activation="sigmoid", name="se2")(se)
-    y = L.Conv2D(10, 1, name="trunk")(x)
-    y = L.Multiply(name="excite")([y, se])
-    z = L.Conv2D(5, 1, name="d")(y)
-    outputs = L.Dense(2, name="out")(L.Flatten(name="flat")(z))
-    return keras.Model(inputs, outputs)
-
-
 def test_concat_offsets_se_coupling_and_flatten_rows():
-    groups = keras_stg.channel_groups(_se_concat_flatten())
+    groups = keras_stg.channel_groups(helpers.se_concat_flatten())
     a, b = _group_of(groups, "a"), _group_of(groups, "b")
     assert ("bn", "per_channel", 0, 1, 0) in _roles(a) and ("bn", "per_channel", 4, 1, 0) in _roles(b)
     assert ("trunk", "consumer", 4, 1, 0) in _roles(b)

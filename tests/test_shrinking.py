@@ -126,8 +126,7 @@ def test_an_unknown_layer_makes_its_channels_unprunable_and_says_so():
 
 
 @pytest.mark.parametrize("build", [helpers.tiny_resnet50, helpers.tiny_mobilenet_v2,
-                                   lambda: __import__("tests.test_dependency", fromlist=["x"])
-                                   ._se_concat_flatten()],
+                                   helpers.se_concat_flatten],
                          ids=["resnet", "mobilenet_v2", "se_concat_flatten"])
 def test_graph_shrink_removes_coupled_zero_channels_exactly(build, tmp_path):
     model = build()
