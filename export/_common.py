@@ -211,7 +211,7 @@ def weight_stats(model):
         found = kernel_targets(layer)
         if not found:
             continue
-        for _, variable, _, _ in found:
+        for _, variable in found:
             if variable is None or id(variable) in seen:
                 continue
             seen.add(id(variable))

@@ -29,16 +29,18 @@ from keras_stg.dependency import channel_groups
 @dataclasses.dataclass
 class _Axis:
     """The gated channels along one axis of a variable: segments `(gate, offset)` of a
-    channel vector of `period` entries, tiled `repeat` times (after a Flatten)."""
+    channel vector of `period` channels, each channel `block` entries long (a separable
+    convolution's depth multiplier), tiled `repeat` times (after a Flatten)."""
 
     length: int
     segments: list = dataclasses.field(default_factory=list)
     period: int = 0
     repeat: int = 1
+    block: int = 1
 
     def vector(self, values, sizes):
         """The per-entry vector: `values[g]` on gate g's channels, 1 elsewhere."""
-        period = self.period or self.length
+        period = self.period or self.length // self.block
         pieces, at = [], 0
         for g, offset in sorted(self.segments, key=lambda s: s[1]):
             if offset > at:
@@ -48,6 +50,8 @@ class _Axis:
         if at < period:
             pieces.append(ops.ones((period - at,)))
         vector = pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=0)
+        if self.block > 1:
+            vector = ops.repeat(vector, self.block, axis=0)
         return ops.tile(vector, (self.repeat,)) if self.repeat > 1 else vector
 
 
@@ -70,7 +74,8 @@ class ChannelPlan:
         self.groups = []
         by_layer = {}
         for i, t in enumerate(targets):
-            if t.role in ("kernel", "depthwise_kernel"):
+            if t.kernel is not None and (t.kernel.channel_in is not None
+                                         or t.kernel.channel_out is not None):
                 by_layer.setdefault(id(t.layer), []).append(i)
         self.skipped = []
         for group in channel_groups(model):
@@ -95,23 +100,22 @@ class ChannelPlan:
                 if m.role not in ("producer", "consumer", "depthwise"):
                     continue
                 for i in by_layer.get(id(m.layer), []):
+                    table = targets[i].kernel
+                    shape = tuple(targets[i].variable.shape)
+                    axis = table.channel_out if m.role == "producer" else table.channel_in
+                    if axis is None:
+                        continue  # e.g. the depthwise half of a separable convolution
                     spec = self.targets.setdefault(i, _Target(i))
-                    kernel = targets[i].variable
-                    rank = len(kernel.shape)
-                    if m.role == "producer":
-                        spec.out_axis = rank - 1
-                        spec.out = spec.out or _Axis(int(kernel.shape[-1]))
-                        spec.out.segments.append((g, m.offset))
-                    elif m.role == "depthwise":
-                        spec.depthwise = True
-                        spec.out_axis = rank - 2
-                        spec.out = spec.out or _Axis(int(kernel.shape[-2]))
+                    if m.role in ("producer", "depthwise"):
+                        spec.depthwise = m.role == "depthwise"
+                        spec.out_axis = axis
+                        spec.out = spec.out or _Axis(int(shape[axis]))
                         spec.out.segments.append((g, m.offset))
                     else:
-                        in_axis = 0 if rank == 2 else rank - 2
-                        spec.in_axis = in_axis
+                        spec.in_axis = axis
                         spec.inputs = spec.inputs or _Axis(
-                            int(kernel.shape[in_axis]), period=m.period, repeat=m.repeat)
+                            int(shape[axis]), period=m.period, repeat=m.repeat,
+                            block=table.in_block)
                         spec.inputs.segments.append((g, m.offset))
 
     # ---------------------------------------------------------------- values
@@ -186,11 +190,14 @@ class ChannelPlan:
             total = total + rest * factor
         return total
 
-    def max_sparsity(self, targets, costs=None):
+    def max_sparsity(self, targets, costs=None, fixed=0.0):
+        """The share of the cost removed when every gate is closed (`fixed`: cost no gate
+        controls)."""
         closed = [np.zeros(s, "float32") for s in self.sizes]
         costs = costs or [1.0] * len(targets)
-        total = sum(math.prod(t.variable.shape) * c for t, c in zip(targets, costs))
-        return 1.0 - float(ops.convert_to_numpy(self.kept(targets, closed, costs))) / total
+        total = sum(math.prod(t.variable.shape) * c for t, c in zip(targets, costs)) + fixed
+        kept = float(ops.convert_to_numpy(self.kept(targets, closed, costs))) + fixed
+        return 1.0 - kept / total
 
     def masks(self, targets, binary):
         """Boolean masks broadcast to each kernel's shape."""

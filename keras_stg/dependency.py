@@ -134,7 +134,12 @@ class ChannelGroup:
         for m in self.members:
             layer = m.layer
             if m.role == "producer":
-                variables = [layer.kernel] + ([layer.bias] if layer.use_bias else [])
+                for kernel, variable in table.channel_kernels(layer):
+                    if kernel.channel_out is not None:
+                        value = np.array(variable.numpy())
+                        np.moveaxis(value, kernel.channel_out, -1)[..., channels] = 0
+                        variable.assign(value)
+                variables = [layer.bias] if layer.use_bias else []
                 index = channels
             elif m.role == "per_channel":
                 variables = [v for v in (getattr(layer, "gamma", None),

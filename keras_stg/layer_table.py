@@ -71,11 +71,26 @@ CHANNEL_KINDS = (PRODUCER, DEPTHWISE, PER_CHANNEL, ELEMENTWISE, SPATIAL, GLOBAL_
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """One gateable kernel of a layer: its variable name and axis roles."""
+    """One gateable kernel of a layer: its variable name and axis roles.
+
+    Attributes:
+        role: the kernel variable's name (`"kernel"`, `"depthwise_kernel"`, ...).
+        out_axes: the axes indexing output units (unit gates act on them).
+        in_axes: the axes contracted with the input (the fan-in).
+        channel_in: the axis indexing the layer's input channels (what a
+            removed input channel removes), or None.
+        channel_out: the axis indexing the layer's output channels, or None
+            (the depthwise half of a separable convolution).
+        in_block: entries of `channel_in` per input channel (a separable
+            convolution's pointwise kernel has `depth_multiplier` per channel).
+    """
 
     role: str
     out_axes: tuple
     in_axes: tuple
+    channel_in: Optional[int] = None
+    channel_out: Optional[int] = None
+    in_block: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,28 +286,48 @@ def _einsum_kernels(layer):
     return [Kernel("kernel", out_axes, in_axes)]
 
 
+def _dense_kernels(layer):
+    return [Kernel("kernel", (1,), (0,), channel_in=0, channel_out=1)]
+
+
 def _conv_kernels(layer):
-    r = len(layer.kernel.shape)
-    return [Kernel("kernel", (r - 1,), tuple(range(r - 1)))]
+    r = len(layer.kernel.shape)  # (*spatial, in, out)
+    return [Kernel("kernel", (r - 1,), tuple(range(r - 1)), channel_in=r - 2, channel_out=r - 1)]
 
 
 def _transpose_kernels(layer):
     r = len(layer.kernel.shape)  # (*spatial, out, in)
-    return [Kernel("kernel", (r - 2,), tuple(range(r - 2)) + (r - 1,))]
+    return [Kernel("kernel", (r - 2,), tuple(range(r - 2)) + (r - 1,), channel_in=r - 1,
+                   channel_out=r - 2)]
 
 
 def _depthwise_kernels(layer):
     role = "kernel" if any(v.name == "kernel" for v in layer.weights) else "depthwise_kernel"
     r = len(layer.kernel.shape)  # (*spatial, channels, multiplier)
-    return [Kernel(role, (r - 2, r - 1), tuple(range(r - 2)))]
+    return [Kernel(role, (r - 2, r - 1), tuple(range(r - 2)), channel_in=r - 2)]
 
 
 def _separable_kernels(layer):
     r_dw, r_pw = len(layer.depthwise_kernel.shape), len(layer.pointwise_kernel.shape)
     return [
-        Kernel("depthwise_kernel", (r_dw - 2, r_dw - 1), tuple(range(r_dw - 2))),
-        Kernel("pointwise_kernel", (r_pw - 1,), tuple(range(r_pw - 1))),
+        Kernel("depthwise_kernel", (r_dw - 2, r_dw - 1), tuple(range(r_dw - 2)),
+               channel_in=r_dw - 2),
+        Kernel("pointwise_kernel", (r_pw - 1,), tuple(range(r_pw - 1)), channel_in=r_pw - 2,
+               channel_out=r_pw - 1, in_block=int(layer.depth_multiplier)),
     ]
+
+
+def channel_kernels(layer):
+    """`(Kernel, variable)` of every kernel of `layer` with a channel axis (for
+    channel gates and `shrink`), in the table's order."""
+    out = []
+    for k in kernels(layer) or ():
+        if k.channel_in is None and k.channel_out is None:
+            continue
+        variable = next((v for v in layer.weights if v.name == k.role), None)
+        if variable is not None:
+            out.append((k, variable))
+    return out
 
 
 def _batch_norm_channels(layer):
@@ -301,6 +336,17 @@ def _batch_norm_channels(layer):
     if axis != -1 and axis != rank - 1:
         return Unsupported(f"it normalizes axis {axis}, not the channel axis")
     return PER_CHANNEL
+
+
+def _norm_over_channels(layer):
+    axis = getattr(layer, "axis", -1)
+    axes = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+    rank = len(layer.input.shape) if _compat.inbound_nodes(layer) else None
+    if rank is not None and all(a not in (-1, rank - 1) for a in axes):
+        return Unsupported(f"it normalizes axes {axes}, not the channel axis, and its "
+                           "channel handling is not in the layer table")
+    return Unsupported(f"{type(layer).__name__} computes its statistics over the channels, "
+                       "so removing one (even a zero one) changes the others")
 
 
 def _reshape_channels(layer):
@@ -313,25 +359,23 @@ def _reshape_channels(layer):
 
 def _register_builtins():
     L = keras.layers
-    register_layer(L.Dense, kernels=lambda l: [Kernel("kernel", (1,), (0,))],
-                   channels=PRODUCER)
+    register_layer(L.Dense, kernels=_dense_kernels, channels=PRODUCER)
     register_layer(L.EinsumDense, kernels=_einsum_kernels, positions=_einsum_positions,
                    channels=Unsupported("EinsumDense channels are not followed yet"))
     for cls in (L.Conv1D, L.Conv2D, L.Conv3D):
         register_layer(cls, kernels=_conv_kernels, channels=_conv_channels)
     for cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
         register_layer(cls, kernels=_transpose_kernels, positions=_input_positions,
-                       channels=Unsupported("transposed convolutions are not followed yet"))
+                       channels=_conv_channels)
     for cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
         register_layer(cls, kernels=_depthwise_kernels, channels=_after_activation(DEPTHWISE))
     for cls in (L.SeparableConv1D, L.SeparableConv2D):
-        register_layer(cls, kernels=_separable_kernels,
-                       channels=Unsupported("separable convolutions are not followed yet"))
+        register_layer(cls, kernels=_separable_kernels, channels=_conv_channels)
     register_layer(L.BatchNormalization, channels=_batch_norm_channels, never_gated=True)
+    # Their statistics run over the channels: a removed channel, even a zero one,
+    # would change every other channel's output.
     for cls in (L.LayerNormalization, L.GroupNormalization, L.UnitNormalization):
-        register_layer(cls, never_gated=True,
-                       channels=Unsupported(f"{cls.__name__} mixes the channels it "
-                                            "normalizes"))
+        register_layer(cls, never_gated=True, channels=_norm_over_channels)
     register_layer(L.Activation, channels=_after_activation(ELEMENTWISE))
     for cls in (L.ReLU, L.LeakyReLU, L.ELU, L.PReLU, L.GaussianNoise, L.GaussianDropout,
                 L.AlphaDropout, L.Identity):

@@ -1,27 +1,31 @@
 """`shrink`: physically remove pruned neurons and channels from a stripped model.
 
-A unit whose kernel slice and bias are all zero (what `granularity="unit"`
-gates leave after `strip`) outputs exactly zero before its activation. The
-shrunk model drops that unit from its layer and the matching inputs of the
-next producer (Dense or convolution), so it is smaller and faster on every
-device, not only on sparse kernels.
+A unit or channel whose kernel slices and bias are all zero (what
+`granularity="unit"` or `"channel"` gates leave after `strip`) outputs exactly
+zero before its activation. The shrunk model drops it from its producer and
+from everything it flows through: normalization weights, depthwise kernels,
+both branches of a residual `Add`, a `Concatenate` at its offset, a `Flatten`
+once per position, and the input axis of every consumer (Dense, convolution,
+separable and transposed convolutions, or any layer whose layer-table entry
+names its channel axes). It is then smaller and faster on every device, not
+only on sparse kernels.
 
-A removed unit need not be zero after the layers that follow it: a
-BatchNormalization with a shift, or an activation with `f(0) != 0`, turns it
-into a per-channel constant `v`. That constant is folded into the next
-layer's bias (`bias += v * W[unit]`) when this is exact: a Dense consumer, or
-a convolution with `padding="valid"` that sees the same constant at every
-position. Where it is not (a `"same"`-padded convolution sees the constant
-only inside the image, not in its zero padding), the unit is kept. The
-model's output layer keeps all its units. Outputs equal the masked model's up
-to float rounding, which `shrink` checks before returning.
+Two paths, both checked against the model they were given before returning:
 
-What each layer does to channels comes from `keras_stg.layer_table`.
-Supported: Sequential or Functional chains (one input, one output, no
-branches) of Dense and Conv1D/2D/3D producers with per-channel,
-element-wise, spatial (pooling, padding, cropping), global-pooling and
-Flatten layers between. Anything else raises `ShrinkError` naming the layer
-and the reason.
+- A plain chain (Sequential, or Functional without branches) of Dense and
+  convolution producers with per-channel, element-wise, pooling, padding and
+  Flatten layers between. Here a removed unit need not be zero after the
+  layers that follow it: a BatchNormalization with a shift, or an activation
+  with `f(0) != 0`, turns it into a per-channel constant `v`, folded into the
+  next layer's bias (`bias += v * W[unit]`) when this is exact: a Dense
+  consumer, or a convolution with `padding="valid"` that sees the same
+  constant at every position. Where it is not (a `"same"`-padded convolution
+  sees the constant only inside the image, not in its zero padding), the unit
+  is kept. The model's output layer keeps all its units.
+- Any other graph: per channel group of `keras_stg.channel_groups`, the
+  channels that are exactly zero everywhere they flow are removed. Groups the
+  analysis cannot follow (an unknown layer, a model output, a shared layer)
+  stay whole and are listed with the reason (`return_info=True`).
 """
 
 import warnings
@@ -66,6 +70,16 @@ def _kind(layer):
     if kind in (table.PRODUCER, table.DEPTHWISE) and table.activation_reason(layer):
         _fail(layer, table.activation_reason(layer))
     return kind
+
+
+def _chain_layer(layer):
+    """Can the chain path (with constant folding) shrink `layer`? Others take the graph path."""
+    import keras
+
+    kind = table.channel_kind(layer)
+    if kind not in _CHAIN_KINDS:
+        return False
+    return kind != table.PRODUCER or isinstance(layer, keras.layers.Dense) or _is_conv(layer)
 
 
 def _is_conv(layer):
@@ -250,6 +264,36 @@ def _input_shape(layer):
     return tuple(node.input_tensors[0].shape)
 
 
+def _output_channels(layer):
+    node = _compat.inbound_nodes(layer)[0]
+    return int(node.output_tensors[0].shape[-1])
+
+
+def _dead_outputs(layer):
+    """Per output channel of a producer: are its kernel slices and bias all zero?"""
+    dead = np.ones(_output_channels(layer), bool)
+    kernels = table.channel_kernels(layer)
+    for kernel, variable in kernels:
+        if kernel.channel_out is not None:
+            value = np.moveaxis(np.asarray(variable.numpy()), kernel.channel_out, -1)
+            dead &= ~np.any(value != 0, axis=tuple(range(value.ndim - 1)))
+    others = {id(v) for _, v in kernels}
+    for v in layer.weights:  # biases, whatever their name
+        if id(v) not in others and tuple(v.shape) == dead.shape:
+            dead &= np.asarray(v.numpy()) == 0
+    return dead
+
+
+def _resizable(layer, role):
+    """Can shrink cut `role` channels of `layer` (its table kernels name the axes)?"""
+    kernels = table.channel_kernels(layer)
+    if role == "consumer":
+        return any(k.channel_in is not None for k, _ in kernels)
+    config = layer.get_config()
+    return any(k.channel_out is not None for k, _ in kernels) and (
+        "units" in config or "filters" in config)
+
+
 def _zero_maps_to_zero(layer, channels):
     """Per channel: does `layer` (inference) map an all-zero input to zero?"""
     import keras
@@ -275,8 +319,7 @@ def _removable(group):
     for m in group.members:
         idx = slice(m.offset, m.offset + group.size)
         if m.role == "producer":
-            kernel, bias = _producer_weights(m.layer)
-            dead &= _dead_units(kernel, bias)
+            dead &= _dead_outputs(m.layer)
             dead &= _activation_keeps_zero(m.layer, group.size)
         elif m.role == "depthwise":
             if m.layer.use_bias:
@@ -307,10 +350,10 @@ def _shrink_graph(model):
             unprunable.append(f"{names}: {group.reason}")
             continue
         odd = [m.layer for m in group.members if m.role in ("producer", "consumer")
-               and not (isinstance(m.layer, keras.layers.Dense) or _is_conv(m.layer))]
+               and not _resizable(m.layer, m.role)]
         if odd:
-            unprunable.append(f"{names}: shrink resizes only Dense and convolution layers, "
-                              f"not {odd[0].name!r} ({type(odd[0]).__name__})")
+            unprunable.append(f"{names}: the layer table gives {odd[0].name!r} "
+                              f"({type(odd[0]).__name__}) no channel axes to cut")
             continue
         dead = _removable(group)
         if dead.all():
@@ -320,14 +363,13 @@ def _shrink_graph(model):
         for m in group.members:
             layer = m.layer
             if m.role == "consumer":
-                size = int(layer.kernel.shape[-2 if not isinstance(layer, keras.layers.Dense)
-                                            else 0])
+                size = int(_input_shape(layer)[-1])
                 drop = in_drop.setdefault(id(layer), np.zeros(size, bool))
                 for k in range(m.repeat):
                     start = m.offset + k * m.period
                     drop[start:start + group.size] |= dead
             elif m.role in ("producer", "depthwise", "per_channel"):
-                size = (int(layer.kernel.shape[-1]) if m.role == "producer" else
+                size = (_output_channels(layer) if m.role == "producer" else
                         int(_input_shape(layer)[-1]))
                 drop = out_drop.setdefault(id(layer), np.zeros(size, bool))
                 drop[m.offset:m.offset + group.size] |= dead
@@ -340,8 +382,7 @@ def _shrink_graph(model):
         config = layer.get_config()
         drop = out_drop.get(id(layer))
         if drop is not None and table.channel_kind(layer) == table.PRODUCER:
-            key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
-            config[key] = int((~drop).sum())
+            config["units" if "units" in config else "filters"] = int((~drop).sum())
         if isinstance(layer, keras.layers.Reshape) and -1 not in config["target_shape"]:
             config["target_shape"] = tuple(config["target_shape"][:-1]) + (-1,)  # channels
         new = type(layer).from_config(config)
@@ -354,17 +395,19 @@ def _shrink_graph(model):
         keep_out = None if id(old) not in out_drop else ~out_drop[id(old)]
         keep_in = None if id(old) not in in_drop else ~in_drop[id(old)]
         kind = table.channel_kind(old)
+        kernels = {id(v): k for k, v in table.channel_kernels(old)}
         for v in old.weights:
             value = np.asarray(v.numpy())
-            name = v.name
-            if kind == table.PRODUCER and name == "kernel":
-                if keep_in is not None:
-                    value = np.compress(keep_in, value, axis=value.ndim - 2)
+            kernel = kernels.get(id(v))
+            if kernel is not None and kind == table.PRODUCER:
+                if keep_in is not None and kernel.channel_in is not None:
+                    value = np.compress(np.repeat(keep_in, kernel.in_block), value,
+                                        axis=kernel.channel_in)
+                if keep_out is not None and kernel.channel_out is not None:
+                    value = np.compress(keep_out, value, axis=kernel.channel_out)
+            elif kernel is not None and kind == table.DEPTHWISE:
                 if keep_out is not None:
-                    value = np.compress(keep_out, value, axis=-1)
-            elif kind == table.DEPTHWISE and name in ("kernel", "depthwise_kernel"):
-                if keep_out is not None:
-                    value = np.compress(keep_out, value, axis=value.ndim - 2)
+                    value = np.compress(keep_out, value, axis=kernel.channel_in)
             elif keep_out is not None and value.ndim == 1 and value.shape[0] == keep_out.size:
                 value = value[keep_out]  # biases and per-channel weights
             values.append(value)
@@ -402,7 +445,7 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
 
     layers = _chain(model)
     unprunable = []
-    if layers is not None and all(table.channel_kind(l) in _CHAIN_KINDS for l in layers):
+    if layers is not None and all(_chain_layer(l) for l in layers):
         shrunk, units = _shrink_chain(model, layers)
     else:
         shrunk, units, unprunable = _shrink_graph(model)

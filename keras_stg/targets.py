@@ -27,6 +27,8 @@ class GateTarget:
         out_axes: kernel axes that index output units.
         in_axes: kernel axes that are contracted with the input (fan-in).
         bias: the bias that unit gates on this kernel also gate, or None.
+        kernel: the layer table's `keras_stg.layer_table.Kernel` (its channel
+            axes are what channel gates act on).
     """
 
     layer: keras.layers.Layer
@@ -36,6 +38,7 @@ class GateTarget:
     out_axes: tuple
     in_axes: tuple
     bias: object = None
+    kernel: object = None
 
     @property
     def name(self):
@@ -84,14 +87,14 @@ def layer_path(layer):
 
 
 def kernel_targets(layer):
-    """The gateable kernels of one layer as `(role, variable, out_axes, in_axes)`.
+    """The gateable kernels of one layer as `(Kernel, variable)` pairs.
 
     Returns None if the layer table (`keras_stg.layer_table`) gives it none.
     """
     found = layer_table.kernels(layer)
     if found is None:
         return None
-    return [(k.role, _variable(layer, k.role), k.out_axes, k.in_axes) for k in found]
+    return [(k, _variable(layer, k.role)) for k in found]
 
 
 def _matches(patterns, layer, path):
@@ -169,7 +172,7 @@ def find_targets(model, include=None, exclude=None):
             skipped.append(Skipped(path, cls, "LoRA is enabled on this layer"))
             continue
         bias = _variable(layer, "bias") if getattr(layer, "use_bias", True) else None
-        for i, (role, variable, out_axes, in_axes) in enumerate(found):
+        for i, (kernel, variable) in enumerate(found):
             if variable is None or id(variable) in seen:
                 continue
             seen.add(id(variable))
@@ -178,11 +181,12 @@ def find_targets(model, include=None, exclude=None):
                 GateTarget(
                     layer=layer,
                     path=path,
-                    role=role,
+                    role=kernel.role,
                     variable=variable,
-                    out_axes=tuple(out_axes),
-                    in_axes=tuple(in_axes),
+                    out_axes=tuple(kernel.out_axes),
+                    in_axes=tuple(kernel.in_axes),
                     bias=bias if last else None,
+                    kernel=kernel,
                 )
             )
     # Report in the model's own weight order (input to output).

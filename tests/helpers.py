@@ -326,3 +326,23 @@ def se_concat_flatten():
     z = keras.layers.Conv2D(5, 1, name="d")(y)
     outputs = keras.layers.Dense(2, name="out")(keras.layers.Flatten(name="flat")(z))
     return keras.Model(inputs, outputs)
+
+
+def separable_transposed_merges():
+    """Separable (depth multiplier 2) and transposed convolutions coupled by a `Subtract`,
+    two producers tied by `Maximum`, `Minimum` and `Average`, a GroupNormalization (whose
+    statistics run over its channels) and a pooled Dense head."""
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.SeparableConv2D(6, 3, padding="same", depth_multiplier=2, name="sep")(inputs)
+    b = keras.layers.Conv2DTranspose(6, 3, padding="same", name="up")(inputs)
+    x = keras.layers.Subtract(name="sub")([a, b])
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.SeparableConv2D(4, 3, padding="same", depth_multiplier=2, name="sep2")(x)
+    c = keras.layers.Conv2D(5, 1, name="c")(x)
+    d = keras.layers.Conv2D(5, 1, name="d")(x)
+    y = keras.layers.Average(name="avg")([keras.layers.Maximum(name="max")([c, d]),
+                                          keras.layers.Minimum(name="min")([c, d])])
+    y = keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same", name="up2")(y)
+    z = keras.layers.GroupNormalization(groups=1, name="gn")(keras.layers.Conv2D(4, 1, name="e")(y))
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling2D()(z))
+    return keras.Model(inputs, outputs, name="separable_transposed_merges")

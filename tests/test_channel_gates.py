@@ -58,8 +58,12 @@ def test_a_channel_gated_ticket_exports_shrunk(tmp_path):
 
 
 def test_channel_gates_need_groups_and_a_reachable_target():
-    with pytest.raises(ValueError, match="found no channel group.*separable convolutions"):
-        keras_stg.wrap(helpers.cnn_bn(), granularity="channel")
+    inputs = keras.Input((8,))
+    x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(4, name="a")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+    with pytest.raises(ValueError, match="found no channel group.*a: 'ln' .*statistics over "
+                                         "the channels.*granularity='unit'"):
+        keras_stg.wrap(model, granularity="channel")
     inputs = keras.Input((8,))
     x = keras.layers.Dense(4, name="b")(inputs)
     x = keras.ops.flip(keras.layers.Dense(64, name="a")(x), axis=-1)  # 'a' cannot be pruned

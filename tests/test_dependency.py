@@ -101,3 +101,31 @@ def test_subclassed_models_are_a_clear_error():
     model(keras.ops.zeros((1, 3)))
     with pytest.raises(TypeError, match="subclassed model.*Functional or Sequential"):
         keras_stg.channel_groups(model)
+
+
+def test_separable_transposed_convolutions_and_every_merge_couple_their_channels():
+    groups = keras_stg.channel_groups(helpers.separable_transposed_merges())
+    first = _group_of(groups, "sep")
+    assert {l.name for l in first.producers} == {"sep", "up"}  # the Subtract couples them
+    assert {("bn", "per_channel", 0, 1, 0), ("sep2", "consumer", 0, 1, 0)} <= _roles(first)
+    assert _group_of(groups, "sep2").prunable
+    assert {l.name for l in _group_of(groups, "c").producers} == {"c", "d"}  # max, min, average
+    assert ("up2", "consumer", 0, 1, 0) in _roles(_group_of(groups, "c"))
+    assert _group_of(groups, "up2").prunable
+    normalized = _group_of(groups, "e")
+    assert not normalized.prunable
+    assert "GroupNormalization computes its statistics over the channels" in normalized.reason
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (L.Conv1D(6, 3, name="p"), (10, 3)), (L.Conv3D(6, 3, name="p"), (6, 6, 6, 2)),
+    (L.Conv1DTranspose(6, 3, name="p"), (10, 3)),
+])
+def test_1d_and_3d_producers_form_groups(layer, shape):
+    inputs = keras.Input(shape)
+    x = L.BatchNormalization(name="bn")(layer(inputs))
+    x = L.ReLU()(x)
+    x = type(layer)(4, 1, name="q")(x)
+    model = keras.Model(inputs, L.Dense(2, name="out")(L.Flatten()(x)))
+    group = _group_of(keras_stg.channel_groups(model), "p")
+    assert group.prunable and ("q", "consumer", 0, 1, 0) in _roles(group)

@@ -1,6 +1,7 @@
 """`keras_stg.layer_table`: one table of layer behaviour, looked up along the class hierarchy."""
 
 import keras
+import numpy as np
 import pytest
 
 import keras_stg
@@ -81,12 +82,19 @@ def test_subclass_inherits_its_parent_entry_and_normalization_is_never_gated():
 class Affine(L.Layer):
     """y = x @ w + b, with the kernel named `w`."""
 
+    def __init__(self, units=5, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
     def build(self, input_shape):
-        self.w = self.add_weight(name="w", shape=(input_shape[-1], 5))
-        self.b = self.add_weight(name="b", shape=(5,), initializer="zeros")
+        self.w = self.add_weight(name="w", shape=(input_shape[-1], self.units))
+        self.b = self.add_weight(name="b", shape=(self.units,), initializer="zeros")
 
     def call(self, x):
         return x @ self.w + self.b
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
 
 
 def test_a_registered_custom_layer_is_gated_stripped_and_shrunk():
@@ -107,9 +115,18 @@ def test_a_registered_custom_layer_is_gated_stripped_and_shrunk():
         stripped = gated.strip()
         x, _ = helpers.batch(stripped, 4)
         assert helpers.max_diff(helpers.infer(stripped, x), helpers.infer(gated, x)) <= 1e-6
-        # shrink resizes Dense and Conv producers only: a custom one is named, not mis-shrunk.
-        with pytest.raises(keras_stg.ShrinkError, match="'aff' \\(Affine\\).*Dense and plain"):
+        # Without channel axes in its entry, shrink names the layer and leaves it whole.
+        with pytest.warns(UserWarning, match="removed nothing.*'aff' \\(Affine\\) no channel "
+                                             "axes to cut"):
             keras_stg.shrink(stripped)
+        # With them (and a `units` in its config), it is cut like a Dense.
+        keras_stg.register_layer(Affine, channels=table.PRODUCER, kernels=lambda layer: [
+            table.Kernel("w", (1,), (0,), channel_in=0, channel_out=1)])
+        small = keras_stg.shrink(stripped)
+        kept = np.any(stripped.get_layer("aff").w.numpy() != 0, axis=0)
+        assert small.get_layer("aff").units == int(kept.sum())
+        assert small.get_layer("aff").units < 5
+        assert helpers.max_diff(helpers.infer(small, x), helpers.infer(gated, x)) <= 1e-6
     finally:
         table._TABLE.pop(Affine, None)
 

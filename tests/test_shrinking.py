@@ -174,3 +174,28 @@ def test_graph_shrink_of_a_full_keras_application():
     small, info = shrink(model, return_info=True)  # checks the outputs itself
     assert info["parameters_after"] < 0.6 * info["parameters_before"]
     assert info["max_abs_diff"] <= 1e-5
+
+
+def test_channel_gates_shrink_separable_and_transposed_convolutions_exactly():
+    model = helpers.separable_transposed_merges()
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0)
+    rng = np.random.default_rng(0)
+    for gate in gated.gates:  # every group keeps some channels and loses some
+        mu = np.where(rng.random(gate.mu.shape) < 0.5, 0.5, -0.5).astype("float32")
+        mu[0], mu[-1] = 0.5, -0.5
+        gate.mu.assign(mu)
+    small, info = shrink(gated.strip(), return_info=True)
+    x, _ = helpers.batch(model, 4)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(gated, x)) <= 1e-5
+    kept = {name: int((gate.mu.numpy() > 0).sum()) for name, gate in
+            zip(("sep", "sep2", "c", "up2"), gated.gates)}
+    assert small.get_layer("sep").filters == small.get_layer("up").filters == kept["sep"]
+    # The second separable convolution loses each removed input's 2 pointwise rows.
+    assert small.get_layer("sep2").pointwise_kernel.shape[-2] == 2 * kept["sep"]
+    assert small.get_layer("up2").kernel.shape[-2:] == (kept["up2"], kept["c"])
+    assert any("statistics over the channels" in r for r in info["unprunable"])
+    from keras_stg import layer_table
+
+    weights = sum(int(np.prod(v.shape)) for layer in small.layers
+                  for k, v in layer_table.channel_kernels(layer))
+    assert weights == sum(int(m.sum()) for m in gated.masks())
