@@ -27,8 +27,9 @@ from keras_stg import penalty as penalty_lib
 
 #: Training modes: what trains besides the gates.
 MODES = ("slt", "post_training", "joint")
-#: What `target_sparsity` (and the penalty) counts: kernel weights or multiply-adds.
-COSTS = ("params", "flops")
+#: What `target_sparsity` (and the penalty) counts: kernel weights, multiply-adds, or
+#: milliseconds of LiteRT latency (`keras_stg.latency`).
+COSTS = ("params", "flops", "latency")
 
 
 @dataclasses.dataclass
@@ -72,10 +73,19 @@ class GateConfig:
             end of each `fit` (rounded, leaving at least one epoch to each
             phase) during which the mask is frozen at exactly the target (the
             largest `mu` kept) and only the weights train. 0: gates train to the end.
+        gate_lr: the gate locations train at `gate_lr` times the optimizer's
+            learning rate (the weights keep it): in `joint` mode the weights
+            want a small rate while the gates, bounded by `mu_bound`, must be
+            able to cross it in the steps there are.
         cost: what the sparsity, its target and the penalty count: `"params"`
-            (kernel weights) or `"flops"` (multiply-adds per example: each kernel
+            (kernel weights), `"flops"` (multiply-adds per example: each kernel
             weight counts once per output position of its layer, so a gate weighs
-            the multiply-adds it controls).
+            the multiply-adds it controls) or `"latency"` (milliseconds of batch-1
+            LiteRT latency on this machine, per-layer costs measured once and
+            cached: see `keras_stg.latency`; `"unit"` and `"channel"` gates only,
+            the ones that make a model faster).
+        cost_table: `cost="latency"`: the measured costs (`keras_stg.latency.measure`);
+            None measures them when the model is wrapped. Saved with the model.
     """
 
     mode: str = "slt"
@@ -92,7 +102,9 @@ class GateConfig:
     seed: Optional[int] = None
     fused: object = "auto"
     finetune: float = 0.0
+    gate_lr: float = 1.0
     cost: str = "params"
+    cost_table: Optional[dict] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -141,15 +153,28 @@ class GateConfig:
                 isinstance(self.mu_bound, (int, float)) and self.mu_bound > 0):
             raise ValueError(f"`mu_bound` must be > 0 or None, got {self.mu_bound!r}.")
         if self.cost not in COSTS:
-            hint = (" Per-layer latency costs are not measured yet; 'flops' is the closest."
-                    if self.cost == "latency" else "")
-            raise ValueError(f"Unknown cost {self.cost!r}; use 'params' or 'flops'.{hint}")
+            raise ValueError(f"Unknown cost {self.cost!r}; use 'params' (kernel weights), "
+                             "'flops' (multiply-adds) or 'latency' (LiteRT milliseconds).")
+        if self.cost == "latency" and self.granularity.name not in ("unit", "channel"):
+            raise ValueError(
+                f"cost='latency' with granularity={self.granularity.name!r}: zeros inside "
+                "kernels run as dense compute in LiteRT on x86 and on the Edge TPU, so they "
+                "save no time. Use granularity='channel' (or 'unit'), whose closed channels "
+                "shrink removes, or cost='flops'.")
+        if self.cost_table is not None and self.cost != "latency":
+            raise ValueError(f"`cost_table` holds latency costs; it needs cost='latency', "
+                             f"not {self.cost!r}.")
         if self.fused not in ("auto", True, False):
             raise ValueError(f"`fused` must be 'auto', True or False, got {self.fused!r}.")
         if isinstance(self.finetune, bool) or not (
                 isinstance(self.finetune, (int, float)) and 0 <= self.finetune < 1):
             raise ValueError(
                 f"`finetune` must be a share of the epochs in [0, 1), got {self.finetune!r}.")
+        if isinstance(self.gate_lr, bool) or not (
+                isinstance(self.gate_lr, (int, float)) and self.gate_lr > 0):
+            raise ValueError(
+                f"`gate_lr` multiplies the optimizer's learning rate for the gates; it must "
+                f"be a number > 0, got {self.gate_lr!r}.")
         if self.finetune and self.mode != "joint":
             raise ValueError(
                 f"`finetune={self.finetune}` fine-tunes the weights under the frozen mask, but "
@@ -182,7 +207,7 @@ class GateConfig:
         penalty = penalty.resolve(random_start=init_mu == "random")
         return dataclasses.replace(
             self, penalty=penalty, init=init, init_density=init_density, init_mu=init_mu,
-            sigma=float(self.sigma), finetune=float(self.finetune),
+            sigma=float(self.sigma), finetune=float(self.finetune), gate_lr=float(self.gate_lr),
             mu_bound=None if self.mu_bound is None else float(self.mu_bound))
 
     # ------------------------------------------------------------ serialize

@@ -155,21 +155,25 @@ def fusable_adam(optimizer):
 
 
 @contextlib.contextmanager
-def gate_adam(optimizer, gate_variables):
-    """While the update is traced, Adam moves gate locations with one fused op.
+def gate_adam(optimizer, gate_variables, fused=True, lr_scale=1.0):
+    """While the update is traced, the optimizer moves the gate locations its own way.
 
-    Keras' Adam updates a variable with about ten elementwise TensorFlow ops,
-    each a pass over memory; on a gate tensor as large as its kernel that is
-    most of the optimizer's time. Inside this context, float32 gate locations
-    are updated with TensorFlow's fused `ResourceApplyAdam` kernel instead:
-    one pass over the gates, the optimizer's own moment slots and step count,
-    the same Adam formula (equal to Keras' update within float32 rounding;
-    `tests/test_fused.py`). All else `apply_gradients` does is unchanged
-    (`keras_stg._compat.update_step_override`). Any other variable,
+    `lr_scale`: the gates train at `lr_scale` times the optimizer's learning
+    rate (any optimizer; the weights keep theirs).
+
+    `fused`: Keras' Adam updates a variable with about ten elementwise
+    TensorFlow ops, each a pass over memory; on a gate tensor as large as its
+    kernel that is most of the optimizer's time. With `fused`, float32 gate
+    locations are updated with TensorFlow's fused `ResourceApplyAdam` kernel
+    instead: one pass over the gates, the optimizer's own moment slots and step
+    count, the same Adam formula (equal to Keras' update within float32
+    rounding; `tests/test_fused.py`). All else `apply_gradients` does is
+    unchanged (`keras_stg._compat.update_step_override`). Any other variable,
     optimizer (SGD, AMSGrad, an Adam subclass with its own rule), a sparse
     gradient or a distributed replica variable goes the usual Keras way.
     """
-    if not gate_variables or not fusable_adam(optimizer):
+    fused = bool(fused) and fusable_adam(optimizer)
+    if not gate_variables or (not fused and lr_scale == 1.0):
         yield
         return
     import tensorflow as tf
@@ -181,11 +185,12 @@ def gate_adam(optimizer, gate_variables):
     gates = {id(v.value) for v in gate_variables}
 
     def update_step(gradient, variable, learning_rate):
-        if (
-            id(variable) not in gates
-            or tf.as_dtype(variable.dtype) != tf.float32
-            or isinstance(gradient, tf.IndexedSlices)
-        ):
+        if id(variable) not in gates:
+            return update_step.keras_update(gradient, variable, learning_rate)
+        if lr_scale != 1.0:
+            learning_rate = ops.cast(learning_rate, "float32") * lr_scale
+        if (not fused or tf.as_dtype(variable.dtype) != tf.float32
+                or isinstance(gradient, tf.IndexedSlices)):
             return update_step.keras_update(gradient, variable, learning_rate)
         m, v = _compat.adam_slots(optimizer, variable)
         step = ops.cast(optimizer.iterations + 1, "float32")

@@ -19,6 +19,7 @@ not the dense one they were first computed on. In `"joint"` mode every
 parameter trains as usual. Frozen weights are bit-identical after `fit`.
 """
 
+import dataclasses
 import math
 import threading
 
@@ -37,6 +38,10 @@ from keras_stg import layer_table
 from keras_stg.gate import StochasticGate
 from keras_stg.masking import MaskedModel
 from keras_stg.noise import NoiseTable
+
+
+_COST_NAMES = {"params": "kernel weights", "flops": "kernel multiply-adds",
+               "latency": "modelled LiteRT latency"}
 
 
 @keras.saving.register_keras_serializable(package="keras_stg")
@@ -96,7 +101,18 @@ class GatedModel(MaskedModel):
         # below are shares of the total cost.
         self._unit_cost = [float(layer_table.positions(t.layer)) if config.cost == "flops"
                            else 1.0 for t in self.targets]
-        self._total_weights = float(sum(n * c for n, c in zip(self._n_weights, self._unit_cost)))
+        # The cost no gate removes (latency: the interpreter, ungated layers).
+        self._fixed_cost = 0.0
+        if config.cost == "latency":
+            from keras_stg import latency
+
+            if config.cost_table is None:
+                config = dataclasses.replace(config, cost_table=latency.measure(model, self.targets))
+                self.config = config
+            self._unit_cost, self._fixed_cost = latency.unit_costs(config.cost_table,
+                                                                   self.targets)
+        self._total_weights = float(sum(n * c for n, c in zip(self._n_weights, self._unit_cost))
+                                    + self._fixed_cost)
         # Channel gates (one per channel group, shared by its members) or one
         # gate tensor per kernel.
         plan = None
@@ -169,6 +185,10 @@ class GatedModel(MaskedModel):
             self.substituted |= plan.substituted(self.targets)
         self.freeze_base()
 
+    def _share(self, kept):
+        """The share of the model's cost that `kept` (gated cost kept) keeps."""
+        return (kept + self._fixed_cost) / self._total_weights
+
     def _random_start_density(self):
         """Share of gates a random start opens so that the mask starts at the target.
 
@@ -185,7 +205,7 @@ class GatedModel(MaskedModel):
             q = (low + high) / 2
             values = [np.full(size, q, "float32") for size in plan.sizes]
             kept = float(ops.convert_to_numpy(plan.kept(self.targets, values, self._unit_cost)))
-            if kept / self._total_weights < keep:
+            if self._share(kept) < keep:
                 low = q
             else:
                 high = q
@@ -201,12 +221,12 @@ class GatedModel(MaskedModel):
                 f"gate ({reasons}). Use granularity='unit', or see keras_stg.channel_groups.")
         target = self.target_sparsity
         if target is not None:
-            reachable = plan.max_sparsity(self.targets, self._unit_cost)
+            reachable = plan.max_sparsity(self.targets, self._unit_cost, self._fixed_cost)
             if target > reachable - 0.01:
                 raise ValueError(
                     f"target_sparsity={target} cannot be reached with channel gates on "
                     f"{self.base_model.name!r}: closing every gated channel removes "
-                    f"{100 * reachable:.1f}% of the kernel {'weights' if self.config.cost == 'params' else 'multiply-adds'} (the rest sit in unprunable "
+                    f"{100 * reachable:.1f}% of the {_COST_NAMES[self.config.cost]} (the rest sit in unprunable "
                     "groups, see keras_stg.channel_groups). Lower the target, or gate fewer "
                     "layers' weights with exclude=.")
 
@@ -319,7 +339,7 @@ class GatedModel(MaskedModel):
             self._append_gated(mapping, target, gate, gated_bias, z)
             expected = expected + gate.expected_l0() * (n / noise.sizes[index] * cost)
             kept = kept + self._kept_weights(target, gate) * cost
-        return mapping, expected / self._total_weights, kept / self._total_weights
+        return mapping, self._share(expected), self._share(kept)
 
     def _append_gated(self, mapping, target, gate, gated_bias, z):
         kernel = target.variable
@@ -358,12 +378,12 @@ class GatedModel(MaskedModel):
         """Expected share of gated kernel weights kept under the relaxation."""
         if self._plan is not None:
             p = [gate_math.open_probability(g.mu, g.sigma) for g in self.gates]
-            return self._plan.kept(self.targets, p, self._unit_cost) / self._total_weights
+            return self._share(self._plan.kept(self.targets, p, self._unit_cost))
         total = 0.0
         for gate, n, cost in zip(self.gates, self._n_weights, self._unit_cost):
             per_gate = n / math.prod(gate.gate_shape) * cost
             total = total + gate.expected_l0() * per_gate
-        return total / self._total_weights
+        return self._share(total)
 
     def _kept_weights(self, target, gate):
         mask = gate_math.binary_mask(gate.mu)
@@ -377,11 +397,11 @@ class GatedModel(MaskedModel):
     def _hard_density(self):
         if self._plan is not None:
             kept = self._plan.kept(self.targets, self._plan.binary(self.gates), self._unit_cost)
-            return kept / self._total_weights
+            return self._share(kept)
         kept = 0.0
         for target, gate, cost in zip(self.targets, self.gates, self._unit_cost):
             kept = kept + self._kept_weights(target, gate) * cost
-        return kept / self._total_weights
+        return self._share(kept)
 
     def _gate_logs(self, hard_density=None, expected_density=None):
         if hard_density is None:
@@ -409,7 +429,7 @@ class GatedModel(MaskedModel):
         mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
         flat = np.concatenate(mus)
         order = np.argsort(-flat, kind="stable")
-        keep_weights = (1.0 - self.target_sparsity) * self._total_weights
+        keep_weights = (1.0 - self.target_sparsity) * self._total_weights - self._fixed_cost
         keep = np.zeros(flat.size, bool)
         if self._plan is None:
             per_gate = [n / m.size * c for n, m, c in zip(self._n_weights, mus, self._unit_cost)]
@@ -471,9 +491,9 @@ class GatedModel(MaskedModel):
         return ops.cast(self.lam, "float32") * expected
 
     def apply_gradients(self, gradients, variables):
-        lib = self._fused_lib()
-        fused_mu = [g.mu for g in self.gates] if lib and not self._mask_frozen else ()
-        with fused_lib.gate_adam(self.optimizer, fused_mu):
+        gates = () if self._mask_frozen else [g.mu for g in self.gates]
+        with fused_lib.gate_adam(self.optimizer, gates, fused=self._fused_lib() is not None,
+                                 lr_scale=self.config.gate_lr):
             self.optimizer.apply_gradients(zip(gradients, variables))
 
     def after_step(self, iteration):

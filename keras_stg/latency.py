@@ -1,0 +1,241 @@
+"""Per-layer latency costs for `cost="latency"`, measured in the LiteRT interpreter.
+
+A gated model with `cost="latency"` counts what its gates keep in milliseconds
+of batch-1 LiteRT latency (XNNPACK, one thread) on the machine it runs on:
+
+- Each gated layer's latency is modelled as `a + b * w`, `w` its kernel weights
+  (kept inputs x kept outputs x kernel window: a shrunk layer's size). `b` is
+  measured once per layer configuration: the layer alone, converted to TFLite
+  at its full width and at half its input and output channels, timed in the
+  interpreter, `b = (t_full - t_half) / (w_full - w_half)`.
+- The rest of the model's latency (ungated layers, the `a` of every layer,
+  the interpreter's own overhead) is the fixed part: the whole dense model's
+  measured latency minus `sum b * w`. No gate removes it.
+
+`target_sparsity` then means the share of the modelled latency removed, and the
+gates' penalty weighs each channel by the milliseconds it costs. The
+measurements of each layer configuration are cached in
+`$KERAS_STG_CACHE/latency.json` (default `~/.cache/keras_stg`), keyed by the
+CPU and the LiteRT version, so a model is measured once per machine; the
+costs a model was trained with are saved with it (`GateConfig.cost_table`).
+Measuring needs `ai-edge-litert` (`pip install "keras-stg[export]"`).
+"""
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+
+from keras_stg import _compat
+from keras_stg import layer_table
+
+#: Bumped when the measurement changes, so old cache entries are not reused.
+CACHE_VERSION = 1
+ROUNDS, RUNS = 5, 40
+
+
+def cache_path():
+    from keras_stg.fused import cache_dir
+
+    return os.path.join(os.path.dirname(cache_dir()), "latency.json")
+
+
+def machine():
+    """The CPU and runtime the costs hold for (part of every cache key)."""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from importlib.metadata import version
+
+        runtime = f"ai-edge-litert {version('ai-edge-litert')}"
+    except Exception:  # not installed: measuring fails later with the fix
+        runtime = "ai-edge-litert ?"
+    return f"{cpu}; {runtime}; XNNPACK, 1 thread"
+
+
+def _require_litert():
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "cost='latency' measures per-layer latency in the LiteRT interpreter, which "
+            "needs ai-edge-litert: pip install \"keras-stg[export]\" (or pass a measured "
+            "cost_table).") from None
+
+
+def _input_shape(layer):
+    nodes = _compat.inbound_nodes(layer)
+    if not nodes:
+        raise ValueError(
+            f"cost='latency' times every gated layer alone, but {layer.name!r} was never "
+            "called on an input, so its input shape is unknown. Build the model from "
+            "keras.Input(...) (Functional or Sequential), or use cost='flops'.")
+    return tuple(nodes[0].input_tensors[0].shape)
+
+
+def _width_key(config):
+    return "units" if "units" in config else "filters" if "filters" in config else None
+
+
+def _signature(layer):
+    config = {k: v for k, v in layer.get_config().items()
+              if k not in ("name", "trainable", "dtype") and "initializer" not in k
+              and "regularizer" not in k and "constraint" not in k}
+    text = json.dumps([type(layer).__name__, config, _input_shape(layer)[1:]],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _model_signature(model):
+    """The architecture without its names (Keras numbers auto-named layers per process)."""
+    text = json.dumps(model.get_config(), sort_keys=True, default=str)
+    for i, layer in enumerate(_compat.all_layers(model)):
+        text = text.replace(f'"{layer.name}"', f'"#{i}"')
+    text = text.replace(f'"{model.name}"', '"#model"')
+    for i, tensor in enumerate(getattr(model, "inputs", None) or ()):
+        name = getattr(getattr(tensor, "_keras_history", None), "operation", None)
+        if name is not None:
+            text = text.replace(f'"{name.name}"', f'"#input{i}"')
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _micro(layer, half):
+    """The layer alone (same configuration), at full width or at half its input and
+    output channels; returns `(model, kernel weights)`."""
+    import keras
+
+    shape = list(_input_shape(layer)[1:])
+    if any(d is None for d in shape):
+        raise ValueError(
+            f"cost='latency' times {layer.name!r} at its input shape, which is dynamic "
+            f"({tuple(shape)}); build the model with a fixed input shape.")
+    config = layer.get_config()
+    config.pop("name", None)
+    key = _width_key(config)
+    if half:
+        shape[-1] = max(1, shape[-1] // 2)
+        if key is not None:
+            config[key] = max(1, int(config[key]) // 2)
+    clone = type(layer).from_config(config)
+    inputs = keras.Input(tuple(shape), batch_size=1)
+    model = keras.Model(inputs, clone(inputs))
+    weights = sum(math.prod(v.shape) for _, v in layer_table.channel_kernels(clone))
+    return model, weights
+
+
+def _time(data_list, rounds=ROUNDS, runs=RUNS):
+    from export import tflite
+
+    runners = [tflite.Runner(d) for d in data_list]
+    times = [[] for _ in runners]
+    for _ in range(rounds):
+        for r, t in zip(runners, times):
+            t.append(r.latency_ms(runs))
+    return [statistics.median(t) for t in times]
+
+
+def layer_slope(layer):
+    """Milliseconds per kernel weight of `layer` (see the module docstring), >= 0."""
+    from export import tflite
+
+    (full, w_full), (half, w_half) = _micro(layer, False), _micro(layer, True)
+    t_full, t_half = _time([tflite.convert(full), tflite.convert(half)])
+    if w_full <= w_half:
+        return 0.0
+    return max(0.0, (t_full - t_half) / (w_full - w_half))
+
+
+def model_latency(model):
+    """The dense model's batch-1 LiteRT latency in milliseconds."""
+    from export import tflite
+
+    return _time([tflite.convert(model)])[0]
+
+
+class _Cache:
+    def __init__(self):
+        self.path = cache_path()
+        try:
+            with open(self.path) as f:
+                self.data = json.load(f)
+        except (OSError, ValueError):
+            self.data = {}
+        self.changed = False
+
+    def key(self, key):
+        return f"v{CACHE_VERSION}|{machine()}|{key}"
+
+    def __contains__(self, key):
+        return self.key(key) in self.data
+
+    def __getitem__(self, key):
+        return self.data[self.key(key)]
+
+    def __setitem__(self, key, value):
+        self.data[self.key(key)] = value
+        self.changed = True
+
+    def save(self):
+        if self.changed:
+            from keras_stg import _files
+
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            _files.atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
+
+
+def measure(model, targets, verbose=True):
+    """The cost table of `model`'s gated kernels `targets` on this machine.
+
+    Layer configurations and models measured before on this machine come from
+    the cache; the rest are measured (a progress bar shows them).
+
+    Returns a dict: `"unit_ms"` (per target name: milliseconds per kernel
+    weight), `"fixed_ms"` (the latency no gate removes), `"total_ms"` (the
+    dense model's measured latency) and `"machine"`.
+    """
+    import keras
+
+    cache = _Cache()
+    layers = {}
+    for t in targets:
+        layers.setdefault(id(t.layer), (t.layer, f"layer:{_signature(t.layer)}"))
+    model_key = f"model:{_model_signature(model)}"
+    todo = [(layer, key) for layer, key in layers.values() if key not in cache]
+    todo = list({key: (layer, key) for layer, key in todo}.values())  # one per configuration
+    if todo or model_key not in cache:
+        _require_litert()
+        bar = keras.utils.Progbar(len(todo) + 1, verbose=1 if verbose else 0,
+                                  unit_name="measurement")
+        if verbose:
+            print(f"keras_stg: measuring LiteRT latency of {len(todo)} layer configurations "
+                  f"and the model {model.name!r} (cached in {cache.path})")
+        for layer, key in todo:
+            cache[key] = layer_slope(layer)
+            bar.add(1)
+        if model_key not in cache:
+            cache[model_key] = model_latency(model)
+        bar.add(1)
+        cache.save()
+    unit = {t.name: float(cache[layers[id(t.layer)][1]]) for t in targets}
+    total = float(cache[model_key])
+    variable = sum(unit[t.name] * math.prod(t.variable.shape) for t in targets)
+    return {"unit_ms": unit, "fixed_ms": float(max(0.0, total - variable)),
+            "total_ms": total, "machine": machine()}
+
+
+def unit_costs(table, targets):
+    """`(per-target cost of one kernel weight, fixed cost)` from a cost table; a target the
+    table does not name is an error naming it."""
+    missing = [t.name for t in targets if t.name not in table["unit_ms"]]
+    if missing:
+        raise ValueError(
+            f"The latency cost table has no entry for {', '.join(missing[:5])}: it was "
+            "measured for another model. Drop cost_table to measure this one.")
+    return [float(table["unit_ms"][t.name]) for t in targets], float(table["fixed_ms"])

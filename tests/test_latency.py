@@ -1,0 +1,110 @@
+"""`cost="latency"`: per-layer LiteRT costs, measured once, cached, saved with the model."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_stg
+from keras_stg import latency
+from tests import helpers
+
+
+def _chain():
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(x))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4, name="out")(x))
+
+
+def _table(model, unit=1.0, fixed=0.0):
+    targets = keras_stg.wrap(model, granularity="channel", seed=0).targets
+    return {"unit_ms": {t.name: unit for t in targets}, "fixed_ms": fixed,
+            "total_ms": fixed + unit * sum(int(np.prod(t.variable.shape)) for t in targets),
+            "machine": "test"}
+
+
+def test_latency_costs_are_measured_cached_and_saved(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
+    gated = keras_stg.wrap(_chain(), mode="joint", granularity="channel", cost="latency",
+                           target_sparsity=0.3, seed=0)
+    table = gated.config.cost_table
+    assert set(table["unit_ms"]) == {"c1", "c2", "out"}
+    assert all(v >= 0 for v in table["unit_ms"].values()) and table["total_ms"] > 0
+    assert 0 <= table["fixed_ms"] <= table["total_ms"]
+    cache = json.loads((tmp_path / "cache" / "latency.json").read_text())
+    assert sum(k.split("|")[-1].startswith("layer:") for k in cache) == 3
+    assert sum(k.split("|")[-1].startswith("model:") for k in cache) == 1
+
+    # A second model of the same architecture (other auto-generated names) is not timed.
+    def no_timing(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(latency, "layer_slope", no_timing)
+    monkeypatch.setattr(latency, "model_latency", no_timing)
+    again = keras_stg.wrap(_chain(), mode="joint", granularity="channel", cost="latency",
+                           target_sparsity=0.3, seed=0)
+    assert again.config.cost_table["unit_ms"] == table["unit_ms"]
+
+    # The costs travel with the model: loading measures nothing, even without the cache.
+    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "empty"))
+    path = str(tmp_path / "gated.keras")
+    gated.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.config.cost_table == table
+    assert loaded.sparsity() == pytest.approx(gated.sparsity())
+
+
+def test_latency_sparsity_is_the_share_of_the_modelled_latency():
+    model = _chain()
+    table = _table(model, unit=2.0, fixed=1000.0)
+    gated = keras_stg.wrap(model, granularity="channel", cost="latency", cost_table=table,
+                           init_mu=0.5, seed=0)
+    assert gated.sparsity() == 0.0
+    weights = table["total_ms"] - 1000.0
+    first, second = gated.gates  # c1 and c2's channels
+    mu = np.full(8, 0.5, "float32")
+    mu[:4] = -0.5
+    first.mu.assign(mu)  # c1 loses 4 outputs: 3*3*3*4 weights, and c2 4*9*8 inputs
+    removed = 2.0 * (3 * 3 * 3 * 4 + 3 * 3 * 4 * 8)
+    assert gated.sparsity() == pytest.approx(removed / (weights + 1000.0), rel=1e-5)
+    # Closing every channel still leaves the fixed part.
+    with pytest.raises(ValueError, match=r"cannot be reached.*of the modelled LiteRT latency"):
+        keras_stg.wrap(model, granularity="channel", cost="latency", cost_table=table,
+                       target_sparsity=0.99)
+
+
+def test_latency_cost_needs_structured_gates_and_its_own_table():
+    with pytest.raises(ValueError, match="cost='latency' with granularity='weight'.*dense "
+                                         "compute.*granularity='channel'"):
+        keras_stg.wrap(_chain(), cost="latency")
+    with pytest.raises(ValueError, match="`cost_table` holds latency costs; it needs "
+                                         "cost='latency', not 'flops'"):
+        keras_stg.wrap(_chain(), granularity="channel", cost="flops", cost_table={})
+    with pytest.raises(ValueError, match="Unknown cost 'time'.*'latency'"):
+        keras_stg.GateConfig(cost="time")
+    table = _table(helpers.mlp())
+    with pytest.raises(ValueError, match="no entry for c1, c2, out: it was measured for "
+                                         "another model"):
+        keras_stg.wrap(_chain(), granularity="channel", cost="latency", cost_table=table)
+
+
+def test_measuring_needs_litert_and_says_how_to_get_it(tmp_path, monkeypatch):
+    import builtins
+
+    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path))
+    real = builtins.__import__
+
+    def no_litert(name, *args, **kwargs):
+        if name.startswith("ai_edge_litert"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_litert)
+    with pytest.raises(ImportError, match=r"needs ai-edge-litert: pip install \"keras-stg\[export\]\""):
+        keras_stg.wrap(_chain(), granularity="channel", cost="latency")
+    assert not os.path.exists(tmp_path / "latency.json")
