@@ -1,8 +1,8 @@
 """Export a ticket to ONNX.
 
 Usage:
-    python -m export.onnx --model M --out model.onnx [--opset N] [--shrink] [--report FILE]
-        [--samples DATA] [--data-dir D]
+    python -m export.onnx --model M --out model.onnx [--opset N] [--shrink]
+        [--int8 --calibration DATA] [--report FILE] [--samples DATA] [--data-dir D]
 
 `M` is a gated or stripped `.keras` file or a training run's output folder.
 
@@ -16,6 +16,11 @@ does not understand Keras 3 models). Two things Keras' own
   equal to within float rounding (about 1e-7 on GELU outputs).
 - Tensors a layer captures as eager constants (keras-hub position ids) would
   become extra graph inputs; they are frozen into constants.
+
+`--int8`: static int8 quantization by onnxruntime (`quantize_static`, QDQ
+format, int8 activations and per-channel int8 weights), calibrated on
+`--calibration` (a dataset name or a `.npy` file, as for `export.tflite`).
+The input and output stay float32.
 
 The file is written atomically and a report is printed (and written as JSON
 with `--report`): file and gzip size, kernel weights and sparsity, parity
@@ -101,6 +106,49 @@ def convert(model, opset=DEFAULT_OPSET):
     return proto.SerializeToString()
 
 
+def quantize_int8(data, representative):
+    """Static int8 quantization of ONNX bytes `data` (QDQ, int8 activations, per-channel
+    int8 weights), calibrated on the float32 inputs `representative` (N, ...);
+    returns the quantized model's bytes."""
+    import os
+    import tempfile
+
+    import onnx
+    from onnxruntime import quantization as q
+
+    rep = np.asarray(representative, np.float32)
+    if rep.ndim == 0 or len(rep) == 0:
+        raise ExportError("int8 quantization needs calibration samples.")
+    name = onnx.load_from_string(data).graph.input[0].name
+
+    class _Reader(q.CalibrationDataReader):
+        def __init__(self):
+            self._samples = iter(rep[i:i + 1] for i in range(len(rep)))
+
+        def get_next(self):
+            sample = next(self._samples, None)
+            return None if sample is None else {name: sample}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
+        with open(src, "wb") as f:
+            f.write(data)
+        try:
+            # onnxruntime's own pre-processing (shape inference, graph fusion) first, as
+            # its quantizer asks: fused ops are quantized as one.
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            prepared = os.path.join(tmp, "prepared.onnx")
+            quant_pre_process(src, prepared)
+            q.quantize_static(prepared, dst, _Reader(), quant_format=q.QuantFormat.QDQ,
+                              activation_type=q.QuantType.QInt8,
+                              weight_type=q.QuantType.QInt8, per_channel=True)
+        except Exception as e:
+            raise ExportError(f"onnxruntime int8 quantization failed: {e}") from e
+        with open(dst, "rb") as f:
+            return f.read()
+
+
 class Runner:
     """Runs an ONNX model in onnxruntime on the CPU (one intra-op thread)."""
 
@@ -128,6 +176,8 @@ def export(
     out,
     opset=DEFAULT_OPSET,
     shrink=False,
+    int8=False,
+    calibration=None,
     report=None,
     samples=None,
     data_dir=None,
@@ -142,7 +192,9 @@ def export(
             `keras_stg.GatedModel` or plain Keras model.
         out: output path ending in `.onnx`; written atomically.
         opset: ONNX opset version (>= 9).
-        shrink: remove pruned units first (`keras_stg.shrink`; unit-gated chains).
+        shrink: remove pruned units and channels first (`keras_stg.shrink`).
+        int8: static int8 quantization (see the module docstring); needs
+            `calibration`: a dataset name, `.npy` path or array of inputs.
         report: optional `.json` path for the report.
         samples: dataset name / `.npy` / array for the parity check (default:
             the training run's dataset, else Gaussian noise).
@@ -151,16 +203,31 @@ def export(
     """
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= 23:
         raise ExportError(f"--opset must be an integer from {MIN_OPSET} to 23, got {opset!r}.")
+    if int8 and opset < 13:
+        raise ExportError(f"--int8 needs --opset 13 or higher (per-channel QDQ), got {opset}.")
+    if int8 and calibration is None:
+        raise ExportError(
+            "--int8 needs calibration data for static quantization: pass --calibration with "
+            "a dataset name (e.g. mnist, with --data-dir) or a .npy file of input samples.")
+    calibration = _common.check_data_arg(calibration, "Calibration data")
     out, report, samples, keras_model, gated, source, result = _common.start(
-        model, out, ".onnx", report, samples, "onnx", {"opset": opset, "shrink": bool(shrink)})
+        model, out, ".onnx", report, samples, "onnx",
+        {"opset": opset, "shrink": bool(shrink), "int8": bool(int8)})
     target = _common.shrink_model(keras_model, gated, result) if shrink else keras_model
     shape = _common.input_shape(target)
-    x, y, origin = _common.parity_samples(keras_model, samples, None, source, data_dir,
+    x, y, origin = _common.parity_samples(keras_model, samples, calibration, source, data_dir,
                                           num_samples)
 
-    data = convert(target, opset)
+    data = dense = convert(target, opset)
+    if int8:
+        from export.tflite import DEFAULT_CALIBRATION
+
+        representative, _ = _common.load_samples(
+            calibration, keras_model, "train", DEFAULT_CALIBRATION, data_dir,
+            what="Calibration data")
+        data = quantize_int8(dense, representative)
     runner = Runner(data)
-    _common.evaluate(result, keras_model, runner, (x, y, origin), data, data)
+    _common.evaluate(result, keras_model, runner, (x, y, origin), data, dense)
     result["runtime"] = "onnxruntime CPUExecutionProvider, 1 thread"
     if latency_runs:
         result["latency_ms"] = runner.latency_ms(shape, latency_runs)
@@ -173,17 +240,21 @@ def main(argv=None):
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help="ONNX opset version (default %(default)s)")
     parser.add_argument("--shrink", action="store_true",
-                        help="physically remove pruned units (unit-gated models)")
+                        help="physically remove pruned units and channels")
+    parser.add_argument("--int8", action="store_true",
+                        help="static int8 quantization (QDQ; needs --calibration)")
+    parser.add_argument("--calibration", metavar="DATA",
+                        help="calibration data: a dataset name (mnist, fashion_mnist, ...) or a .npy file")
     _common.add_common_args(
         parser, samples_help="parity samples: a dataset name or a .npy file (default: the "
-                             "training run's dataset)",
+                             "calibration data's test split, else the training run's dataset)",
         runs_help="timed onnxruntime runs for the median latency")
     args = parser.parse_args(argv)
 
     def work(a):
         _common.check_counts(a)
-        return export(a.model, a.out, opset=a.opset, shrink=a.shrink, report=a.report,
-                      samples=a.samples,
+        return export(a.model, a.out, opset=a.opset, shrink=a.shrink, int8=a.int8,
+                      calibration=a.calibration, report=a.report, samples=a.samples,
                       data_dir=a.data_dir, num_samples=a.num_samples, latency_runs=a.runs)
 
     _common.run_cli(parser, args, work)

@@ -113,16 +113,18 @@ def convert(model, sparse=False, int8=False, representative=None, batch_size=1,
 class Runner:
     """Runs a `.tflite` model one sample at a time in the LiteRT interpreter.
 
-    Float models use the default delegates (XNNPACK). If they fail to
-    prepare, as XNNPACK does on int8 models with sparse weights, the plain
-    builtin kernels are used (`BUILTIN_WITHOUT_DEFAULT_DELEGATES`).
+    Models use the default delegates (XNNPACK). If they fail to prepare, as
+    XNNPACK does on int8 models with sparse weights, or with `xnnpack=False`,
+    the plain builtin kernels are used (`BUILTIN_WITHOUT_DEFAULT_DELEGATES`).
     """
 
-    def __init__(self, data, num_threads=1):
+    def __init__(self, data, num_threads=1, xnnpack=True):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         self.resolver = "default (XNNPACK)"
         try:
+            if not xnnpack:
+                raise ValueError("builtin kernels asked for")
             self.interpreter = Interpreter(model_content=data, num_threads=num_threads)
             self.interpreter.allocate_tensors()
             self._prepare()

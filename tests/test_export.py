@@ -150,6 +150,34 @@ def test_int8_top1_agreement(tmp_path, shared_data):
     assert report["size"]["bytes"] < 0.4 * report["size"]["dense_float_bytes"]
 
 
+def test_onnx_int8_top1_agreement(tmp_path, shared_data):
+    gated = _trained_mlp(shared_data)
+    out = str(tmp_path / "mlp_int8.onnx")
+    report = onnx.export(gated, out, int8=True, calibration="mnist", data_dir=shared_data,
+                         num_samples=500, latency_runs=5, verbose=False)
+    parity = report["parity"]
+    assert report["options"]["int8"] and report["parity_data"] == "mnist"
+    assert parity["top1_agreement"] >= 0.97  # a weak MLP (80%): near-ties flip
+
+    assert parity["keras_accuracy"] - parity["export_accuracy"] <= 0.01
+    import onnx as onnx_pkg
+
+    ops = {n.op_type for n in onnx_pkg.load(out).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert report["size"]["bytes"] < 0.5 * report["size"]["dense_float_bytes"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--int8"], "--int8 needs calibration data"),
+    (["--int8", "--calibration", "mnist", "--opset", "11"], "--int8 needs --opset 13"),
+])
+def test_onnx_int8_cli_errors(argv, message, lenet_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        onnx.main(["--model", lenet_file, "--out", str(tmp_path / "m.onnx")] + argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 def test_int8_sparse_runs_without_default_delegates():
     gated = _ticket(models.lenet_300_100((784,)), keep=0.1)
     stripped = gated.strip()
@@ -172,7 +200,7 @@ def test_onnx_shrink_export_is_smaller_and_exact(tmp_path):
     assert small["parity"]["max_abs_diff"] <= 1e-5
     assert small["shrink"]["units"]["fc1"][1] < 300
     assert small["size"]["bytes"] < 0.5 * full["size"]["bytes"]
-    assert small["options"] == {"opset": onnx.DEFAULT_OPSET, "shrink": True}
+    assert small["options"] == {"opset": onnx.DEFAULT_OPSET, "shrink": True, "int8": False}
 
 
 def test_shrink_export_of_a_residual_network(tmp_path):
