@@ -1,204 +1,447 @@
-"""Structured pruning that makes a model faster: channel gates + shrink against L1 filter pruning.
+"""Structured pruning that makes a model faster: channel gates + shrink against two baselines.
 
 Usage:
-    python -m benchmarks.structured [--quick] [--data-dir D] [--limit N] [--test-limit N]
-        [--epochs E] [--targets 0.5 0.75] [--out DIR] [--results PATH]
+    python -m benchmarks.structured [--quick] [--only PART [PART ...]]
+        [--nets resnet20 mobilenet_v2] [--methods dense ours l1 slimming]
+        [--targets 0.5 0.75] [--limit N] [--test-limit N] [--epochs E]
+        [--data-dir D] [--out DIR] [--results PATH]
 
-ResNet-20 (`keras_stg.experiments.models.resnet20`) on Fashion-MNIST (28x28),
-every method with the same total epochs, batch, optimiser (Adam 1e-3) and data:
+Networks (`benchmarks.structured_methods.NETS`): ResNet-20 on Fashion-MNIST at
+28x28, and keras.applications' MobileNetV2 (alpha 0.35) on Fashion-MNIST
+padded to 32x32. Methods (`benchmarks.structured_methods`, same epochs, data,
+initial weights and cosine learning-rate schedule for all): `dense`, `ours`
+(channel gates, joint, `cost="flops"`), `ours-latency` (the same with
+`cost="latency"`), `l1` (L1-norm filter pruning) and `slimming` (Network
+Slimming), at each target share of multiply-adds removed (of LiteRT latency
+for `ours-latency`).
 
-- `dense`: the model trained for `E` epochs.
-- `ours`: `keras_stg.wrap(model, mode="joint", granularity="channel",
-  cost="flops", target_sparsity=t, finetune=0.3)` trained for `E` epochs
-  from the same initial weights, then `strip` and `shrink`: `t` is the share of
-  multiply-adds removed (`--init-mu random`: the gates start as a random
-  mask at the target instead of open).
-- `l1 filter`: Li et al. 2017, "Pruning Filters for Efficient ConvNets": the
-  dense model trained for `E - F` epochs (`F = E // 2`, at least 1), then in
-  every channel group (`keras_stg.channel_groups`, so residual branches are
-  pruned together) the channels with the smallest L1 norm of their producers'
-  kernels are removed, one share for all groups, the share set by bisection so
-  that the shrunk model's multiply-adds are `1 - t` of the dense ones; then
-  `shrink` and `F` epochs of fine-tuning.
+Parts, each resumable (a finished model is not trained again):
 
-For every model: test accuracy, kernel weights, multiply-adds per example, float
-TFLite size and median batch-1 latency in the LiteRT interpreter (XNNPACK, one
-thread), the latency runs of all models interleaved in rounds so that a slow
-spell of the machine lands on each. Prints one table; writes `structured.json`
-to `--out` and the table between `<!-- benchmarks.structured:begin -->` and
-`<!-- benchmarks.structured:end -->` in `--results`. `--quick` (512 training
-and 256 test images, 1 epoch, target 0.5) is a smoke test; its numbers mean
-nothing.
+- `train`: trains and saves every (net, method, target) model under
+  `OUT/structured/NET/` (`KEY.keras`, `KEY.json`: accuracy, params, MACs, time).
+- `latency`: converts every saved model to float and int8 TFLite and ONNX and
+  measures the batch-1 latency in the LiteRT interpreter (XNNPACK, one thread)
+  and onnxruntime (one thread), all models interleaved in rounds; int8 TFLite
+  test accuracy; the Edge TPU readiness check of the int8 file.
+- `unstructured`: LiteRT latency of the unstructured tickets (`weight`,
+  `block4`, `block16` at 90%, sparse TFLite) against dense, with and without
+  XNNPACK, on ResNet-20 and LeNet-300-100.
+- `report`: the tables and a plot into `--results` (between
+  `<!-- benchmarks.structured:begin -->` and `<!-- benchmarks.structured:end -->`).
+
+`--quick` (128 training and 64 test images, 1 epoch, target 0.5, few latency
+runs) is a smoke test of every part; its numbers mean nothing.
 """
 
 import argparse
 import json
-import math
 import os
+import platform
+import shlex
 import statistics
+import sys
 import time
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from benchmarks import structured_methods as sm  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN = "<!-- benchmarks.structured:begin -->"
 END = "<!-- benchmarks.structured:end -->"
-HEADER = ("method", "target", "params", "MACs", "MACs removed", "TFLite bytes",
-          "latency ms", "latency / dense", "test acc")
+PARTS = ("train", "latency", "unstructured", "report")
+METHODS = ("dense", "ours", "ours-latency", "l1", "slimming")
+LABELS = {"dense": "dense", "ours": "ours (channel, flops)",
+          "ours-latency": "ours (channel, latency)", "l1": "L1 filter",
+          "slimming": "network slimming"}
+RUNTIMES = ("litert_f32", "litert_int8", "ort_f32", "ort_int8")
+RUNTIME_TITLES = {"litert_f32": "LiteRT f32", "litert_int8": "LiteRT int8",
+                  "ort_f32": "ORT f32", "ort_int8": "ORT int8"}
 
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def macs(model):
-    """Kernel weights and multiply-adds per example of a plain Keras model."""
-    from keras_stg import _compat
-    from keras_stg import layer_table
-
-    params = total = 0
-    for layer in _compat.all_layers(model):
-        found = layer_table.kernels(layer)
-        if not found:
-            continue
-        for kernel in found:
-            n = math.prod(getattr(layer, kernel.role).shape)
-            params += n
-            total += n * layer_table.positions(layer)
-    return params, total
+def _key(method, target):
+    return method if method == "dense" else f"{method}_{target:.2f}"
 
 
-def _data(args):
-    from keras_stg.experiments import data
-
-    x, y = data.load("fashion_mnist", "train", args.data_dir)
-    xt, yt = data.load("fashion_mnist", "test", args.data_dir)
-    x = data.normalize(x[:args.limit], "fashion_mnist")[..., None]
-    xt = data.normalize(xt[:args.test_limit], "fashion_mnist")[..., None]
-    return x, y[:args.limit], xt, yt[:args.test_limit]
+def _net_dir(args, net):
+    path = os.path.join(args.out, "structured", net)
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
-def _compile(model, lr=1e-3):
-    import keras
+def _write_json(path, value):
+    from keras_stg import _files
 
-    model.compile(optimizer=keras.optimizers.Adam(lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    return model
+    _files.atomic_write_text(path, json.dumps(value, indent=2))
 
 
-def _fresh(seed):
-    import keras
-
-    from keras_stg.experiments import models
-
-    keras.utils.set_random_seed(seed)
-    return models.resnet20((28, 28, 1))
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
-def _accuracy(model, xt, yt):
-    return float(_compile(model).evaluate(xt, yt, batch_size=256, verbose=0, return_dict=True)
-                 ["accuracy"])
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        name = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                    if line.startswith("model name"))
+        cpu = f"{name}, {'AVX-512' if ' avx512f' in text else 'AVX2'}"
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
-def train_dense(args, x, y):
-    model = _compile(_fresh(args.seed))
-    model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=args.verbose,
-              shuffle=True)
-    return model
+def _stamp(args):
+    return {"command": args.command, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": _machine(), "load": round(os.getloadavg()[0], 1)}
 
 
-def train_ours(args, target, x, y):
-    import keras_stg
-
-    init_mu = args.init_mu if args.init_mu in ("auto", "random") else float(args.init_mu)
-    gated = keras_stg.wrap(_fresh(args.seed), mode="joint", granularity="channel",
-                           cost="flops", target_sparsity=target, finetune=0.3, seed=args.seed,
-                           init_mu=init_mu)
-    _compile(gated)
-    gated.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=args.verbose,
-              shuffle=True)
-    return keras_stg.shrink(gated.strip())
+# ------------------------------------------------------------------- train
 
 
-def _l1_prune(model, share):
-    """Zeroes, in every prunable channel group, the `share` of channels with the smallest
-    L1 norm of their producers' kernels (`ChannelGroup.zero`: kernels, biases, BN gamma
-    and beta)."""
-    import numpy as np
+def part_train(args):
+    for net in args.nets:
+        x, y, xt, yt = sm.data(net, args.data_dir, args.limit, args.test_limit)
+        budget = sm.Budget(args.epochs, args.batch_size,
+                           -(-len(x) // args.batch_size), args.verbose, args.seed)
+        folder = _net_dir(args, net)
+        jobs = [("dense", None)] if "dense" in args.methods else []
+        jobs += [(m, t) for t in args.targets for m in args.methods if m != "dense"]
+        dense_macs = sm.macs(sm.fresh(net, args.seed))[1]
+        for method, target in jobs:
+            key = _key(method, target)
+            path = os.path.join(folder, key)
+            if os.path.exists(path + ".json") and os.path.exists(path + ".keras"):
+                log(f"{net} {key}: done before, kept")
+                continue
+            log(f"{net} {key}: training ({len(x)} images, {args.epochs} epochs) ...")
+            start = time.time()
+            extra = {}
+            if method == "dense":
+                model = sm.train_dense(net, x, y, budget)
+            elif method in ("ours", "ours-latency"):
+                model, sparsity = sm.train_ours(
+                    net, target, x, y, budget,
+                    cost="latency" if method == "ours-latency" else "flops",
+                    init_mu=args.init_mu, gate_lr=args.gate_lr)
+                extra["gated_sparsity"] = sparsity
+            elif method == "l1":
+                model = sm.train_l1(net, target, x, y, budget, steps=args.bisection)
+            else:
+                model = sm.train_slimming(net, target, x, y, budget, steps=args.bisection)
+            wall = time.time() - start
+            params, macs = sm.macs(model)
+            row = {"net": net, "method": method, "target": target, "params": params,
+                   "macs": macs, "macs_removed": 1 - macs / dense_macs,
+                   "accuracy": sm.accuracy(model, xt, yt), "train_s": round(wall, 1),
+                   "limit": len(x), "test_limit": len(xt), "epochs": args.epochs, **extra,
+                   **_stamp(args)}
+            model.save(path + ".keras")
+            _write_json(path + ".json", row)
+            log(f"{net} {key}: {row['accuracy']:.2%} at {row['macs_removed']:.1%} of the "
+                f"MACs removed, {wall:.0f} s")
 
-    import keras_stg
 
-    for group in keras_stg.channel_groups(model):
-        if not group.prunable:
-            continue
-        norms = sum(np.abs(layer.kernel.numpy()).reshape(-1, group.size).sum(0)
-                    for layer in group.producers)
-        group.zero(np.argsort(norms, kind="stable")[:int(share * group.size)])
-    return model
+def _saved(args, net):
+    """`(rows, paths)` of the saved models of `net`, dense first, in table order."""
+    folder = os.path.join(args.out, "structured", net)
+    rows, paths = [], []
+    keys = ["dense"] + [_key(m, t) for t in args.targets for m in METHODS if m != "dense"]
+    for key in keys:
+        path = os.path.join(folder, key)
+        if os.path.exists(path + ".json"):
+            rows.append(_read_json(path + ".json"))
+            paths.append(path + ".keras")
+    return rows, paths
 
 
-def train_l1(args, target, x, y):
-    import keras_stg
+# ----------------------------------------------------------------- latency
 
-    finetune = max(1, args.epochs // 2)
-    model = _compile(_fresh(args.seed))
-    if args.epochs - finetune > 0:
-        model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs - finetune,
-                  verbose=args.verbose, shuffle=True)
-    _, dense_macs = macs(model)
-    weights = [v.numpy() for v in model.weights]
-    low, high = 0.0, 1.0
-    for _ in range(4 if args.quick else 8):  # the share of every group that removes `target` MACs
-        share = (low + high) / 2
-        for v, w in zip(model.weights, weights):
-            v.assign(w)
-        small = keras_stg.shrink(_l1_prune(model, share), check=False)
-        if 1 - macs(small)[1] / dense_macs < target:
-            low = share
+
+def _converted(model, representative):
+    from export import edgetpu, onnx, tflite
+
+    f32 = tflite.convert(model)
+    int8 = tflite.convert(model, int8=True, representative=representative)
+    onnx_f32 = onnx.convert(model)
+    onnx_int8 = onnx.quantize_int8(onnx_f32, representative)
+    problems = edgetpu.check(int8)
+    return {"litert_f32": f32, "litert_int8": int8, "ort_f32": onnx_f32,
+            "ort_int8": onnx_int8}, [str(p) for p in problems]
+
+
+def _runners(files, shape):
+    from export import onnx, tflite
+
+    out = {}
+    for name, data in files.items():
+        if name.startswith("litert"):
+            runner = tflite.Runner(data)
+            out[name] = runner.latency_ms
         else:
-            high = share
-    for v, w in zip(model.weights, weights):
-        v.assign(w)
-    small = _compile(keras_stg.shrink(_l1_prune(model, high)))
-    small.fit(x, y, batch_size=args.batch_size, epochs=finetune, verbose=args.verbose,
-              shuffle=True)
-    return small
+            runner = onnx.Runner(data)
+            out[name] = (lambda r: lambda runs: r.latency_ms(shape, runs))(runner)
+    return out
 
 
-def _latencies(models, rounds, runs):
+def _interleaved(timers, rounds, runs):
+    """Median latency of every timer, the timers interleaved in `rounds`."""
+    times = [[] for _ in timers]
+    for _ in range(rounds):
+        for t, timer in zip(times, timers):
+            t.append(timer(runs))
+    return [statistics.median(t) for t in times]
+
+
+def part_latency(args):
+    import keras
+
     from export import tflite
 
-    files = [tflite.convert(m) for m in models]
-    runners = [tflite.Runner(f) for f in files]
-    sizes = [len(f) for f in files]
-    times = [[] for _ in models]
-    for _ in range(rounds):
-        for r, t in zip(runners, times):
-            t.append(r.latency_ms(runs))
-    return [statistics.median(t) for t in times], sizes
+    for net in args.nets:
+        rows, paths = _saved(args, net)
+        if not rows or rows[0]["method"] != "dense":
+            log(f"{net}: no trained dense model under {args.out}; run --only train first")
+            continue
+        x, _, xt, yt = sm.data(net, args.data_dir, args.calibration, args.int8_test_limit)
+        timers, names = [], []
+        for row, path in zip(rows, paths):
+            key = _key(row["method"], row["target"])
+            log(f"{net} {key}: converting (TFLite f32/int8, ONNX f32/int8) ...")
+            model = keras.models.load_model(path, compile=False)
+            files, problems = _converted(model, x)
+            runners = _runners(files, model.input_shape[1:])
+            int8 = tflite.Runner(files["litert_int8"])
+            row["int8_accuracy"] = float(np.mean(int8(xt).argmax(-1) == yt))
+            row["tflite_bytes"] = len(files["litert_f32"])
+            row["tflite_int8_bytes"] = len(files["litert_int8"])
+            row["edgetpu_problems"] = problems
+            for name in RUNTIMES:
+                timers.append(runners[name])
+                names.append((row, name))
+        log(f"{net}: timing {len(timers)} model/runtime pairs, {args.rounds} rounds of "
+            f"{args.runs} runs ...")
+        medians = _interleaved(timers, args.rounds, args.runs)
+        for (row, name), ms in zip(names, medians):
+            row[f"{name}_ms"] = ms
+        for row in rows:
+            for name in RUNTIMES:
+                row[f"{name}_ratio"] = row[f"{name}_ms"] / rows[0][f"{name}_ms"]
+        _write_json(os.path.join(args.out, "structured", net, "latency.json"),
+                    {"rows": rows, "rounds": args.rounds, "runs": args.runs, **_stamp(args)})
+
+
+# ------------------------------------------------------------ unstructured
+
+
+GRANULARITIES = ("weight", "block4", "block16")
+
+
+def _random_ticket(model, granularity, sparsity, seed):
+    """`model` stripped with a random binary mask of `granularity` at `sparsity` (the
+    runtime's speed depends on the mask's pattern, not on which weights it keeps)."""
+    import keras_stg
+
+    gated = keras_stg.wrap(model, mode="post_training", granularity=granularity,
+                           init_mu=0.5, seed=seed)
+    rng = np.random.default_rng(seed)
+    for gate in gated.gates:
+        gate.mu.assign(np.where(rng.random(gate.mu.shape) < 1 - sparsity, 0.5, -0.5)
+                       .astype("float32"))
+    return gated.sparsity(), gated.strip()
+
+
+def part_unstructured(args):
+    import keras
+
+    from export import tflite
+    from keras_stg.experiments import models
+
+    nets = {"lenet_300_100": ("LeNet-300-100", lambda: models.lenet_300_100((28, 28, 1)))}
+    if "resnet20" in args.nets:
+        nets["resnet20"] = ("ResNet-20", lambda: sm.fresh("resnet20", args.seed))
+    out = []
+    for net, (title, build) in nets.items():
+        keras.utils.set_random_seed(args.seed)
+        dense = build()
+        models_ = [("dense", 0.0, tflite.convert(dense))]
+        for g in GRANULARITIES:
+            sparsity, stripped = _random_ticket(build(), g, 0.9, args.seed)
+            models_.append((g, sparsity, tflite.convert(stripped, sparse=True)))
+        timers, names = [], []
+        for name, sparsity, data in models_:
+            for xnnpack in (True, False):
+                runner = tflite.Runner(data, xnnpack=xnnpack)
+                timers.append(runner.latency_ms)
+                names.append((name, sparsity, len(data), runner.resolver))
+        log(f"{net}: timing {len(timers)} unstructured tickets/runtimes ...")
+        medians = _interleaved(timers, args.rounds, args.runs)
+        base = {}
+        for (name, sparsity, size, resolver), ms in zip(names, medians):
+            base.setdefault(resolver, ms)
+            out.append({"net": title, "granularity": name, "sparsity": sparsity,
+                        "tflite_bytes": size, "runtime": resolver, "ms": ms,
+                        "ratio": ms / base[resolver]})
+    os.makedirs(os.path.join(args.out, "structured"), exist_ok=True)
+    _write_json(os.path.join(args.out, "structured", "unstructured.json"),
+                {"rows": out, **_stamp(args)})
+
+
+# ------------------------------------------------------------------ report
+
+
+def _ms(row, name):
+    ms = row.get(f"{name}_ms")
+    return "" if ms is None else f"{ms:.3f} ({row[f'{name}_ratio']:.2f}x)"
+
+
+def net_table(rows):
+    """The markdown table of one network's models."""
+    header = ("method", "target", "params", "MACs", "MACs removed", "TFLite KB",
+              "test acc", "int8 acc") + tuple(f"{RUNTIME_TITLES[r]} ms" for r in RUNTIMES) + (
+              "Edge TPU",)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        target = "" if r["target"] is None else f"{r['target']:.2f}"
+        size = f"{r['tflite_bytes'] / 1024:.0f}" if "tflite_bytes" in r else ""
+        int8 = f"{r['int8_accuracy']:.2%}" if "int8_accuracy" in r else ""
+        edgetpu = ("" if "edgetpu_problems" not in r else
+                   "ready" if not r["edgetpu_problems"] else
+                   f"{len(r['edgetpu_problems'])} problems")
+        cells = [LABELS.get(r["method"], r["method"]), target, f"{r['params']:,}",
+                 f"{r['macs']:,}", f"{r['macs_removed']:.1%}", size, f"{r['accuracy']:.2%}",
+                 int8] + [_ms(r, name) for name in RUNTIMES] + [edgetpu]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def unstructured_table(rows):
+    lines = ["| network | ticket | sparsity | TFLite KB | runtime | latency ms | x dense |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['net']} | {r['granularity']} | {r['sparsity']:.1%} | "
+                     f"{r['tflite_bytes'] / 1024:.0f} | {r['runtime']} | {r['ms']:.3f} | "
+                     f"{r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def _plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 * len(results), figsize=(5.5 * 2 * len(results), 4))
+    axes = np.atleast_1d(axes)
+    for i, (net, rows) in enumerate(results.items()):
+        acc, lat = axes[2 * i], axes[2 * i + 1]
+        for method in METHODS:
+            mine = [r for r in rows if r["method"] == method]
+            if not mine:
+                continue
+            xs = [100 * r["macs_removed"] for r in mine]
+            marker = "*" if method == "dense" else "o"
+            acc.plot(xs, [100 * r["accuracy"] for r in mine], marker, ls="-",
+                     label=LABELS[method], ms=10 if method == "dense" else 6)
+            if "litert_f32_ratio" in mine[0]:
+                lat.plot(xs, [r["litert_f32_ratio"] for r in mine], marker, ls="-",
+                         label=LABELS[method], ms=10 if method == "dense" else 6)
+        acc.set(title=f"{sm.NETS[net].title}: accuracy", xlabel="MACs removed (%)",
+                ylabel="test accuracy (%)")
+        lat.set(title=f"{sm.NETS[net].title}: LiteRT f32 latency", xlabel="MACs removed (%)",
+                ylabel="latency / dense")
+        for ax in (acc, lat):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    from keras_stg import _files
+
+    _files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def part_report(args):
+    sections, results = [], {}
+    for net in args.nets:
+        latency = os.path.join(args.out, "structured", net, "latency.json")
+        rows, _ = _saved(args, net)
+        if os.path.exists(latency):
+            timed = {_key(r["method"], r["target"]): r for r in _read_json(latency)["rows"]}
+            rows = [timed.get(_key(r["method"], r["target"]), r) for r in rows]
+        if not rows:
+            continue
+        results[net] = rows
+        commands = sorted({f"`{r['command']}` ({r['date']}, load {r['load']})" for r in rows})
+        first = rows[0]
+        sections.append(
+            f"### {sm.NETS[net].title} on Fashion-MNIST\n\n"
+            f"{first['limit']} training / {first['test_limit']} test images, "
+            f"{first['epochs']} epochs per method, {first['machine']}. Latency: batch 1, one "
+            "thread, median of interleaved rounds; ratios to the dense model in brackets.\n\n"
+            + net_table(rows) + "\n\nMade by:\n" + "\n".join(f"- {c}" for c in commands))
+    path = os.path.join(args.out, "structured", "unstructured.json")
+    if os.path.exists(path):
+        data = _read_json(path)
+        sections.append(
+            "### Unstructured tickets at 90% (random masks of each pattern, sparse TFLite)\n\n"
+            + unstructured_table(data["rows"])
+            + f"\n\nMade by `{data['command']}` ({data['date']}, {data['machine']}).")
+    if results:
+        png = os.path.join(args.out, "structured.png")
+        _plot(results, png)
+        rel = os.path.relpath(png, os.path.dirname(os.path.abspath(args.results or png)))
+        sections.append(f"![structured pruning]({rel})")
+    text = "\n\n".join(sections)
+    print(text)
+    if args.results and text:
+        from keras_stg import _files
+
+        body = f"{BEGIN}\n{text}\n{END}"
+        old = open(args.results).read() if os.path.exists(args.results) else ""
+        if BEGIN in old and END in old:
+            new = old[:old.index(BEGIN)] + body + old[old.index(END) + len(END):]
+        else:
+            new = old.rstrip() + "\n\n" + body + "\n"
+        _files.atomic_write_text(args.results, new)
+    return results
+
+
+# -------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.structured",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--nets", nargs="+", choices=sorted(sm.NETS), default=list(sm.NETS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--data-dir", default=os.environ.get("KERAS_STG_DATA") or os.path.join(
         REPO, "..", "shared", "data"))
-    p.add_argument("--limit", type=int, default=None, help="training examples (default all)")
+    p.add_argument("--limit", type=int, default=None, help="training images (default all)")
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--targets", type=float, nargs="+", default=None,
-                   help="shares of multiply-adds to remove (default 0.5 0.75)")
+                   help="shares of multiply-adds (latency for ours-latency) to remove")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-mu", default="auto",
-                   help="our gates' start: auto (all open), random (a random mask at the "
-                        "target) or a number")
+    p.add_argument("--init-mu", default="random",
+                   help="our gates' start: random (a random mask at the target, default), "
+                        "auto, or a number (0.5: all open)")
+    p.add_argument("--gate-lr", type=float, default=10.0,
+                   help="our gates' learning rate as a multiple of the weights' (default 10)")
     p.add_argument("--out", default=None)
     p.add_argument("--results", default=None)
     args = p.parse_args(argv)
-    quick = {"limit": 512, "test_limit": 256, "epochs": 1, "targets": [0.5]}
+    quick = {"limit": 128, "test_limit": 64, "epochs": 1, "targets": [0.5]}
     full = {"limit": 60000, "test_limit": 10000, "epochs": 10, "targets": [0.5, 0.75]}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -209,82 +452,33 @@ def parse_args(argv=None):
         args.results = os.path.join(REPO, "benchmarks", "RESULTS.md")
     for t in args.targets:
         if not 0 < t < 1:
-            p.error(f"--targets are shares of multiply-adds to remove, in (0, 1); got {t}")
+            p.error(f"--targets are shares to remove, in (0, 1); got {t}")
+    if args.init_mu not in ("auto", "random"):
+        try:
+            args.init_mu = float(args.init_mu)
+        except ValueError:
+            p.error(f"--init-mu takes random, auto or a number, got {args.init_mu!r}")
     args.verbose = 0 if args.quick else 2
+    args.bisection = 4 if args.quick else 8
+    args.rounds, args.runs = (2, 5) if args.quick else (7, 100)
+    args.calibration = 32 if args.quick else 256
+    args.int8_test_limit = 64 if args.quick else 2000
+    words = sys.argv[1:] if argv is None else argv
+    args.command = " ".join(["python -m benchmarks.structured"] + [shlex.quote(w) for w in words])
     return args
-
-
-def table(rows):
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for r in rows:
-        target = "" if r["target"] is None else f"{r['target']:.2f}"
-        lines.append(
-            f"| {r['method']} | {target} | {r['params']:,} | {r['macs']:,} | {r['macs_removed']:.1%} | {r['tflite_bytes']:,} "
-            f"| {r['latency_ms']:.3f} | {r['latency_ratio']:.2f} | {r['accuracy']:.2%} |")
-    return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
-    import platform
-
-    import tensorflow as tf
-
-    log(f"structured: ResNet-20 / Fashion-MNIST, {args.limit} training examples, "
-        f"{args.epochs} epochs, targets {args.targets}")
-    x, y, xt, yt = _data(args)
-    models, rows = [], []
-    log("dense ...")
-    dense = train_dense(args, x, y)
-    models.append(dense)
-    rows.append({"method": "dense", "target": None})
-    for target in args.targets:
-        log(f"ours (channel gates, cost=flops) target {target} ...")
-        models.append(train_ours(args, target, x, y))
-        rows.append({"method": "ours (channel, joint)", "target": target})
-        log(f"l1 filter pruning target {target} ...")
-        models.append(train_l1(args, target, x, y))
-        rows.append({"method": "l1 filter", "target": target})
-    log("latency (LiteRT, float, batch 1) ...")
-    latency, sizes = _latencies(models, rounds=3 if args.quick else 7,
-                                runs=10 if args.quick else 100)
-    _, dense_macs = macs(dense)
-    for row, model, ms, size in zip(rows, models, latency, sizes):
-        params, m = macs(model)
-        row.update(params=params, macs=m, macs_removed=1 - m / dense_macs, tflite_bytes=size,
-                   latency_ms=ms, latency_ratio=ms / latency[0],
-                   accuracy=_accuracy(model, xt, yt))
-    text = table(rows)
-    print()
-    print(text)
-    import shlex
-    import sys
-
-    words = sys.argv[1:] if argv is None else argv
-    meta = {"command": " ".join(["python -m benchmarks.structured"] + [shlex.quote(w) for w in words]),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "limit": args.limit,
-            "test_limit": args.test_limit, "epochs": args.epochs, "batch": args.batch_size,
-            "machine": f"{platform.machine()} x{os.cpu_count()}", "tf": tf.__version__,
-            "wall_s": round(time.time() - start)}
-    from keras_stg import _files
-
-    os.makedirs(args.out, exist_ok=True)
-    _files.atomic_write_text(os.path.join(args.out, "structured.json"),
-                             json.dumps({"meta": meta, "rows": rows}, indent=2))
-    if args.results:
-        body = (f"{BEGIN}\n`{meta['command']}` ({meta['date']}, {meta['machine']}, "
-                f"{args.limit} training / {args.test_limit} test images, {args.epochs} epochs, "
-                f"{meta['wall_s']} s):\n\n{text}\n{END}")
-        old = open(args.results).read() if os.path.exists(args.results) else ""
-        if BEGIN in old and END in old:
-            new = old[:old.index(BEGIN)] + body + old[old.index(END) + len(END):]
-        else:
-            new = old.rstrip() + "\n\n" + body + "\n"
-        _files.atomic_write_text(args.results, new)
+    log(f"structured: {', '.join(args.nets)}; {args.limit} training images, {args.epochs} "
+        f"epochs, targets {args.targets}; parts {', '.join(args.only)}")
+    results = None
+    for part in PARTS:
+        if part in args.only:
+            results = globals()[f"part_{part}"](args)
     log(f"done in {time.time() - start:.0f} s")
-    return rows
-
+    return results
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def _fresh_keras_state():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data():
     if not os.path.isdir(os.path.join(SHARED_DATA, "mnist")):
         pytest.fail(f"Test data missing: expected ../shared/data at {SHARED_DATA}")

@@ -390,34 +390,3 @@ def test_config_steps_times_real_and_synthetic_data(shared_data, tmp_path, capsy
     assert rows[0]["data"] == "synthetic" and rows[0]["epoch_steps"] == 12500
     assert json.loads(out.read_text())["config"] == "conv4_cifar10_slt"
     assert "| `conv4_cifar10_slt` | synthetic | 4 |" in capsys.readouterr().out
-
-
-def test_l1_filter_pruning_removes_the_smallest_filters_of_each_group_together():
-    from benchmarks import structured
-
-    model = structured._fresh(0)
-    dense_params, dense_macs = structured.macs(model)
-    assert dense_macs == 31_021_952  # ResNet-20 at 28x28x1
-    structured._l1_prune(model, 0.5)
-    small = keras_stg.shrink(model)
-    params, macs = structured.macs(small)
-    assert 0.6 < 1 - macs / dense_macs < 0.8 and params < dense_params
-    # A residual group loses the same channels in every producer it couples.
-    a = small.get_layer("stage1_block1_conv2").filters
-    assert a == small.get_layer("stem_conv").filters == small.get_layer("stage1_block3_conv2").filters
-
-
-@pytest.mark.e2e
-def test_structured_benchmark_quick(tmp_path, shared_data, capsys):
-    from benchmarks import structured
-
-    rows = structured.main(["--quick", "--data-dir", shared_data, "--out", str(tmp_path),
-                            "--results", str(tmp_path / "R.md"), "--limit", "128",
-                            "--test-limit", "64"])
-    assert [r["method"] for r in rows] == ["dense", "ours (channel, joint)", "l1 filter"]
-    for r in rows:
-        assert r["latency_ms"] > 0 and 0 <= r["accuracy"] <= 1 and r["tflite_bytes"] > 0
-    assert rows[2]["macs_removed"] == pytest.approx(0.5, abs=0.08)  # 4 bisection steps
-    text = (tmp_path / "R.md").read_text()
-    assert structured.BEGIN in text and "| l1 filter | 0.50 |" in text
-    assert json.loads((tmp_path / "structured.json").read_text())["rows"][0]["method"] == "dense"

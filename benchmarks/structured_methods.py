@@ -1,0 +1,302 @@
+"""The networks, data and methods of `benchmarks.structured` (structured pruning).
+
+Every method trains with Adam and one cosine learning-rate schedule over the
+same total epochs `E` (a method that prunes in the middle continues the
+schedule where it stands), batch 128, the same data order and the same initial
+weights:
+
+- `dense`: the model trained for `E` epochs.
+- `ours`: `keras_stg.wrap(model, mode="joint", granularity="channel",
+  cost=COST, target_sparsity=t, finetune=0.3, init_mu=..., gate_lr=...)`: gates
+  and weights train together (the gates at `gate_lr` times the weights' rate), the mask is frozen at the target for the last 30% of the
+  epochs while the weights fine-tune, then `strip` and `shrink`. `COST` is
+  `"flops"` (`t` the share of multiply-adds removed) or `"latency"` (`t` the
+  share of the LiteRT latency removed, per-layer costs measured on this CPU).
+- `l1`: Li et al. 2017, "Pruning Filters for Efficient ConvNets": `E - F`
+  epochs dense (`F = E // 2`), then in every channel group the same share of
+  channels with the smallest L1 norm of their producers' kernels is removed, the
+  share set so that the shrunk model's multiply-adds are `1 - t` of the dense
+  ones; `shrink`, then `F` epochs of fine-tuning.
+- `slimming`: Liu et al. 2017, "Learning Efficient Convolutional Networks
+  through Network Slimming": `E - F` epochs with an L1 penalty `lambda *
+  sum |gamma|` on every BatchNormalization scale, then the channels whose
+  group's mean `|gamma|` is under one global threshold are removed (at least one
+  kept per group), the threshold set so that the shrunk model's multiply-adds
+  are `1 - t` of the dense ones; `shrink`, then `F` epochs of fine-tuning.
+
+All methods prune on the same channel groups (`keras_stg.channel_groups`: a
+residual `Add` ties its branches) and shrink with `keras_stg.shrink`.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+#: Share of the epochs at the end during which our mask is frozen.
+OURS_FINETUNE = 0.3
+LEARNING_RATE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+    title: str
+    input_shape: tuple
+    pad: int  # zero pixels added around the 28x28 images
+    build: object  # () -> keras.Model (logits)
+
+
+def _resnet20():
+    from keras_stg.experiments import models
+
+    return models.resnet20((28, 28, 1))
+
+
+def _mobilenet_v2():
+    import keras
+
+    return keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 1), alpha=0.35, classes=10,
+        classifier_activation=None)
+
+
+NETS = {
+    "resnet20": Net("ResNet-20", (28, 28, 1), 0, _resnet20),
+    "mobilenet_v2": Net("MobileNetV2 (alpha 0.35, 32x32)", (32, 32, 1), 2, _mobilenet_v2),
+}
+
+
+#: BatchNormalization momentum of every network: Keras' default (0.99, and 0.999 in
+#: MobileNetV2) leaves the moving statistics far from the data after a few hundred steps.
+BN_MOMENTUM = 0.9
+
+
+def fresh(net, seed):
+    """The network with the initial weights every method starts from."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = NETS[net].build()
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = BN_MOMENTUM
+    return model
+
+
+def data(net, data_dir, limit, test_limit):
+    """Fashion-MNIST, normalized, padded to the network's input size."""
+    from keras_stg.experiments import data as data_lib
+
+    pad = NETS[net].pad
+    out = []
+    for split, n in (("train", limit), ("test", test_limit)):
+        x, y = data_lib.load("fashion_mnist", split, data_dir)
+        x = data_lib.normalize(x[:n], "fashion_mnist").reshape(-1, 28, 28, 1)
+        if pad:
+            x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        out += [x, np.asarray(y[:n])]
+    return out
+
+
+def macs(model):
+    """Kernel weights and multiply-adds per example of a plain Keras model."""
+    from keras_stg import _compat
+    from keras_stg import layer_table
+
+    params = total = 0
+    for layer in _compat.all_layers(model):
+        for kernel in layer_table.kernels(layer) or ():
+            n = math.prod(getattr(layer, kernel.role).shape)
+            params += n
+            total += n * layer_table.positions(layer)
+    return params, total
+
+
+# ----------------------------------------------------------------- training
+
+
+def _schedule(total_steps, start_step=0):
+    import keras
+
+    class Cosine(keras.optimizers.schedules.LearningRateSchedule):
+        """Cosine decay from LEARNING_RATE to 0 over `total` steps, entered at `start`."""
+
+        def __init__(self, total, start):
+            self.total, self.start = float(max(1, total)), float(start)
+
+        def __call__(self, step):
+            t = keras.ops.minimum(keras.ops.cast(step, "float32") + self.start, self.total)
+            return LEARNING_RATE * 0.5 * (1.0 + keras.ops.cos(math.pi * t / self.total))
+
+        def get_config(self):
+            return {"total": self.total, "start": self.start}
+
+    return Cosine(total_steps, start_step)
+
+
+def compile_model(model, total_steps=1, start_step=0):
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(_schedule(total_steps, start_step)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def accuracy(model, x, y):
+    compile_model(model)
+    return float(model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)["accuracy"])
+
+
+@dataclasses.dataclass
+class Budget:
+    epochs: int
+    batch_size: int
+    steps_per_epoch: int
+    verbose: int = 0
+    seed: int = 0
+
+    @property
+    def total_steps(self):
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def finetune_epochs(self):
+        return max(1, self.epochs // 2)
+
+
+def _fit(model, x, y, budget, epochs, start_epoch=0):
+    import keras
+
+    compile_model(model, budget.total_steps, start_epoch * budget.steps_per_epoch)
+    keras.utils.set_random_seed(budget.seed + 1 + start_epoch)  # the data order
+    model.fit(x, y, batch_size=budget.batch_size, epochs=epochs, verbose=budget.verbose,
+              shuffle=True)
+    return model
+
+
+def train_dense(net, x, y, budget):
+    return _fit(fresh(net, budget.seed), x, y, budget, budget.epochs)
+
+
+def train_ours(net, target, x, y, budget, cost="flops", init_mu="random", gate_lr=10.0):
+    """Our channel gates, joint mode; returns `(shrunk model, gated sparsity)`."""
+    import keras
+
+    import keras_stg
+
+    gated = keras_stg.wrap(fresh(net, budget.seed), mode="joint", granularity="channel",
+                           cost=cost, target_sparsity=target, finetune=OURS_FINETUNE,
+                           seed=budget.seed, init_mu=init_mu, gate_lr=gate_lr)
+    compile_model(gated, budget.total_steps)
+    keras.utils.set_random_seed(budget.seed + 1)
+    gated.fit(x, y, batch_size=budget.batch_size, epochs=budget.epochs, verbose=budget.verbose,
+              shuffle=True)
+    return keras_stg.shrink(gated.strip()), gated.sparsity()
+
+
+# ----------------------------------------------------------- the baselines
+
+
+def l1_scores(model):
+    """Per prunable channel group: the L1 norm of every channel's producer kernels."""
+    import keras_stg
+
+    out = []
+    for group in keras_stg.channel_groups(model):
+        if group.prunable:
+            out.append((group, sum(np.abs(layer.kernel.numpy()).reshape(-1, group.size).sum(0)
+                                   for layer in group.producers)))
+    return out
+
+
+def gamma_scores(model):
+    """Per prunable channel group: the mean `|gamma|` of its BatchNormalization members
+    (groups without one score 0 and are pruned first; none in our networks)."""
+    import keras
+
+    import keras_stg
+
+    out = []
+    for group in keras_stg.channel_groups(model):
+        if not group.prunable:
+            continue
+        gammas = [np.abs(m.layer.gamma.numpy()[m.offset:m.offset + group.size])
+                  for m in group.members if m.role == "per_channel"
+                  and isinstance(m.layer, keras.layers.BatchNormalization) and m.layer.scale]
+        out.append((group, np.mean(gammas, axis=0) if gammas else np.zeros(group.size)))
+    return out
+
+
+def _closed(scores, level, uniform):
+    """Channels to close per group: the lowest-scoring `level` share of each group
+    (uniform), or the lowest-scoring `level` share of all channels (global; ties in
+    model order), at least one channel kept per group."""
+    if uniform:
+        return [np.argsort(s, kind="stable")[:int(level * group.size)] for group, s in scores]
+    flat = np.concatenate([s for _, s in scores])
+    owner = np.concatenate([np.full(len(s), i) for i, (_, s) in enumerate(scores)])
+    index = np.concatenate([np.arange(len(s)) for _, s in scores])
+    drop = np.argsort(flat, kind="stable")[:int(level * flat.size)]
+    closed = []
+    for i, (group, s) in enumerate(scores):
+        mine = index[drop[owner[drop] == i]]
+        if len(mine) == group.size:
+            mine = np.delete(mine, np.argmax(s[mine]))
+        closed.append(mine)
+    return closed
+
+
+def prune_to_macs(model, scores_fn, target, uniform, steps=8):
+    """Closes the lowest-scoring channels (`scores_fn(model)`) until the shrunk model has
+    `1 - target` of the multiply-adds (bisection on the share or the global quantile);
+    returns the shrunk model."""
+    import keras_stg
+
+    _, dense_macs = macs(model)
+    weights = [v.numpy() for v in model.weights]
+    scores = scores_fn(model)
+
+    def pruned(level):
+        for v, w in zip(model.weights, weights):
+            v.assign(w)
+        for (group, _), channels in zip(scores, _closed(scores, level, uniform)):
+            group.zero(channels)
+        return model
+
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        level = (low + high) / 2
+        small = keras_stg.shrink(pruned(level), check=False)
+        if 1 - macs(small)[1] / dense_macs < target:
+            low = level
+        else:
+            high = level
+    small = keras_stg.shrink(pruned(high))
+    for v, w in zip(model.weights, weights):
+        v.assign(w)
+    return small
+
+
+def _prune_and_finetune(model, x, y, budget, target, scores_fn, uniform, steps):
+    phase1 = budget.epochs - budget.finetune_epochs
+    if phase1 > 0:
+        _fit(model, x, y, budget, phase1)
+    small = prune_to_macs(model, scores_fn, target, uniform, steps)
+    return _fit(small, x, y, budget, budget.finetune_epochs, start_epoch=phase1)
+
+
+def train_l1(net, target, x, y, budget, steps=8):
+    return _prune_and_finetune(fresh(net, budget.seed), x, y, budget, target, l1_scores,
+                               uniform=True, steps=steps)
+
+
+def train_slimming(net, target, x, y, budget, lam=1e-4, steps=8):
+    import keras
+
+    model = fresh(net, budget.seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.scale:
+            layer.gamma.regularizer = keras.regularizers.L1(lam)
+    return _prune_and_finetune(model, x, y, budget, target, gamma_scores, uniform=False,
+                               steps=steps)

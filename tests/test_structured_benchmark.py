@@ -1,0 +1,108 @@
+"""`benchmarks.structured`: the baselines' pruning rules and a `--quick` run of every part.
+
+No accuracy and no timing is asserted: the quick run's numbers mean nothing.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import structured
+from benchmarks import structured_methods as sm
+from keras_stg.experiments import models
+
+
+class _Group:
+    def __init__(self, size):
+        self.size = size
+
+
+def test_uniform_rule_cuts_each_group_alike_global_rule_cuts_the_lowest_scores():
+    scores = [(_Group(4), np.array([0.4, 0.1, 0.3, 0.2])),
+              (_Group(2), np.array([0.05, 0.9])),
+              (_Group(3), np.array([0.01, 0.02, 0.03]))]
+    uniform = sm._closed(scores, 0.5, uniform=True)
+    assert [sorted(c.tolist()) for c in uniform] == [[1, 3], [0], [0]]
+    closed = sm._closed(scores, 5 / 9, uniform=False)  # the 5 lowest of 9 scores
+    # 0.01, 0.02, 0.03 (the whole third group, so its best channel stays), 0.05, 0.1.
+    assert [sorted(c.tolist()) for c in closed] == [[1], [0], [0, 1]]
+
+
+def test_baselines_prune_whole_channel_groups_to_the_macs_target():
+    assert sm.macs(sm.fresh("resnet20", 0))[1] == 31_021_952  # ResNet-20 at 28x28x1
+    model = models.resnet20((12, 12, 1), width=8)  # the same graph, smaller
+    dense_params, dense_macs = sm.macs(model)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if hasattr(layer, "gamma"):
+            layer.gamma.assign(rng.uniform(0.1, 1.0, layer.gamma.shape).astype("float32"))
+    for scores, uniform in ((sm.l1_scores, True), (sm.gamma_scores, False)):
+        small = sm.prune_to_macs(model, scores, 0.5, uniform, steps=5)
+        params, macs = sm.macs(small)
+        assert 1 - macs / dense_macs == pytest.approx(0.5, abs=0.06) and params < dense_params
+        # A residual group loses the same channels in every producer it couples.
+        names = ("stem_conv", "stage1_block1_conv2", "stage1_block3_conv2")
+        assert len({small.get_layer(n).filters for n in names}) == 1
+    assert sm.macs(model) == (dense_params, dense_macs)  # the model itself is untouched
+
+
+QUICK = ["--quick", "--nets", "resnet20", "--methods", "dense", "ours", "l1", "slimming"]
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory):
+    """One output folder for the quick run's parts (each test runs one, resumably)."""
+    return str(tmp_path_factory.mktemp("structured"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["dense", "ours", "l1", "slimming"])
+def test_quick_train_part_saves_each_method(method, quick_out, shared_data):
+    structured.main(QUICK[:-4] + [method, "--only", "train", "--data-dir", shared_data,
+                                  "--out", quick_out])
+    folder = os.path.join(quick_out, "structured", "resnet20")
+    key = method if method == "dense" else f"{method}_0.50"
+    row = json.load(open(os.path.join(folder, f"{key}.json")))
+    assert row["method"] == method and os.path.exists(os.path.join(folder, f"{key}.keras"))
+    assert "python -m benchmarks.structured --quick" in row["command"]
+    if method == "dense":
+        assert row["macs_removed"] == 0.0
+        assert all(layer.momentum == sm.BN_MOMENTUM for layer in
+                   sm.fresh("resnet20", 0).layers if hasattr(layer, "momentum"))
+    else:
+        assert row["macs_removed"] == pytest.approx(0.5, abs=0.1)
+    if method == "ours":
+        assert row["gated_sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.e2e
+def test_quick_latency_and_report_parts(quick_out, shared_data, tmp_path, capsys):
+    results = str(tmp_path / "R.md")
+    # The train part keeps what the tests above trained (and trains what they did not).
+    tables = structured.main(QUICK + ["--only", "train", "latency", "report", "--data-dir",
+                                      shared_data, "--out", quick_out, "--results", results])
+    assert capsys.readouterr().out.count("done before, kept") == 4
+    rows = tables["resnet20"]
+    assert [r["method"] for r in rows] == ["dense", "ours", "l1", "slimming"]
+    for r in rows:
+        for runtime in structured.RUNTIMES:
+            assert r[f"{runtime}_ms"] > 0
+        assert r["edgetpu_problems"] == []  # the shrunk int8 files pass the readiness check
+        assert 0 <= r["int8_accuracy"] <= 1 and r["tflite_bytes"] > 0
+    assert rows[0]["litert_f32_ratio"] == 1.0
+    text = open(results).read()
+    assert structured.BEGIN in text and "| L1 filter | 0.50 |" in text and "| ready |" in text
+    assert os.path.exists(os.path.join(quick_out, "structured.png"))
+
+
+@pytest.mark.e2e
+def test_quick_unstructured_part(tmp_path, shared_data):
+    structured.main(["--quick", "--only", "unstructured", "--nets", "mobilenet_v2",
+                     "--data-dir", shared_data, "--out", str(tmp_path)])
+    rows = json.load(open(tmp_path / "structured" / "unstructured.json"))["rows"]
+    assert {r["granularity"] for r in rows} == {"dense", "weight", "block4", "block16"}
+    assert {r["runtime"] for r in rows} == {"default (XNNPACK)", "builtin kernels, no delegates"}
+    for r in rows:
+        assert r["ms"] > 0 and (r["granularity"] == "dense" or 0.85 < r["sparsity"] < 0.95)
