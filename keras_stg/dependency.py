@@ -40,12 +40,15 @@ class Member:
         role: `"producer"` (output axis of its kernel, and its bias),
             `"depthwise"` (channel axis of a depthwise kernel, and its bias),
             `"per_channel"` (every weight of the layer, indexed by channel),
-            `"elementwise"` (no weights; on the channels' path) or
+            `"elementwise"` (no weights; on the channels' path),
+            `"merge"` (an element-wise merge of coupled inputs) or
             `"consumer"` (input axis of its kernel).
         offset: where the group's channel 0 sits on the member's channel axis
             (after a `Concatenate`).
         repeat, period: a consumer after a `Flatten` sees channel `c` at the
             rows `offset + c + k * period` for `k < repeat`.
+        src, dst: the tensors (walker ids) the member reads and writes, in the
+            order of the walk (`step`): `shrink` follows a zero channel along them.
     """
 
     layer: keras.layers.Layer
@@ -53,6 +56,9 @@ class Member:
     offset: int = 0
     repeat: int = 1
     period: int = 0
+    src: tuple = ()
+    dst: int = -1
+    step: int = 0
 
 
 class _Slot:
@@ -88,18 +94,18 @@ def _union(a, b):
 
 @dataclasses.dataclass
 class _View:
-    """The channels of a tensor: segments `(slot, offset)` in order; `repeat` > 1 after a
-    Flatten (the block of `period` channels repeats once per spatial position)."""
+    """The channels of a tensor: segments `(slot, offset, tensor id)` in order; `repeat` > 1
+    after a Flatten (the block of `period` channels repeats once per spatial position)."""
 
     segments: list
     repeat: int = 1
 
     @property
     def channels(self):
-        return sum(s.size for s, _ in self.segments)
+        return sum(s.size for s, _, _ in self.segments)
 
     def slots(self):
-        return [s for s, _ in self.segments]
+        return [s for s, _, _ in self.segments]
 
 
 @dataclasses.dataclass
@@ -177,21 +183,35 @@ class _SequentialOutput:
         self.shape = tuple(layer.output.shape) if _compat.inbound_nodes(layer) else (None,)
 
 
-def _add_member(view, layer, role, **extra):
-    for slot, offset in view.segments:
-        slot.root().members.append(Member(layer, role, offset, **extra))
-
-
 class _Walker:
     def __init__(self):
         self.slots = []  # every channel space made
+        self.tensors = 0  # ids of the tensors (per segment) the walk has made
+        self.steps = 0
+
+    def tid(self):
+        self.tensors += 1
+        return self.tensors
 
     def new(self, size, reason=None):
         slot = _Slot(size)
         if reason:
             slot.reasons.append(reason)
         self.slots.append(slot)
-        return _View([(slot, 0)])
+        return _View([(slot, 0, self.tid())])
+
+    def add(self, slot, layer, role, offset=0, **extra):
+        self.steps += 1
+        slot.root().members.append(Member(layer, role, offset, step=self.steps, **extra))
+
+    def through(self, view, layer, role):
+        """`view` after a per-channel layer: each segment a new tensor, read from the old."""
+        segments = []
+        for slot, offset, tid in view.segments:
+            new = self.tid()
+            self.add(slot, layer, role, offset, src=(tid,), dst=new)
+            segments.append((slot, offset, new))
+        return _View(segments, view.repeat)
 
     def unknown(self, views, outputs, reason):
         for v in views:
@@ -219,7 +239,7 @@ class _Walker:
                 return self.unknown(views, outputs, f"{name} concatenates flattened tensors")
             segments, start = [], 0
             for v in views:
-                segments.extend((slot, start + offset) for slot, offset in v.segments)
+                segments.extend((slot, start + offset, tid) for slot, offset, tid in v.segments)
                 start += v.channels
             return [_View(segments)]
         if len(views) != 1:
@@ -229,9 +249,12 @@ class _Walker:
             if view.repeat != 1 and not isinstance(layer, keras.layers.Dense):
                 return self.unknown(views, outputs, f"{name} reads a flattened tensor")
             period = view.channels if view.repeat != 1 else 0
-            _add_member(view, layer, "consumer", repeat=view.repeat, period=period)
+            for slot, offset, tid in view.segments:
+                self.add(slot, layer, "consumer", offset, repeat=view.repeat, period=period,
+                         src=(tid,))
             out = self.new(out_channels, table.activation_reason(layer))
-            out.segments[0][0].members.append(Member(layer, "producer"))
+            slot, _, tid = out.segments[0]
+            self.add(slot, layer, "producer", dst=tid)
             return [out]
         if view.repeat != 1 and kind != table.ELEMENTWISE:
             return self.unknown(views, outputs, f"{name} after a Flatten")
@@ -240,14 +263,11 @@ class _Walker:
                 return self.unknown(views, outputs, f"{name} has depth_multiplier > 1")
             if table.activation_reason(layer):
                 _mark(view, table.activation_reason(layer))
-            _add_member(view, layer, "depthwise")
-            return [view]
+            return [self.through(view, layer, "depthwise")]
         if kind == table.PER_CHANNEL:
-            _add_member(view, layer, "per_channel")
-            return [view]
+            return [self.through(view, layer, "per_channel")]
         if kind == table.ELEMENTWISE:
-            _add_member(view, layer, "elementwise")
-            return [view]
+            return [self.through(view, layer, "elementwise")]
         if kind in (table.SPATIAL, table.GLOBAL_POOL):
             return [view]
         if kind == table.FLATTEN:
@@ -262,14 +282,21 @@ class _Walker:
             return self._merge_unknown(layer, views, out_channels)
         first = full[0]
         for v in full[1:]:
-            if [s.size for s, _ in v.segments] != [s.size for s, _ in first.segments]:
+            if [s.size for s, _, _ in v.segments] != [s.size for s, _, _ in first.segments]:
                 return self._merge_unknown(layer, views, out_channels)
-            for (a, _), (b, _) in zip(first.segments, v.segments):
-                _union(a, b)
         for v in views:  # broadcast inputs (one channel) do not couple
             if v not in full and v.channels != 1:
                 return self._merge_unknown(layer, views, out_channels)
-        return _View([(s.root(), o) for s, o in first.segments])
+        for v in full[1:]:
+            for (a, _, _), (b, _, _) in zip(first.segments, v.segments):
+                _union(a, b)
+        segments = []
+        for i, (slot, offset, _) in enumerate(first.segments):
+            new = self.tid()
+            self.add(slot, layer, "merge", offset, src=tuple(v.segments[i][2] for v in full),
+                     dst=new)
+            segments.append((slot.root(), offset, new))
+        return _View(segments)
 
     def _merge_unknown(self, layer, views, out_channels):
         reason = f"{layer.name!r} ({type(layer).__name__}) merges tensors it cannot align"

@@ -314,21 +314,43 @@ def _activation_keeps_zero(layer, channels):
 
 
 def _removable(group):
-    """Channels of `group` that are exactly zero everywhere they flow."""
-    dead = np.ones(group.size, bool)
-    for m in group.members:
+    """Channels of `group` that are exactly zero wherever they are read.
+
+    The group's tensors are followed in the order of the walk: a producer's
+    channel is zero when its kernel slices and bias are zero and its activation
+    keeps 0; a depthwise, per-channel or element-wise layer keeps a zero input
+    zero where its own weights do; an element-wise merge is zero when every
+    input is (a `Multiply`: when any is, so the excitation of a
+    squeeze-and-excitation block may be non-zero). A channel every consumer
+    reads as zero is removed from every member.
+    """
+    import keras
+
+    zero = {}  # tensor id -> per channel: exactly zero?
+    none = np.zeros(group.size, bool)
+    removable = np.ones(group.size, bool)
+    for m in sorted(group.members, key=lambda m: m.step):
         idx = slice(m.offset, m.offset + group.size)
+        inputs = [zero.get(t, none) for t in m.src]
         if m.role == "producer":
-            dead &= _dead_outputs(m.layer)
-            dead &= _activation_keeps_zero(m.layer, group.size)
+            value = _dead_outputs(m.layer)[idx] & _activation_keeps_zero(m.layer, group.size)
         elif m.role == "depthwise":
+            value = inputs[0] & _activation_keeps_zero(m.layer, group.size)
             if m.layer.use_bias:
-                dead &= np.asarray(m.layer.bias.numpy())[idx] == 0
-            dead &= _activation_keeps_zero(m.layer, group.size)
+                value = value & (np.asarray(m.layer.bias.numpy())[idx] == 0)
         elif m.role in ("per_channel", "elementwise"):
             channels = int(_input_shape(m.layer)[-1])
-            dead &= _zero_maps_to_zero(m.layer, channels)[idx]
-    return dead
+            value = inputs[0] & _zero_maps_to_zero(m.layer, channels)[idx]
+        elif m.role == "merge":
+            combine = np.any if isinstance(m.layer, keras.layers.Multiply) else np.all
+            value = combine(np.stack(inputs), axis=0)
+        elif m.role == "consumer":
+            removable &= inputs[0]
+            continue
+        else:
+            continue
+        zero[m.dst] = value
+    return removable
 
 
 def _shrink_graph(model):

@@ -346,3 +346,79 @@ def separable_transposed_merges():
     z = keras.layers.GroupNormalization(groups=1, name="gn")(keras.layers.Conv2D(4, 1, name="e")(y))
     outputs = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling2D()(z))
     return keras.Model(inputs, outputs, name="separable_transposed_merges")
+
+
+def keras_efficientnet_b0():
+    """The real keras.applications.EfficientNetB0 (32x32): Rescaling, Normalization, SE blocks."""
+    return keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+
+
+def random_channel_masks(gated, keep=0.6, seed=0):
+    """Random binary gates in which every gate tensor keeps and closes some entries."""
+    rng = np.random.default_rng(seed)
+    for gate in gated.gates:
+        mu = np.where(rng.random(gate.mu.shape) < keep, 0.5, -0.5).astype("float32")
+        flat = mu.reshape(-1)
+        if flat.size > 1:
+            flat[0], flat[-1] = 0.5, -0.5
+        gate.mu.assign(mu)
+    return gated
+
+
+def check_structured(gated, x, tmp_path, export=True):
+    """The promises of a structured (unit or channel) ticket, without training:
+    coupled producers share one mask, strip leaves a plain model, shrink equals the
+    masked model and (channel gates) its kernel weights and multiply-adds are the
+    counts the masks predict, the shrunk `.keras` loads with plain Keras, and its
+    TFLite and ONNX exports match it. Returns the shrunk model."""
+    from keras_stg import layer_table
+
+    reference = infer(gated, x)
+    scale = max(1.0, float(np.max(np.abs(reference))))
+    masks = gated.masks()
+    if str(gated.granularity) == "channel":
+        for group, gate in zip(gated.groups, gated.gates):
+            closed = np.asarray(gate.mu.numpy()) <= 0
+            for layer in group.producers:
+                t = next(i for i, t in enumerate(gated.targets) if t.layer is layer
+                         and t.kernel.channel_out is not None)
+                out = np.moveaxis(masks[t], gated.targets[t].kernel.channel_out, -1)
+                dead = ~out.reshape(-1, out.shape[-1]).any(0)
+                np.testing.assert_array_equal(dead, closed, err_msg=layer.name)
+    pruned = gated.strip()
+    assert type(pruned) in (keras.Model, keras.Sequential) or not isinstance(
+        pruned, keras_stg.GatedModel)
+    assert not any(v.name == "mu" for v in pruned.weights)
+    small, info = keras_stg.shrink(pruned, return_info=True)
+    assert max_diff(infer(small, x), reference) <= 1e-5 * scale
+    assert info["parameters_after"] < info["parameters_before"]
+
+    def counts(model, layer_of=None):
+        weights = macs = 0
+        for layer in model._flatten_layers():
+            for kernel, v in layer_table.channel_kernels(layer):
+                n = int(np.prod(v.shape))
+                weights += n
+                macs += n * layer_table.positions(layer)
+        return weights, macs
+
+    kept_weights = sum(int(m.sum()) for m in masks)
+    kept_macs = sum(int(m.sum()) * layer_table.positions(t.layer)
+                    for m, t in zip(masks, gated.targets))
+    weights, macs = counts(small)
+    if str(gated.granularity) == "channel":
+        assert (weights, macs) == (kept_weights, kept_macs)
+    else:  # unit gates: shrink also drops the inputs of closed units, where coupling allows
+        assert weights <= kept_weights and macs <= kept_macs
+    path = os.path.join(tmp_path, "small.keras")
+    small.save(path)
+    loaded = keras.saving.load_model(path, custom_objects={})
+    assert max_diff(infer(loaded, x), infer(small, x)) == 0
+    if export:
+        from export import onnx, tflite
+
+        lite = tflite.Runner(tflite.convert(small))(x[:2])
+        assert max_diff(lite, reference[:2]) <= 1e-4 * scale
+        ort = onnx.Runner(onnx.convert(small))(x[:2])
+        assert max_diff(ort, reference[:2]) <= 1e-4 * scale
+    return small

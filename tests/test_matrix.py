@@ -61,3 +61,23 @@ def test_full_size_keras_applications(build):
     assert all(not np.array_equal(a, g.mu.numpy()) for a, g in zip(mus, gated.gates))
     assert 0.4 < gated.sparsity() < 0.6
     assert helpers.max_diff(helpers.infer(gated.strip(), x), helpers.infer(gated, x)) <= 1e-5
+
+
+STRUCTURED = [(build, gran) for build in ("keras_mobilenet_v2", "keras_efficientnet_b0",
+                                          "keras_resnet50", "tiny_resnet50", "cnn_bn")
+              for gran in ("channel", "unit")]
+
+
+@pytest.mark.parametrize("build,granularity", STRUCTURED)
+def test_structured_tickets_of_real_applications(build, granularity, tmp_path):
+    """keras.applications (smallest alpha and input, weights=None) and the reference nets:
+    channel and unit tickets shrink exactly to the counts their masks predict, and the
+    shrunk model exports (channel gates: TFLite and ONNX match it)."""
+    model = getattr(helpers, build)()
+    gated = keras_stg.wrap(model, mode="post_training", granularity=granularity, seed=0,
+                           cost="flops", init_mu=0.5)
+    helpers.random_channel_masks(gated, keep=0.6, seed=1)
+    x, _ = helpers.batch(model, n=4)
+    small = helpers.check_structured(gated, x, str(tmp_path),
+                                     export=granularity == "channel" and build != "keras_resnet50")
+    assert len(small.layers) == len(model.layers)  # nothing removed but channels
