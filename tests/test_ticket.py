@@ -3,6 +3,8 @@
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import keras
@@ -13,6 +15,9 @@ import keras_stg
 from keras_stg import ticket
 from keras_stg.experiments import models
 from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def conv_bn():
     """A small conv net with BatchNormalization that every granularity gates."""
@@ -347,3 +352,110 @@ def test_mask_descriptions_are_exact():
     for constant in (np.zeros((4, 4), bool), np.ones((4, 4), bool)):
         description, coded = ticket._describe_mask(constant)
         assert coded == b"" and description == {"kept": int(constant.sum())}
+
+
+# ----------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def lenet_run(tmp_path_factory):
+    """A training run folder: gated.keras of a LeNet ticket, stripped.keras, metrics.json."""
+    keras.utils.set_random_seed(0)
+    run = tmp_path_factory.mktemp("run")
+    gated = _gated(lambda: models.lenet_300_100((28, 28, 1)), keep=0.1, seed=9)
+    gated(np.zeros((1, 28, 28, 1), "float32"))
+    gated.save(str(run / "gated.keras"))
+    gated.strip().save(str(run / "stripped.keras"))
+    (run / "metrics.json").write_text(json.dumps({"config": {"dataset": "mnist"}}))
+    return run
+
+
+def test_ticket_cli_writes_and_reports(lenet_run, tmp_path, capsys, shared_data):
+    from export import ticket as ticket_cli
+
+    out, report = str(tmp_path / "lenet.ticket"), str(tmp_path / "r.json")
+    ticket_cli.main(["--model", str(lenet_run), "--out", out, "--report", report,
+                     "--data-dir", shared_data, "--num-samples", "32"])
+    printed = capsys.readouterr().out
+    assert "ticket export" in printed and "weights bit for bit: True" in printed
+    saved = json.load(open(report))
+    assert saved["parity"]["max_abs_diff"] == 0 and saved["parity"]["weights_bit_equal"]
+    assert saved["parity_data"] == "mnist" and saved["parity"]["samples"] == 32
+    size = saved["size"]
+    assert size["bytes"] == os.path.getsize(out)
+    assert size["bytes"] <= 1.05 * size["entropy_bound_bytes"] + 2048
+    assert size["dense_float32_bytes"] == 4 * 266_200
+    assert ticket.ticket_info(out)["metadata"] == {"dataset": "mnist"}
+
+    # A stripped model with its recipe on the command line.
+    ticket_cli.main(["--model", str(lenet_run / "stripped.keras"), "--out", out, "--seed", "9",
+                     "--num-samples", "4"])
+    assert "max abs diff 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{d}/m.tflite"], "must end with '.ticket'"),
+    (["--model", "{run}/stripped.keras"], "is a stripped model, which does not record how its "
+                                          "weights were drawn: pass --seed"),
+    (["--seed", "9"], "--seed, --init and --density describe a stripped model"),
+    (["--model", "{run}/stripped.keras", "--seed", "8"], "does not regenerate this model"),
+    (["--model", "{d}/x.ticket"], "does not exist"),
+    (["--report", "{d}/r.txt"], "must end with '.json'"),
+])
+def test_ticket_cli_errors(argv, message, lenet_run, tmp_path, capsys):
+    from export import ticket as ticket_cli
+
+    args = {"--model": str(lenet_run), "--out": str(tmp_path / "m.ticket")}
+    extra = []
+    for i in range(0, len(argv), 2):
+        value = argv[i + 1].format(d=tmp_path, run=lenet_run)
+        if argv[i] in args:
+            args[argv[i]] = value
+        else:
+            extra += [argv[i], value]
+    with pytest.raises(SystemExit) as exit_info:
+        ticket_cli.main([a for kv in args.items() for a in kv] + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_tflite_and_onnx_take_a_ticket(lenet_ticket, tmp_path):
+    from export import _common, onnx, tflite
+
+    path, _, stripped = lenet_ticket
+    report = tflite.export(path, str(tmp_path / "m.tflite"), sparse=True, latency_runs=0,
+                           num_samples=8, verbose=False)
+    assert report["model"] == path and report["parity"]["max_abs_diff"] <= 1e-5
+    assert report["weights"] == _common.weight_stats(stripped)
+    report = onnx.export(path, str(tmp_path / "m.onnx"), latency_runs=0, num_samples=8,
+                         verbose=False)
+    assert report["parity"]["max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.e2e
+def test_ticket_then_tflite_commands(lenet_run, tmp_path, shared_data):
+    """The real commands: a run folder to a ticket, the ticket to a sparse TFLite file."""
+    out, report = str(tmp_path / "lenet.ticket"), str(tmp_path / "r.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.ticket", "--model", str(lenet_run), "--out", out,
+         "--report", report, "--data-dir", shared_data, "--num-samples", "16", "--tflite"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size = json.load(open(report))["size"]
+    assert size["sparse_tflite_bytes"] >= 8 * size["bytes"]
+    assert "sparse TFLite" in proc.stdout
+    tfl, tfl_report = str(tmp_path / "m.tflite"), str(tmp_path / "t.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.tflite", "--model", out, "--out", tfl, "--sparse",
+         "--data-dir", shared_data, "--num-samples", "16", "--runs", "2", "--report",
+         tfl_report], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.load(open(tfl_report))
+    assert saved["parity_data"] == "mnist" and saved["parity"]["max_abs_diff"] <= 1e-5
+    bad = subprocess.run(
+        [sys.executable, "-m", "export.ticket", "--model", out, "--out", out],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is already a ticket" in bad.stderr
+    assert "Traceback" not in bad.stderr
