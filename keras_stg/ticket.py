@@ -273,8 +273,8 @@ def _zero_sign(path, value, regenerated, mask, recipe):
     recipe_text = ", ".join(f"{k}={v!r}" for k, v in recipe.items())
     raise TicketError(
         f"Kernel {path!r} is not the recipe's weights times a mask: {where}. The recipe "
-        f"({recipe_text}) does not regenerate this model: pass the init, seed and density it "
-        f"was wrapped with, or, for trained weights, {_EXPORT_HINT}.")
+        f"({recipe_text}) does not regenerate this model: pass the init, seed, density and "
+        f"include/exclude it was wrapped with, or, for trained weights, {_EXPORT_HINT}.")
 
 
 def _describe_mask(mask):
