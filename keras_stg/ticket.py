@@ -92,9 +92,10 @@ def save_ticket(model, path, *, init=None, seed=None, density=None, gain=None,
         path: the output file, ending in `.ticket`; written atomically.
         init, seed, density, gain, include, exclude: only with a plain model:
             the initialisation that drew its kernels (default
-            `"signed_constant"`, `wrap`'s in `slt` mode; `gain` None: the init's own), the seed (required), the scale-fan
-            density, and the layers that were gated. Every kept weight is
-            checked against the weights this recipe regenerates, bit for bit.
+            `"signed_constant"`, `wrap`'s in `slt` mode; `gain` None: the
+            init's own), the seed (required), the scale-fan density, and the
+            layers that were gated. Every kept weight is checked against the
+            weights this recipe regenerates, bit for bit.
         metadata: optional JSON-serializable dict stored in the header (e.g.
             the dataset and accuracy); `ticket_info` returns it.
 
@@ -107,6 +108,15 @@ def save_ticket(model, path, *, init=None, seed=None, density=None, gain=None,
         TicketError: not an `slt` model, weights not drawn from a bit-exact
             recipe (`kaiming_normal`, `init=None`), a plain model whose kept
             weights differ from the recipe's, no seed, or a bad `path`.
+
+    Example:
+
+    ```python
+    gated = keras_stg.wrap(model, target_sparsity=0.9, seed=0)   # slt mode
+    gated.compile(...); gated.fit(...)
+    keras_stg.save_ticket(gated, "lenet.ticket")
+    keras_stg.save_ticket(gated.strip(), "lenet.ticket", seed=0)  # or the stripped model
+    ```
     """
     path = _check_path(path)
     data, _ = encode(model, init=init, seed=seed, density=density, gain=gain,
@@ -178,8 +188,9 @@ def _source(model, init, seed, density, gain, include, exclude):
     from keras_stg.targets import find_targets
 
     if isinstance(model, GatedModel):
-        given = {k: v for k, v in (("init", init), ("seed", seed), ("density", density), ("gain", gain),
-                                   ("include", include), ("exclude", exclude)) if v is not None}
+        recipe_keywords = (("init", init), ("seed", seed), ("density", density),
+                           ("gain", gain), ("include", include), ("exclude", exclude))
+        given = [k for k, v in recipe_keywords if v is not None]
         if given:
             raise TicketError(
                 f"save_ticket reads the recipe of a GatedModel from its config; drop "
@@ -384,6 +395,13 @@ def load_ticket(path, custom_objects=None, safe_mode=True):
         TicketError: not a ticket, truncated or corrupted (checksum), a format
             version or algorithm this keras-stg does not know, or a layer class
             that is not importable.
+
+    Example:
+
+    ```python
+    model = keras_stg.load_ticket("lenet.ticket")
+    model.predict(x)        # the stripped ticket's outputs, exactly
+    ```
     """
     data, name = _read(path)
     header, body = _unpack(data, name)
