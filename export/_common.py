@@ -69,7 +69,7 @@ def check_report_path(report):
 
 
 def resolve_model_path(path):
-    """The `.keras` file behind `path` (a file or a training run's folder)."""
+    """The `.keras` or `.ticket` file behind `path` (a file or a training run's folder)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("gated.keras", "stripped.keras"):
@@ -82,13 +82,14 @@ def resolve_model_path(path):
         )
     if not os.path.exists(path):
         raise ExportError(
-            f"Model {path!r} does not exist; pass a gated or stripped .keras file "
-            "or a training run's output folder."
+            f"Model {path!r} does not exist; pass a gated or stripped .keras file, "
+            "a .ticket file or a training run's output folder."
         )
-    if not path.endswith(".keras"):
+    if not path.endswith((".keras", ".ticket")):
         raise ExportError(
-            f"Model {path!r} is not a .keras file; pass a gated or stripped .keras "
-            "file (GatedModel.save / keras_stg.train --out) or a run folder."
+            f"Model {path!r} is not a .keras or .ticket file; pass a gated or stripped "
+            ".keras file (GatedModel.save / keras_stg.train --out), a ticket "
+            "(keras_stg.save_ticket) or a run folder."
         )
     return path
 
@@ -127,8 +128,9 @@ def load_model(model):
     """Returns `(plain keras.Model, GatedModel or None, source path or None)`.
 
     `model` is a `keras_stg.GatedModel`, a plain `keras.Model`, a `.keras` file
-    (gated or stripped) or a training run's output folder. Gated models are
-    stripped (`kernel * mask`, pruned weights exact zeros).
+    (gated or stripped), a `.ticket` file (`keras_stg.load_ticket`: the stripped
+    model) or a training run's output folder. Gated models are stripped
+    (`kernel * mask`, pruned weights exact zeros).
     """
     import keras
 
@@ -138,7 +140,10 @@ def load_model(model):
     if isinstance(model, (str, os.PathLike)):
         source = resolve_model_path(model)
         try:
-            model = keras.models.load_model(source)
+            if source.endswith(".ticket"):
+                model = keras_stg.load_ticket(source)
+            else:
+                model = keras.models.load_model(source)
         except Exception as e:  # Corrupt file, unknown custom layer, ...
             raise ExportError(f"Could not load {source!r}: {e}") from None
     if isinstance(model, keras_stg.GatedModel):
@@ -190,9 +195,17 @@ def check_static(model, why):
 
 
 def run_dataset(source):
-    """The dataset name recorded in a training run's metrics.json, or None."""
+    """The dataset name recorded in a training run's metrics.json (or in a ticket's
+    metadata), or None."""
     if source is None:
         return None
+    if source.endswith(".ticket"):
+        from keras_stg.ticket import TicketError, ticket_info
+
+        try:
+            return ticket_info(source).get("metadata", {}).get("dataset")
+        except TicketError:
+            return None
     path = os.path.join(os.path.dirname(os.path.abspath(source)), "metrics.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -523,20 +536,23 @@ def cli_parser(module, description, suffix):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow C++ logs
     parser = argparse.ArgumentParser(prog=f"python -m export.{module}", description=description)
     parser.add_argument("--model", required=True,
-                        help="gated or stripped .keras file, or a training run's output folder")
+                        help="gated or stripped .keras file, a .ticket, or a training run's "
+                             "output folder")
     parser.add_argument("--out", required=True, help=f"output file, ending in {suffix}")
     return parser
 
 
-def add_common_args(parser, samples_help, runs_help):
-    """The arguments every export command takes, after its own."""
+def add_common_args(parser, samples_help, runs_help=None):
+    """The arguments every export command takes, after its own (`--runs` only with
+    a `runs_help`: the commands that time a runtime)."""
     parser.add_argument("--samples", metavar="DATA", help=samples_help)
     parser.add_argument("--data-dir", default=None,
                         help="folder with the raw dataset files (default $KERAS_STG_DATA)")
     parser.add_argument("--num-samples", type=int, default=DEFAULT_SAMPLES,
                         help="parity samples to compare (default %(default)s)")
-    parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
-                        help=runs_help + " (default %(default)s)")
+    if runs_help is not None:
+        parser.add_argument("--runs", type=int, default=DEFAULT_RUNS,
+                            help=runs_help + " (default %(default)s)")
     parser.add_argument("--report", metavar="FILE", help="also write the report as JSON here")
 
 

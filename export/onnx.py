@@ -4,7 +4,8 @@ Usage:
     python -m export.onnx --model M --out model.onnx [--opset N] [--shrink]
         [--int8 --calibration DATA] [--report FILE] [--samples DATA] [--data-dir D]
 
-`M` is a gated or stripped `.keras` file or a training run's output folder.
+`M` is a gated or stripped `.keras` file, a `.ticket`
+(`keras_stg.save_ticket`) or a training run's output folder.
 
 The model's inference function is traced once (`tf.function`, dynamic batch),
 frozen to constants and converted by tf2onnx (`tf2onnx.convert.from_keras`

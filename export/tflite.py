@@ -5,7 +5,8 @@ Usage:
         [--int8 --calibration DATA] [--edgetpu] [--shrink] [--report FILE]
         [--samples DATA] [--data-dir D]
 
-`M` is a gated or stripped `.keras` file or a training run's output folder.
+`M` is a gated or stripped `.keras` file, a `.ticket`
+(`keras_stg.save_ticket`) or a training run's output folder.
 `DATA` is a dataset name of `keras_stg.experiments.data` (`mnist`, `fashion_mnist`, ...;
 read from `--data-dir` or `$KERAS_STG_DATA`) or a `.npy` file of input
 samples shaped like the model input.

@@ -9,6 +9,7 @@ Public API:
     channel_groups(model)             -> channels coupled through residuals, concats, SE
     summary(gated), layer_stats(gated)-> per-layer sparsity report
     StochasticGate                    -> gate layer for hand-built models
+    save_ticket, load_ticket          -> an slt ticket as its seed and entropy-coded mask
     register_layer                    -> teach keras_stg a layer type (layer_table)
     initializers, granularity         -> ticket initialisations, gate granularities
 """
@@ -25,6 +26,7 @@ from keras_stg.penalty import FixedPenalty, TargetSparsity
 from keras_stg.report import layer_stats, summary
 from keras_stg.shrinking import ShrinkError, shrink
 from keras_stg.stripping import strip
+from keras_stg.ticket import TicketError, load_ticket, save_ticket
 from keras_stg.wrapping import wrap
 
 __version__ = "0.2.0"
@@ -38,11 +40,14 @@ __all__ = [
     "ShrinkError",
     "StochasticGate",
     "TargetSparsity",
+    "TicketError",
     "granularity",
     "initializers",
     "channel_groups",
     "layer_stats",
+    "load_ticket",
     "register_layer",
+    "save_ticket",
     "shrink",
     "strip",
     "summary",

@@ -1,4 +1,4 @@
-"""Initialisations for strong lottery tickets, deterministic from a seed.
+"""Initialisations for strong lottery tickets, regenerable bit for bit from a seed.
 
 In `slt` mode the weights never train, so their initial distribution decides
 what subnetworks exist. Each function re-draws the gated kernels of a model (or
@@ -17,6 +17,16 @@ initialises them to zero).
 edge-popup): a ticket that keeps a share `density` of each layer's inputs then
 has activations of the dense network's scale.
 
+The draws come from `keras_stg._random`: kernel `i` of the model's gated
+kernels (in `find_targets` order) reads its own Philox stream keyed by
+`(seed, i)`. `signed_constant` takes each sign from one bit and computes the
+magnitude in float64 before the cast; the uniform ones scale `2u - 1` (`u`
+from 53 bits) by a float64 bound. These use only exact or correctly rounded
+IEEE operations, so `kernel_values` gives the same bits on every platform and
+a ticket can be shipped as its seed and mask (`keras_stg.save_ticket`).
+`kaiming_normal` needs `log` and `cos`, whose last bit differs between math
+libraries: it is drawn the same way but is not in `EXACT`.
+
 Example:
 
 ```python
@@ -31,9 +41,59 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_stg import _random
 from keras_stg.targets import find_targets
 
 _GAIN = math.sqrt(2.0)
+
+#: Initialisation name -> (how it draws: "sign", "uniform" or "normal", its gain).
+RECIPES = {
+    "signed_constant": ("sign", _GAIN),
+    "kaiming_normal": ("normal", _GAIN),
+    "kaiming_uniform": ("uniform", _GAIN),
+    "uniform": ("uniform", 1.0 / math.sqrt(3.0)),
+}
+#: The initialisations whose values are bit-exact on every platform.
+EXACT = ("signed_constant", "kaiming_uniform", "uniform")
+
+
+def _check_density(density):
+    if density is not None and not 0 < density <= 1:
+        raise ValueError(f"`density` must be in (0, 1], got {density!r}.")
+
+
+def std(gain, fan_in, density=None):
+    """`gain / sqrt(fan_in) * (1 / sqrt(density))` in float64 (correctly rounded steps)."""
+    _check_density(density)
+    scale = 1.0 if density is None else 1.0 / math.sqrt(density)
+    return float(gain) / math.sqrt(fan_in) * scale
+
+
+def kernel_values(kind, seed, index, shape, fan_in, gain, density=None, dtype="float32"):
+    """The values of gated kernel `index` (NumPy, `dtype`): what the initialisations assign.
+
+    Args:
+        kind: `"sign"`, `"uniform"` or `"normal"` (`RECIPES` maps names to kinds).
+        seed: the model's seed, an integer in [0, 2**64).
+        index: the kernel's position among the model's gated kernels.
+        shape, fan_in: the kernel's shape and fan-in.
+        gain, density: as in the initialisations.
+    """
+    n = math.prod(shape)
+    scale = std(gain, fan_in, density)
+    if kind == "sign":
+        raw = _random.words(seed, index, n)
+        values = np.where(_random.signs(raw), -scale, scale)
+    elif kind == "uniform":
+        u = _random.unit(_random.words(seed, index, n))
+        values = (2.0 * u - 1.0) * (scale * math.sqrt(3.0))
+    elif kind == "normal":  # Box-Muller on two words per value
+        u = _random.unit(_random.words(seed, index, 2 * n))
+        radius = np.sqrt(-2.0 * np.log1p(-u[0::2]))  # 1 - u is in (0, 1]
+        values = radius * np.cos(2.0 * math.pi * u[1::2]) * scale
+    else:
+        raise ValueError(f"Unknown kind {kind!r}; use 'sign', 'uniform' or 'normal'.")
+    return np.asarray(values.reshape(shape), dtype=dtype)
 
 
 def _targets(model, include, exclude):
@@ -44,47 +104,35 @@ def _targets(model, include, exclude):
     return find_targets(model, include, exclude)[0]
 
 
-def _apply(model, seed, draw, gain, density, include, exclude):
-    if density is not None and not 0 < density <= 1:
-        raise ValueError(f"`density` must be in (0, 1], got {density!r}.")
-    rng = np.random.default_rng(seed)
-    scale = 1.0 if density is None else 1.0 / math.sqrt(density)
-    for target in _targets(model, include, exclude):
+def _apply(model, name, seed, gain, density, include, exclude):
+    _check_density(density)
+    kind, default_gain = RECIPES[name]
+    gain = default_gain if gain is None else gain
+    for index, target in enumerate(_targets(model, include, exclude)):
         shape = tuple(target.variable.shape)
-        std = gain / math.sqrt(target.fan_in) * scale
-        value = draw(rng, shape, std).astype(target.variable.dtype)
-        target.variable.assign(value)
+        target.variable.assign(kernel_values(kind, seed, index, shape, target.fan_in, gain,
+                                             density, target.variable.dtype))
     return model
 
 
 def signed_constant(model, seed=0, gain=_GAIN, density=None, include=None, exclude=None):
     """Signed Kaiming constant: every weight is `+-gain/sqrt(fan_in)`."""
-    def draw(rng, shape, std):
-        return np.where(rng.random(shape) < 0.5, -std, std)
-
-    return _apply(model, seed, draw, gain, density, include, exclude)
+    return _apply(model, "signed_constant", seed, gain, density, include, exclude)
 
 
 def kaiming_normal(model, seed=0, gain=_GAIN, density=None, include=None, exclude=None):
-    """Kaiming normal: `N(0, gain^2/fan_in)`."""
-    def draw(rng, shape, std):
-        return rng.standard_normal(shape) * std
-
-    return _apply(model, seed, draw, gain, density, include, exclude)
+    """Kaiming normal: `N(0, gain^2/fan_in)` (not bit-exact across platforms, see above)."""
+    return _apply(model, "kaiming_normal", seed, gain, density, include, exclude)
 
 
 def kaiming_uniform(model, seed=0, gain=_GAIN, density=None, include=None, exclude=None):
     """Kaiming uniform: `U(-b, b)` with `b = gain*sqrt(3/fan_in)`."""
-    def draw(rng, shape, std):
-        bound = std * math.sqrt(3.0)
-        return rng.uniform(-bound, bound, shape)
-
-    return _apply(model, seed, draw, gain, density, include, exclude)
+    return _apply(model, "kaiming_uniform", seed, gain, density, include, exclude)
 
 
 def uniform(model, seed=0, density=None, include=None, exclude=None):
     """The paper's uniform: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`."""
-    return kaiming_uniform(model, seed, 1.0 / math.sqrt(3.0), density, include, exclude)
+    return _apply(model, "uniform", seed, None, density, include, exclude)
 
 
 INITIALIZERS = {

@@ -390,3 +390,29 @@ def test_config_steps_times_real_and_synthetic_data(shared_data, tmp_path, capsy
     assert rows[0]["data"] == "synthetic" and rows[0]["epoch_steps"] == 12500
     assert json.loads(out.read_text())["config"] == "conv4_cifar10_slt"
     assert "| `conv4_cifar10_slt` | synthetic | 4 |" in capsys.readouterr().out
+
+
+def test_tickets_benchmark_settings_and_table():
+    """`benchmarks.tickets` (its --quick run takes about a minute): what it trains and
+    the table it prints."""
+    from benchmarks import tickets
+
+    quick = tickets.settings(tickets.parse_args(["--quick"]))
+    assert [name for name, _, _ in quick] == [
+        "LeNet-300-100, 90%", "LeNet-300-100, 95%", "LeNet-300-100, 98%", "Conv-4, 90%"]
+    assert quick[1][2] == ["target_sparsity=0.95", "epochs=1", "limit=4096"]
+    full = tickets.settings(tickets.parse_args(["--epochs", "7", "--conv-limit", "500"]))
+    assert full[0][2] == ["target_sparsity=0.9", "epochs=7"]
+    assert full[3][2] == ["target_sparsity=0.9", "epochs=4", "limit=500"]
+    for _, config_file, overrides in full:
+        stg_config.load(config_file, overrides)  # the files exist and take the overrides
+    row = {"ticket": "LeNet-300-100, 90%", "sparsity": 0.9002, "bytes": 16_700,
+           "bound": 15_650.4, "header": 1_020, "masks": 15_660, "sparse_tflite": 166_492,
+           "gzip_sparse_tflite": 41_926, "dense_tflite": 1_066_420, "save_s": 0.1234,
+           "load_s": 0.0876, "accuracy": 0.9779, "same_as_stripped": True}
+    lines = tickets.table([row, {**row, "same_as_stripped": False}]).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+    assert lines[2] == (
+        "| LeNet-300-100, 90% | 90.02% | 16,700 | 15,650 | 1,020 | 15,660 | 1.0006 | 1.0671 "
+        "| 166,492 | 41,926 | 1,066,420 | 10.0x | 0.123 | 0.088 | 97.79% |")
+    assert lines[3].endswith("97.79% (differs from the stripped model!) |")
