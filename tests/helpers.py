@@ -253,7 +253,8 @@ def check_invariants(gated, x, y, tmp_path, steps=4):
     if str(gated.granularity) == "channel":
         # Closed channels are zero wherever they flow: shrink removes exactly them.
         small, info = keras_stg.shrink(pruned, return_info=True)
-        assert max_diff(infer(small, x), y_gated) <= 1e-5
+        scale = max(1.0, float(np.max(np.abs(y_gated))))
+        assert max_diff(infer(small, x), y_gated) <= 1e-5 * scale
         from keras_stg import layer_table
 
         kernels = sum(int(np.prod(v.shape)) for layer in small._flatten_layers()
