@@ -125,3 +125,17 @@ def tf2onnx_patch():
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
 
     return patch_tf2onnx
+
+
+def clone_model(model, **kwargs):
+    """`keras.models.clone_model` without the compile state: Keras recompiles a clone of
+    a compiled model from its compile config, which fails for an optimizer with an
+    unregistered custom schedule; a stripped or shrunk model is a plain, uncompiled one."""
+    compiled = getattr(model, "compiled", False)
+    if compiled:
+        model.compiled = False
+    try:
+        return keras.models.clone_model(model, **kwargs)
+    finally:
+        if compiled:
+            model.compiled = True

@@ -411,7 +411,7 @@ def _shrink_graph(model):
         new_layers[id(layer)] = (layer, new)
         return new
 
-    shrunk = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    shrunk = _compat.clone_model(model, clone_function=clone, recursive=True)
     for old, new in new_layers.values():
         values = []
         keep_out = None if id(old) not in out_drop else ~out_drop[id(old)]

@@ -6,7 +6,9 @@ import numpy as np
 
 def _clone(model):
     try:
-        clone = keras.models.clone_model(model)
+        from keras_stg import _compat
+
+        clone = _compat.clone_model(model)
     except Exception:  # Subclassed models: rebuild from their config.
         clone = keras.saving.deserialize_keras_object(
             keras.saving.serialize_keras_object(model)

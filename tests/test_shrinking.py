@@ -199,3 +199,20 @@ def test_channel_gates_shrink_separable_and_transposed_convolutions_exactly():
     weights = sum(int(np.prod(v.shape)) for layer in small.layers
                   for k, v in layer_table.channel_kernels(layer))
     assert weights == sum(int(m.sum()) for m in gated.masks())
+
+
+def test_shrink_and_strip_of_models_compiled_with_a_custom_schedule():
+    class Halving(keras.optimizers.schedules.LearningRateSchedule):  # not registered
+        def __call__(self, step):
+            return 1e-3 * 0.5 ** keras.ops.cast(step, "float32")
+
+    model = helpers.tiny_resnet50()
+    model.compile(optimizer=keras.optimizers.Adam(Halving()), loss="mse")
+    x, _ = helpers.batch(model, 2)
+    model.train_on_batch(x, np.zeros((2, 10), "float32"))
+    helpers.zero_channel_groups(model, share=0.5, seed=0)
+    small = shrink(model)
+    assert not small.compiled and model.compiled
+    gated = keras_stg.wrap(helpers.tiny_resnet50(), mode="joint", granularity="channel", seed=0)
+    gated.base_model.compile(optimizer=keras.optimizers.Adam(Halving()), loss="mse")
+    assert not gated.strip().compiled
