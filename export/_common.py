@@ -491,23 +491,48 @@ def start(model, out, ext, report, samples, fmt, options):
     return out, report, samples, keras_model, gated, source, result
 
 
-def shrink_model(keras_model, gated, result):
-    """`keras_stg.shrink` of the model to convert; its info goes into `result`."""
+def shrink_model(keras_model, gated, result, channel_multiple=None):
+    """`keras_stg.shrink` of the model to convert; its info goes into `result`.
+    `channel_multiple` None: the gated model's own (`GateConfig.channel_multiple`), else 1."""
     import sys
 
     from keras_stg.shrinking import ShrinkError, shrink
 
-    if gated is not None and gated.granularity.name != "unit":
+    if gated is not None and gated.granularity.name not in ("unit", "channel"):
         print(f"note: {keras_model.name!r} was gated with granularity "
-              f"{gated.granularity.name!r}; --shrink removes whole units only, "
-              "which 'unit' gates produce.", file=sys.stderr)
+              f"{gated.granularity.name!r}; --shrink removes whole units and channels, "
+              "which 'unit' and 'channel' gates produce.", file=sys.stderr)
+    if channel_multiple is None:
+        channel_multiple = gated.config.channel_multiple if gated is not None else 1
     try:
-        target, info = shrink(keras_model, return_info=True)
+        target, info = shrink(keras_model, return_info=True, channel_multiple=channel_multiple)
     except ShrinkError as e:
         raise ExportError(str(e)) from None
+    info["channel_multiple"] = channel_multiple
     result["shrink"] = info
     result["weights_after_shrink"] = weight_stats(target)
     return target
+
+
+def check_channel_multiple(value, shrink):
+    """Refuses a bad `--channel-multiple` before any work."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ExportError(f"--channel-multiple must be an integer >= 1, got {value!r}.")
+    if not shrink:
+        raise ExportError("--channel-multiple rounds the channels --shrink keeps; add --shrink.")
+    return value
+
+
+def add_shrink_args(parser):
+    parser.add_argument("--shrink", action="store_true",
+                        help="physically remove pruned units and channels (unit and channel "
+                             "gates)")
+    parser.add_argument("--channel-multiple", type=int, default=None, metavar="N",
+                        help="with --shrink: keep each layer's channels in multiples of N "
+                             "(default: the gated model's channel_multiple, else 1; 8 suits "
+                             "XNNPACK and onnxruntime on x86)")
 
 
 def evaluate(result, keras_model, run, samples, data, baseline):

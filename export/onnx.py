@@ -1,7 +1,7 @@
 """Export a ticket to ONNX.
 
 Usage:
-    python -m export.onnx --model M --out model.onnx [--opset N] [--shrink]
+    python -m export.onnx --model M --out model.onnx [--opset N] [--shrink [--channel-multiple N]]
         [--int8 --calibration DATA] [--report FILE] [--samples DATA] [--data-dir D]
 
 `M` is a gated or stripped `.keras` file, a `.ticket`
@@ -177,6 +177,7 @@ def export(
     out,
     opset=DEFAULT_OPSET,
     shrink=False,
+    channel_multiple=None,
     int8=False,
     calibration=None,
     report=None,
@@ -194,6 +195,8 @@ def export(
         out: output path ending in `.onnx`; written atomically.
         opset: ONNX opset version (>= 9).
         shrink: remove pruned units and channels first (`keras_stg.shrink`).
+        channel_multiple: with `shrink`, keep each layer's channels in multiples of
+            this many (None: the gated model's `channel_multiple`, else 1).
         int8: static int8 quantization (see the module docstring); needs
             `calibration`: a dataset name, `.npy` path or array of inputs.
         report: optional `.json` path for the report.
@@ -211,10 +214,12 @@ def export(
             "--int8 needs calibration data for static quantization: pass --calibration with "
             "a dataset name (e.g. mnist, with --data-dir) or a .npy file of input samples.")
     calibration = _common.check_data_arg(calibration, "Calibration data")
+    channel_multiple = _common.check_channel_multiple(channel_multiple, shrink)
     out, report, samples, keras_model, gated, source, result = _common.start(
         model, out, ".onnx", report, samples, "onnx",
         {"opset": opset, "shrink": bool(shrink), "int8": bool(int8)})
-    target = _common.shrink_model(keras_model, gated, result) if shrink else keras_model
+    target = (_common.shrink_model(keras_model, gated, result, channel_multiple) if shrink
+              else keras_model)
     shape = _common.input_shape(target)
     x, y, origin = _common.parity_samples(keras_model, samples, calibration, source, data_dir,
                                           num_samples)
@@ -240,8 +245,7 @@ def main(argv=None):
     parser = _common.cli_parser("onnx", "Export a gated or stripped Keras model to ONNX.", ".onnx")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help="ONNX opset version (default %(default)s)")
-    parser.add_argument("--shrink", action="store_true",
-                        help="physically remove pruned units and channels")
+    _common.add_shrink_args(parser)
     parser.add_argument("--int8", action="store_true",
                         help="static int8 quantization (QDQ; needs --calibration)")
     parser.add_argument("--calibration", metavar="DATA",
@@ -254,7 +258,8 @@ def main(argv=None):
 
     def work(a):
         _common.check_counts(a)
-        return export(a.model, a.out, opset=a.opset, shrink=a.shrink, int8=a.int8,
+        return export(a.model, a.out, opset=a.opset, shrink=a.shrink,
+                      channel_multiple=a.channel_multiple, int8=a.int8,
                       calibration=a.calibration, report=a.report, samples=a.samples,
                       data_dir=a.data_dir, num_samples=a.num_samples, latency_runs=a.runs)
 

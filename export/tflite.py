@@ -2,7 +2,8 @@
 
 Usage:
     python -m export.tflite --model M --out model.tflite [--sparse]
-        [--int8 --calibration DATA] [--edgetpu] [--shrink] [--report FILE]
+        [--int8 --calibration DATA] [--edgetpu] [--shrink [--channel-multiple N]]
+        [--report FILE]
         [--samples DATA] [--data-dir D]
 
 `M` is a gated or stripped `.keras` file, a `.ticket`
@@ -21,7 +22,9 @@ samples shaped like the model input.
   readiness check of the written file that lists every op or tensor breaking
   a rule and fails (exit status 1) if any does. Prints the `edgetpu_compiler`
   command to run where the compiler is installed.
-- `--shrink`: remove pruned units physically first (see `keras_stg.shrink`).
+- `--shrink`: remove pruned units and channels physically first (see
+  `keras_stg.shrink`); `--channel-multiple N` keeps each layer's channels in
+  multiples of N.
 
 Every export is restricted to builtin ops (no Flex / SELECT_TF_OPS, which
 Android builds without Flex and the Edge TPU cannot run), pinned to batch 1,
@@ -192,6 +195,7 @@ def export(
     calibration=None,
     edgetpu=False,
     shrink=False,
+    channel_multiple=None,
     report=None,
     samples=None,
     data_dir=None,
@@ -208,6 +212,8 @@ def export(
             `keras_stg.GatedModel` or plain Keras model.
         out: output path ending in `.tflite`; written atomically.
         sparse, int8, edgetpu, shrink: see the module docstring.
+        channel_multiple: with `shrink`, keep each layer's channels in multiples of
+            this many (None: the gated model's `channel_multiple`, else 1).
         calibration: dataset name, `.npy` path or array of inputs for int8.
         report: optional `.json` path for the report (written atomically).
         samples: dataset name / `.npy` / array for the parity check (default:
@@ -238,13 +244,15 @@ def export(
             "--data-dir) or a .npy file of input samples."
         )
     calibration = _common.check_data_arg(calibration, "Calibration data")
+    channel_multiple = _common.check_channel_multiple(channel_multiple, shrink)
     options = {"sparse": bool(sparse), "int8": bool(int8), "edgetpu": bool(edgetpu),
                "shrink": bool(shrink)}
     out, report, samples, keras_model, gated, source, result = _common.start(
         model, out, ".tflite", report, samples, "tflite", options)
     if edgetpu:
         _common.check_static(keras_model, "--edgetpu")
-    target = _common.shrink_model(keras_model, gated, result) if shrink else keras_model
+    target = (_common.shrink_model(keras_model, gated, result, channel_multiple) if shrink
+              else keras_model)
 
     representative = None
     if int8:
@@ -298,8 +306,7 @@ def main(argv=None):
                         help="calibration data: a dataset name (mnist, fashion_mnist, ...) or a .npy file")
     parser.add_argument("--edgetpu", action="store_true",
                         help="Coral Edge TPU ready int8 file, checked; implies --int8")
-    parser.add_argument("--shrink", action="store_true",
-                        help="physically remove pruned units (unit-gated models)")
+    _common.add_shrink_args(parser)
     _common.add_common_args(
         parser, samples_help="parity samples (default: the calibration data's test split, "
                              "else the training run's dataset)",
@@ -309,7 +316,8 @@ def main(argv=None):
     def work(a):
         _common.check_counts(a)
         result = export(a.model, a.out, sparse=a.sparse, int8=a.int8, calibration=a.calibration,
-                        edgetpu=a.edgetpu, shrink=a.shrink, report=a.report, samples=a.samples,
+                        edgetpu=a.edgetpu, shrink=a.shrink,
+                        channel_multiple=a.channel_multiple, report=a.report, samples=a.samples,
                         data_dir=a.data_dir, num_samples=a.num_samples, latency_runs=a.runs)
         if a.edgetpu:
             print(f"Compile for the Edge TPU with:\n  {result['edgetpu']['command']}")

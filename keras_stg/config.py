@@ -84,6 +84,10 @@ class GateConfig:
             LiteRT latency on this machine, per-layer costs measured once and
             cached: see `keras_stg.latency`; `"unit"` and `"channel"` gates only,
             the ones that make a model faster).
+        channel_multiple: `granularity="channel"`: `freeze_mask` (the `finetune`
+            phase) keeps each group's channels in multiples of this many (8 suits
+            the 8-float vectors of XNNPACK and onnxruntime on AVX2: a shrunk layer
+            of 9 channels can run slower than one of 16).
         cost_table: `cost="latency"`: the measured costs (`keras_stg.latency.measure`);
             None measures them when the model is wrapped. Saved with the model.
     """
@@ -105,6 +109,7 @@ class GateConfig:
     gate_lr: float = 1.0
     cost: str = "params"
     cost_table: Optional[dict] = None
+    channel_multiple: int = 1
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -161,6 +166,16 @@ class GateConfig:
                 "kernels run as dense compute in LiteRT on x86 and on the Edge TPU, so they "
                 "save no time. Use granularity='channel' (or 'unit'), whose closed channels "
                 "shrink removes, or cost='flops'.")
+        if isinstance(self.channel_multiple, bool) or not (
+                isinstance(self.channel_multiple, int) and self.channel_multiple >= 1):
+            raise ValueError(f"`channel_multiple` must be an integer >= 1, got "
+                             f"{self.channel_multiple!r}.")
+        if self.channel_multiple > 1 and self.granularity.name != "channel":
+            raise ValueError(
+                f"`channel_multiple={self.channel_multiple}` rounds the channels a channel "
+                f"group keeps; it needs granularity='channel', not "
+                f"{self.granularity.name!r}. keras_stg.shrink(model, channel_multiple=...) "
+                "rounds any other ticket's kept channels up.")
         if self.cost_table is not None and self.cost != "latency":
             raise ValueError(f"`cost_table` holds latency costs; it needs cost='latency', "
                              f"not {self.cost!r}.")

@@ -438,15 +438,19 @@ class GatedModel(MaskedModel):
             keep[order[kept_before < keep_weights - 0.5 * weight[order]]] = True
         else:
             # A channel's weight depends on which channels around it stay: search
-            # the number of largest-mu channels whose mask is nearest the target.
+            # the number of largest-mu blocks (of `channel_multiple` channels of one
+            # group, a group's best block first) whose mask is nearest the target.
+            blocks = self._channel_blocks(mus)
+
             def kept(n):
                 mask = np.zeros(flat.size, "float32")
-                mask[order[:n]] = 1.0
+                if n:
+                    mask[np.concatenate(blocks[:n])] = 1.0
                 pieces = np.split(mask, np.cumsum([m.size for m in mus])[:-1])
                 return float(ops.convert_to_numpy(
                     self._plan.kept(self.targets, pieces, self._unit_cost)))
 
-            low, high = 0, flat.size
+            low, high = 0, len(blocks)
             while low < high:
                 mid = (low + high) // 2
                 if kept(mid) < keep_weights:
@@ -455,7 +459,8 @@ class GatedModel(MaskedModel):
                     high = mid
             n = low if low == 0 or abs(kept(low) - keep_weights) <= abs(
                 kept(low - 1) - keep_weights) else low - 1
-            keep[order[:n]] = True
+            if n:
+                keep[np.concatenate(blocks[:n])] = True
         # Saturate the frozen gates, so that no gate reads as fractional.
         bound = self.mu_bound or 1.0
         new = np.where(keep, bound, -bound).astype("float32")
@@ -466,6 +471,25 @@ class GatedModel(MaskedModel):
             start += m.size
         self._mask_frozen = True
         self.mask_frozen.assign(1.0)
+
+    def _channel_blocks(self, mus):
+        """Flat indices of the channel gates in the order `freeze_mask` keeps them: with
+        `channel_multiple` N > 1, blocks of N channels of one group (its channels by
+        falling `mu`, the last block of a group may be shorter), each group's first block
+        always kept, the rest by their mean `mu`; with N = 1, single channels by `mu`."""
+        size = self.config.channel_multiple
+        flat = np.concatenate(mus)
+        if size == 1:
+            return [np.array([i]) for i in np.argsort(-flat, kind="stable")]
+        blocks, scores, start = [], [], 0
+        for m in mus:
+            ranked = start + np.argsort(-m, kind="stable")
+            for b in range(0, m.size, size):
+                block = ranked[b:b + size]
+                blocks.append(block)
+                scores.append(np.inf if b == 0 else float(flat[block].mean()))
+            start += m.size
+        return [blocks[i] for i in np.argsort(-np.asarray(scores), kind="stable")]
 
     # ----------------------------------------------------------- train / test
 

@@ -151,7 +151,18 @@ def _count_params(model):
     return int(sum(int(np.prod(v.shape)) for v in model.weights))
 
 
-def _shrink_chain(model, layers):
+def _rounded(drop, multiple):
+    """`drop` with as few removable units kept (the first ones) as make the kept count a
+    multiple of `multiple` (or all); at least one unit is kept, so every shape stays
+    valid. Keeping a removable unit is always exact."""
+    drop = drop.copy()
+    kept = int((~drop).sum())
+    want = min(drop.size, max(multiple, -(-kept // multiple) * multiple))
+    drop[np.flatnonzero(drop)[:want - kept]] = False
+    return drop
+
+
+def _shrink_chain(model, layers, multiple=1):
     """`(shrunk model, units)` of a chain, with removed constants folded where exact."""
     import keras
 
@@ -202,8 +213,7 @@ def _shrink_chain(model, layers):
             zero = ~np.any(positions != 0, axis=0)
             uniform = np.all(positions == consts, axis=0)
             drop = dead & (zero | (uniform & (consumer.padding == "valid")))
-        if not (~drop).any():
-            drop[0] = False  # keep one unit so that every shape stays valid
+        drop = _rounded(drop, multiple)
         keep_out[p] = np.flatnonzero(~drop)
         units[layer.name] = (int(c_out), int(len(keep_out[p])))
 
@@ -353,7 +363,7 @@ def _removable(group):
     return removable
 
 
-def _shrink_graph(model):
+def _shrink_graph(model, multiple=1):
     """`(shrunk model, units)`: the channels of each group that are zero everywhere removed."""
     import keras
 
@@ -377,9 +387,7 @@ def _shrink_graph(model):
             unprunable.append(f"{names}: the layer table gives {odd[0].name!r} "
                               f"({type(odd[0]).__name__}) no channel axes to cut")
             continue
-        dead = _removable(group)
-        if dead.all():
-            dead[0] = False  # keep one channel so that every shape stays valid
+        dead = _rounded(_removable(group), multiple)
         if not dead.any():
             continue
         for m in group.members:
@@ -438,7 +446,7 @@ def _shrink_graph(model):
     return shrunk, units, unprunable
 
 
-def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
+def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_multiple=1):
     """Returns the shrunk plain `keras.Model` (and an info dict with `return_info=True`).
 
     Args:
@@ -450,6 +458,9 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
             output scale).
         return_info: also return `{"units": {layer: (before, after)},
             "parameters_before", "parameters_after", "max_abs_diff"}`.
+        channel_multiple: keep each layer's (channel group's) units in multiples
+            of this many, keeping some removable zero ones where needed: runtimes
+            vectorize channels by 4 to 16, and 9 channels can run slower than 16.
 
     A chain (Sequential, or Functional without branches) also loses the units
     that are a constant after a normalization shift, folded into the next
@@ -465,12 +476,15 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False):
             unsupported layer in a chain); names the layer and the fix.
     """
 
+    if isinstance(channel_multiple, bool) or not (
+            isinstance(channel_multiple, int) and channel_multiple >= 1):
+        raise ValueError(f"`channel_multiple` must be an integer >= 1, got {channel_multiple!r}.")
     layers = _chain(model)
     unprunable = []
     if layers is not None and all(_chain_layer(l) for l in layers):
-        shrunk, units = _shrink_chain(model, layers)
+        shrunk, units = _shrink_chain(model, layers, channel_multiple)
     else:
-        shrunk, units, unprunable = _shrink_graph(model)
+        shrunk, units, unprunable = _shrink_graph(model, channel_multiple)
     info = {
         "units": units,
         "unprunable": unprunable,

@@ -47,6 +47,35 @@ def test_freeze_mask_lands_on_the_target_with_channel_gates():
     assert all(set(np.unique(g.mu.numpy())) <= {-1.0, 1.0} for g in gated.gates)
 
 
+def test_freeze_mask_keeps_channels_in_multiples_and_shrink_keeps_them():
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35,
+                                           classes=10)
+    gated = keras_stg.wrap(model, mode="joint", granularity="channel", cost="flops",
+                           target_sparsity=0.5, init_mu="random", seed=1, finetune=0.5,
+                           channel_multiple=8)
+    gated.freeze_mask()
+    assert gated.sparsity() == pytest.approx(0.5, abs=0.02)
+    for gate in gated.gates:
+        kept = int((gate.mu.numpy() > 0).sum())
+        assert kept >= min(8, gate.mu.shape[0])
+        assert kept % 8 == 0 or kept == gate.mu.shape[0], (gate.name, kept)
+    small = keras_stg.shrink(gated.strip(), channel_multiple=8)
+    for layer in small.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            channels = int(layer.kernel.shape[-2 if isinstance(
+                layer, keras.layers.DepthwiseConv2D) else -1])
+            original = model.get_layer(layer.name).kernel.shape
+            assert channels % 8 == 0 or channels in original, layer.name
+
+
+def test_channel_multiple_needs_channel_gates():
+    with pytest.raises(ValueError, match="channel_multiple=8.*needs granularity='channel', not "
+                                         "'unit'.*shrink\\(model, channel_multiple"):
+        keras_stg.wrap(helpers.lenet(), granularity="unit", channel_multiple=8)
+    with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
+        keras_stg.wrap(helpers.lenet(), granularity="channel", channel_multiple=0)
+
+
 def test_a_channel_gated_ticket_exports_shrunk(tmp_path):
     from export import tflite
 

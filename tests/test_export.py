@@ -170,6 +170,9 @@ def test_onnx_int8_top1_agreement(tmp_path, shared_data):
 @pytest.mark.parametrize("argv,message", [
     (["--int8"], "--int8 needs calibration data"),
     (["--int8", "--calibration", "mnist", "--opset", "11"], "--int8 needs --opset 13"),
+    (["--channel-multiple", "8"], "--channel-multiple rounds the channels --shrink keeps; add "
+                                  "--shrink"),
+    (["--shrink", "--channel-multiple", "0"], "--channel-multiple must be an integer >= 1"),
 ])
 def test_onnx_int8_cli_errors(argv, message, lenet_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

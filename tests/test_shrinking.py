@@ -216,3 +216,24 @@ def test_shrink_and_strip_of_models_compiled_with_a_custom_schedule():
     gated = keras_stg.wrap(helpers.tiny_resnet50(), mode="joint", granularity="channel", seed=0)
     gated.base_model.compile(optimizer=keras.optimizers.Adam(Halving()), loss="mse")
     assert not gated.strip().compiled
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_shrink_rounds_kept_channels_up_to_a_multiple(multiple):
+    model = helpers.tiny_resnet50()
+    helpers.zero_channel_groups(model, share=0.6, seed=3)
+    plain = shrink(model)
+    small, info = shrink(model, return_info=True, channel_multiple=multiple)
+    x, _ = helpers.batch(model, 3)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(model, x)) <= 1e-5
+    for name, (before, after) in info["units"].items():
+        assert after % multiple == 0 or after == before, (name, after)
+        assert after >= plain.get_layer(name).filters
+    assert info["parameters_after"] < info["parameters_before"]
+    # The chain path rounds too (LeNet's units, the output layer whole).
+    gated = _unit_ticket(models.lenet_300_100((784,)), keep=0.3)
+    chain = shrink(gated.strip(), channel_multiple=multiple)
+    dense = [l for l in chain.layers if isinstance(l, keras.layers.Dense)]
+    assert [l.units % multiple for l in dense[:2]] == [0, 0] and dense[2].units == 10
+    with pytest.raises(ValueError, match="`channel_multiple` must be an integer >= 1"):
+        shrink(model, channel_multiple=0)

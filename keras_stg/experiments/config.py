@@ -37,6 +37,8 @@ class Config:
             mask is frozen at the target and only the weights train (0: none).
         cost: what `target_sparsity` counts: `params` (kernel weights) or
             `flops` (multiply-adds per example).
+        channel_multiple: `channel` gates: the mask frozen for `finetune` keeps each
+            group's channels in multiples of this many.
         gate_lr: the gates' learning rate as a multiple of `learning_rate`
             (`joint` mode: the weights keep `learning_rate`).
         lam: fixed lambda, or the adaptive lambda's start.
@@ -79,6 +81,7 @@ class Config:
     finetune: float = 0.0
     cost: str = "params"
     gate_lr: float = 1.0
+    channel_multiple: int = 1
     lam: float = 1.0
     sigma: float = 0.5
     init_mu: typing.Union[float, str] = "auto"
@@ -105,7 +108,8 @@ class Config:
             controller_horizon=self.controller_horizon, sigma=self.sigma, exclude=self.exclude,
             init=self.init if self.mode == "slt" else None, init_mu=self.init_mu,
             init_density="auto" if self.scale_fan else None, seed=self.seed,
-            finetune=self.finetune, cost=self.cost, gate_lr=self.gate_lr)
+            finetune=self.finetune, cost=self.cost, gate_lr=self.gate_lr,
+            channel_multiple=self.channel_multiple)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
