@@ -29,11 +29,12 @@ Parts, each resumable (a finished model is not trained again):
 - `report`: the tables and a plot into `--results` (between
   `<!-- benchmarks.structured:begin -->` and `<!-- benchmarks.structured:end -->`).
 
-`--quick` (128 training and 64 test images, 1 epoch, target 0.5, few latency
+`--quick` (128 training and 64 test images, 2 epochs, target 0.5, few latency
 runs) is a smoke test of every part; its numbers mean nothing.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -110,8 +111,9 @@ def _stamp(args):
 def part_train(args):
     for net in args.nets:
         x, y, xt, yt = sm.data(net, args.data_dir, args.limit, args.test_limit)
-        budget = sm.Budget(args.epochs, args.batch_size,
-                           -(-len(x) // args.batch_size), args.verbose, args.seed)
+        budget = sm.Budget(args.epochs, args.batch_size, -(-len(x) // args.batch_size),
+                           args.verbose, args.seed, args.channel_multiple)
+        recipe = sm.Recipe(args.init_mu, args.sigma, args.finetune, args.gate_lr)
         folder = _net_dir(args, net)
         jobs = [("dense", None)] if "dense" in args.methods else []
         jobs += [(m, t) for t in args.targets for m in args.methods if m != "dense"]
@@ -130,9 +132,9 @@ def part_train(args):
             elif method in ("ours", "ours-latency"):
                 model, sparsity = sm.train_ours(
                     net, target, x, y, budget,
-                    cost="latency" if method == "ours-latency" else "flops",
-                    init_mu=args.init_mu, gate_lr=args.gate_lr)
+                    cost="latency" if method == "ours-latency" else "flops", recipe=recipe)
                 extra["gated_sparsity"] = sparsity
+                extra["recipe"] = dataclasses.asdict(recipe)
             elif method == "l1":
                 model = sm.train_l1(net, target, x, y, budget, steps=args.bisection)
             else:
@@ -142,7 +144,8 @@ def part_train(args):
             row = {"net": net, "method": method, "target": target, "params": params,
                    "macs": macs, "macs_removed": 1 - macs / dense_macs,
                    "accuracy": sm.accuracy(model, xt, yt), "train_s": round(wall, 1),
-                   "limit": len(x), "test_limit": len(xt), "epochs": args.epochs, **extra,
+                   "limit": len(x), "test_limit": len(xt), "epochs": args.epochs,
+                   "channel_multiple": args.channel_multiple, **extra,
                    **_stamp(args)}
             model.save(path + ".keras")
             _write_json(path + ".json", row)
@@ -368,6 +371,12 @@ def _plot(results, path):
     plt.close(fig)
 
 
+def _recipe(rows):
+    recipes = {json.dumps(r["recipe"], sort_keys=True) for r in rows if "recipe" in r}
+    return "; ".join(", ".join(f"{k}={v}" for k, v in json.loads(r).items())
+                     for r in sorted(recipes)) or "none trained"
+
+
 def part_report(args):
     sections, results = [], {}
     for net in args.nets:
@@ -384,8 +393,10 @@ def part_report(args):
         sections.append(
             f"### {sm.NETS[net].title} on Fashion-MNIST\n\n"
             f"{first['limit']} training / {first['test_limit']} test images, "
-            f"{first['epochs']} epochs per method, {first['machine']}. Latency: batch 1, one "
-            "thread, median of interleaved rounds; ratios to the dense model in brackets.\n\n"
+            f"{first['epochs']} epochs per method, channels kept in multiples of "
+            f"{first.get('channel_multiple', 1)}, {first['machine']}. Ours: "
+            f"{_recipe(rows)}. Latency: batch 1, one thread, median of interleaved rounds; "
+            "ratios to the dense model in brackets.\n\n"
             + net_table(rows) + "\n\nMade by:\n" + "\n".join(f"- {c}" for c in commands))
     path = os.path.join(args.out, "structured", "unstructured.json")
     if os.path.exists(path):
@@ -433,15 +444,23 @@ def parse_args(argv=None):
     p.add_argument("--targets", type=float, nargs="+", default=None,
                    help="shares of multiply-adds (latency for ours-latency) to remove")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init-mu", default="random",
-                   help="our gates' start: random (a random mask at the target, default), "
-                        "auto, or a number (0.5: all open)")
-    p.add_argument("--gate-lr", type=float, default=10.0,
-                   help="our gates' learning rate as a multiple of the weights' (default 10)")
+    recipe = sm.Recipe()
+    p.add_argument("--init-mu", default=str(recipe.init_mu),
+                   help="our gates' start: random (a random mask at the target), auto, or a "
+                        "number (0.5: all open; default %(default)s)")
+    p.add_argument("--sigma", type=float, default=recipe.sigma,
+                   help="our gates' noise scale (default %(default)s)")
+    p.add_argument("--finetune", type=float, default=recipe.finetune,
+                   help="share of the epochs our mask is frozen at the end (default %(default)s)")
+    p.add_argument("--gate-lr", type=float, default=recipe.gate_lr,
+                   help="our gates' learning rate as a multiple of the weights' "
+                        "(default %(default)s)")
+    p.add_argument("--channel-multiple", type=int, default=8,
+                   help="every method keeps channels in multiples of this (default 8)")
     p.add_argument("--out", default=None)
     p.add_argument("--results", default=None)
     args = p.parse_args(argv)
-    quick = {"limit": 128, "test_limit": 64, "epochs": 1, "targets": [0.5]}
+    quick = {"limit": 128, "test_limit": 64, "epochs": 2, "targets": [0.5]}
     full = {"limit": 60000, "test_limit": 10000, "epochs": 10, "targets": [0.5, 0.75]}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:

@@ -7,11 +7,12 @@ weights:
 
 - `dense`: the model trained for `E` epochs.
 - `ours`: `keras_stg.wrap(model, mode="joint", granularity="channel",
-  cost=COST, target_sparsity=t, finetune=0.3, init_mu=..., gate_lr=...)`: gates
-  and weights train together (the gates at `gate_lr` times the weights' rate), the mask is frozen at the target for the last 30% of the
-  epochs while the weights fine-tune, then `strip` and `shrink`. `COST` is
-  `"flops"` (`t` the share of multiply-adds removed) or `"latency"` (`t` the
-  share of the LiteRT latency removed, per-layer costs measured on this CPU).
+  cost=COST, target_sparsity=t, ...)` with the options of a `Recipe` (gate
+  start, noise scale, the share of the epochs at the end during which the mask
+  is frozen at the target while the weights fine-tune, the gates' learning-rate
+  multiple), then `strip` and `shrink`. `COST` is `"flops"` (`t` the share of
+  multiply-adds removed) or `"latency"` (`t` the share of the LiteRT latency
+  removed, per-layer costs measured on this CPU).
 - `l1`: Li et al. 2017, "Pruning Filters for Efficient ConvNets": `E - F`
   epochs dense (`F = E // 2`), then in every channel group the same share of
   channels with the smallest L1 norm of their producers' kernels is removed, the
@@ -25,7 +26,9 @@ weights:
   are `1 - t` of the dense ones; `shrink`, then `F` epochs of fine-tuning.
 
 All methods prune on the same channel groups (`keras_stg.channel_groups`: a
-residual `Add` ties its branches) and shrink with `keras_stg.shrink`.
+residual `Add` ties its branches), keep each group's channels in multiples of
+`Budget.channel_multiple` (8 by default: what the runtimes' vector kernels
+want) and shrink with `keras_stg.shrink`.
 """
 
 import dataclasses
@@ -33,8 +36,6 @@ import math
 
 import numpy as np
 
-#: Share of the epochs at the end during which our mask is frozen.
-OURS_FINETUNE = 0.3
 LEARNING_RATE = 1e-3
 
 
@@ -155,6 +156,7 @@ class Budget:
     steps_per_epoch: int
     verbose: int = 0
     seed: int = 0
+    channel_multiple: int = 1
 
     @property
     def total_steps(self):
@@ -179,20 +181,32 @@ def train_dense(net, x, y, budget):
     return _fit(fresh(net, budget.seed), x, y, budget, budget.epochs)
 
 
-def train_ours(net, target, x, y, budget, cost="flops", init_mu="random", gate_lr=10.0):
+@dataclasses.dataclass
+class Recipe:
+    """Our options beyond the target and the cost (`benchmarks.structured` flags)."""
+
+    init_mu: object = "random"
+    sigma: float = 0.25
+    finetune: float = 0.7
+    gate_lr: float = 10.0
+
+
+def train_ours(net, target, x, y, budget, cost="flops", recipe=Recipe()):
     """Our channel gates, joint mode; returns `(shrunk model, gated sparsity)`."""
     import keras
 
     import keras_stg
 
     gated = keras_stg.wrap(fresh(net, budget.seed), mode="joint", granularity="channel",
-                           cost=cost, target_sparsity=target, finetune=OURS_FINETUNE,
-                           seed=budget.seed, init_mu=init_mu, gate_lr=gate_lr)
+                           cost=cost, target_sparsity=target, finetune=recipe.finetune,
+                           seed=budget.seed, init_mu=recipe.init_mu, gate_lr=recipe.gate_lr,
+                           sigma=recipe.sigma, channel_multiple=budget.channel_multiple)
     compile_model(gated, budget.total_steps)
     keras.utils.set_random_seed(budget.seed + 1)
     gated.fit(x, y, batch_size=budget.batch_size, epochs=budget.epochs, verbose=budget.verbose,
               shuffle=True)
-    return keras_stg.shrink(gated.strip()), gated.sparsity()
+    small = keras_stg.shrink(gated.strip(), channel_multiple=budget.channel_multiple)
+    return small, gated.sparsity()
 
 
 # ----------------------------------------------------------- the baselines
@@ -228,28 +242,33 @@ def gamma_scores(model):
     return out
 
 
-def _closed(scores, level, uniform):
+def _closed(scores, level, uniform, multiple=1):
     """Channels to close per group: the lowest-scoring `level` share of each group
     (uniform), or the lowest-scoring `level` share of all channels (global; ties in
-    model order), at least one channel kept per group."""
+    model order); then each group's best closed channels reopen until it keeps a
+    multiple of `multiple` channels (at least `multiple`, or the whole group)."""
     if uniform:
-        return [np.argsort(s, kind="stable")[:int(level * group.size)] for group, s in scores]
-    flat = np.concatenate([s for _, s in scores])
-    owner = np.concatenate([np.full(len(s), i) for i, (_, s) in enumerate(scores)])
-    index = np.concatenate([np.arange(len(s)) for _, s in scores])
-    drop = np.argsort(flat, kind="stable")[:int(level * flat.size)]
+        drops = [np.argsort(s, kind="stable")[:int(level * group.size)] for group, s in scores]
+    else:
+        flat = np.concatenate([s for _, s in scores])
+        owner = np.concatenate([np.full(len(s), i) for i, (_, s) in enumerate(scores)])
+        index = np.concatenate([np.arange(len(s)) for _, s in scores])
+        drop = np.argsort(flat, kind="stable")[:int(level * flat.size)]
+        drops = [index[drop[owner[drop] == i]] for i in range(len(scores))]
     closed = []
-    for i, (group, s) in enumerate(scores):
-        mine = index[drop[owner[drop] == i]]
-        if len(mine) == group.size:
-            mine = np.delete(mine, np.argmax(s[mine]))
-        closed.append(mine)
+    for (group, s), mine in zip(scores, drops):
+        kept = group.size - len(mine)
+        want = min(group.size, max(multiple, -(-kept // multiple) * multiple))
+        if want > kept:  # reopen the best-scoring closed channels
+            mine = mine[np.argsort(-s[mine], kind="stable")][want - kept:]
+        closed.append(np.sort(mine))
     return closed
 
 
-def prune_to_macs(model, scores_fn, target, uniform, steps=8):
-    """Closes the lowest-scoring channels (`scores_fn(model)`) until the shrunk model has
-    `1 - target` of the multiply-adds (bisection on the share or the global quantile);
+def prune_to_macs(model, scores_fn, target, uniform, steps=8, multiple=1):
+    """Closes the lowest-scoring channels (`scores_fn(model)`) so that the shrunk model has
+    about `1 - target` of the multiply-adds (bisection on the share or the global
+    quantile; the level nearest the target), channels kept in multiples of `multiple`;
     returns the shrunk model."""
     import keras_stg
 
@@ -260,19 +279,23 @@ def prune_to_macs(model, scores_fn, target, uniform, steps=8):
     def pruned(level):
         for v, w in zip(model.weights, weights):
             v.assign(w)
-        for (group, _), channels in zip(scores, _closed(scores, level, uniform)):
+        for (group, _), channels in zip(scores, _closed(scores, level, uniform, multiple)):
             group.zero(channels)
         return model
 
-    low, high = 0.0, 1.0
+    low, high, best = 0.0, 1.0, (float("inf"), 1.0)
     for _ in range(steps):
         level = (low + high) / 2
-        small = keras_stg.shrink(pruned(level), check=False)
-        if 1 - macs(small)[1] / dense_macs < target:
+        removed = 1 - macs(keras_stg.shrink(pruned(level), check=False,
+                                            channel_multiple=multiple))[1] / dense_macs
+        best = min(best, (abs(removed - target), level))
+        if removed < target:
             low = level
         else:
             high = level
-    small = keras_stg.shrink(pruned(high))
+    # The level whose multiply-adds are nearest the target (whole blocks of channels
+    # make the reachable levels coarse).
+    small = keras_stg.shrink(pruned(best[1]), channel_multiple=multiple)
     for v, w in zip(model.weights, weights):
         v.assign(w)
     return small
@@ -282,7 +305,7 @@ def _prune_and_finetune(model, x, y, budget, target, scores_fn, uniform, steps):
     phase1 = budget.epochs - budget.finetune_epochs
     if phase1 > 0:
         _fit(model, x, y, budget, phase1)
-    small = prune_to_macs(model, scores_fn, target, uniform, steps)
+    small = prune_to_macs(model, scores_fn, target, uniform, steps, budget.channel_multiple)
     return _fit(small, x, y, budget, budget.finetune_epochs, start_epoch=phase1)
 
 
