@@ -107,3 +107,14 @@ def test_quick_unstructured_part(tmp_path, shared_data):
     assert {r["runtime"] for r in rows} == {"default (XNNPACK)", "builtin kernels, no delegates"}
     for r in rows:
         assert r["ms"] > 0 and (r["granularity"] == "dense" or 0.85 < r["sparsity"] < 0.95)
+
+
+@pytest.mark.e2e
+def test_channel_alignment_benchmark_shrinks_every_group_alike(capsys):
+    from benchmarks import channel_alignment
+
+    rows, medians = channel_alignment.main(["--widths", "16", "12", "--rounds", "1",
+                                            "--runs", "2"])
+    assert [r["width"] for r in rows] == [16, 12] and rows[1]["macs"] < rows[0]["macs"]
+    assert len(medians) == 4 and all(m > 0 for m in medians)
+    assert "| 12/24/48 |" in capsys.readouterr().out
