@@ -107,11 +107,12 @@ class GatedModel(MaskedModel):
             from keras_stg import latency
 
             if config.cost_table is None:
-                config = dataclasses.replace(config, cost_table=latency.measure(model, self.targets))
+                table = latency.measure(model, self.targets)
+                config = dataclasses.replace(config, cost_table=table)
                 self.config = config
             self._unit_cost, self._fixed_cost = latency.unit_costs(config.cost_table,
                                                                    self.targets)
-        self._total_weights = float(sum(n * c for n, c in zip(self._n_weights, self._unit_cost))
+        self._total_cost = float(sum(n * c for n, c in zip(self._n_weights, self._unit_cost))
                                     + self._fixed_cost)
         # Channel gates (one per channel group, shared by its members) or one
         # gate tensor per kernel.
@@ -187,7 +188,7 @@ class GatedModel(MaskedModel):
 
     def _share(self, kept):
         """The share of the model's cost that `kept` (gated cost kept) keeps."""
-        return (kept + self._fixed_cost) / self._total_weights
+        return (kept + self._fixed_cost) / self._total_cost
 
     def _random_start_density(self):
         """Share of gates a random start opens so that the mask starts at the target.
@@ -226,8 +227,9 @@ class GatedModel(MaskedModel):
                 raise ValueError(
                     f"target_sparsity={target} cannot be reached with channel gates on "
                     f"{self.base_model.name!r}: closing every gated channel removes "
-                    f"{100 * reachable:.1f}% of the {_COST_NAMES[self.config.cost]} (the rest sit in unprunable "
-                    "groups, see keras_stg.channel_groups). Lower the target, or gate fewer "
+                    f"{100 * reachable:.1f}% of the {_COST_NAMES[self.config.cost]} (the rest "
+                    "sit in unprunable groups, see keras_stg.channel_groups). Lower the "
+                    "target, or gate fewer "
                     "layers' weights with exclude=.")
 
     @property
@@ -429,7 +431,7 @@ class GatedModel(MaskedModel):
         mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
         flat = np.concatenate(mus)
         order = np.argsort(-flat, kind="stable")
-        keep_weights = (1.0 - self.target_sparsity) * self._total_weights - self._fixed_cost
+        keep_weights = (1.0 - self.target_sparsity) * self._total_cost - self._fixed_cost
         keep = np.zeros(flat.size, bool)
         if self._plan is None:
             per_gate = [n / m.size * c for n, m, c in zip(self._n_weights, mus, self._unit_cost)]

@@ -30,8 +30,10 @@ def _table(model, unit=1.0, fixed=0.0):
 
 def test_latency_costs_are_measured_cached_and_saved(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
+    # No target: how much of a model this small the gates can remove depends on the
+    # interpreter's overhead in this measurement.
     gated = keras_stg.wrap(_chain(), mode="joint", granularity="channel", cost="latency",
-                           target_sparsity=0.3, seed=0)
+                           seed=0)
     table = gated.config.cost_table
     assert set(table["unit_ms"]) == {"c1", "c2", "out"}
     assert all(v >= 0 for v in table["unit_ms"].values()) and table["total_ms"] > 0
@@ -47,7 +49,7 @@ def test_latency_costs_are_measured_cached_and_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "layer_slope", no_timing)
     monkeypatch.setattr(latency, "model_latency", no_timing)
     again = keras_stg.wrap(_chain(), mode="joint", granularity="channel", cost="latency",
-                           target_sparsity=0.3, seed=0)
+                           seed=0)
     assert again.config.cost_table["unit_ms"] == table["unit_ms"]
 
     # The costs travel with the model: loading measures nothing, even without the cache.
