@@ -24,7 +24,7 @@ from keras_stg.layer_table import register_layer
 from keras_stg.masking import MaskedModel
 from keras_stg.penalty import FixedPenalty, TargetSparsity
 from keras_stg.report import layer_stats, summary
-from keras_stg.shrinking import ShrinkError, shrink
+from keras_stg.shrinking import ShrinkCheckError, ShrinkError, shrink
 from keras_stg.stripping import strip
 from keras_stg.ticket import TicketError, load_ticket, save_ticket
 from keras_stg.wrapping import wrap
@@ -37,6 +37,7 @@ __all__ = [
     "GateConfig",
     "GatedModel",
     "MaskedModel",
+    "ShrinkCheckError",
     "ShrinkError",
     "StochasticGate",
     "TargetSparsity",

@@ -40,6 +40,10 @@ class ShrinkError(ValueError):
     """The model's topology cannot be shrunk; the message names the layer."""
 
 
+class ShrinkCheckError(ShrinkError):
+    """The shrunk model's outputs differ from the model's: it is discarded."""
+
+
 def _fail(layer, reason):
     raise ShrinkError(
         f"Cannot shrink layer {layer.name!r} ({type(layer).__name__}): {reason}. "
@@ -474,6 +478,7 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
     Raises:
         ShrinkError: the model cannot be shrunk (a subclassed model, an
             unsupported layer in a chain); names the layer and the fix.
+        ShrinkCheckError: (a `ShrinkError`) the output check failed.
     """
 
     if isinstance(channel_multiple, bool) or not (
@@ -501,10 +506,11 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
         scale = max(1.0, float(np.max(np.abs(a))))
         info["max_abs_diff"] = diff
         if diff > atol * scale:
-            raise RuntimeError(
-                f"Shrinking changed the outputs of {model.name!r} by {diff:g} "
-                f"(allowed {atol * scale:g}); this is a bug, please report it."
-            )
+            raise ShrinkCheckError(
+                f"Shrinking changed the outputs of {model.name!r} by {diff:g} (allowed "
+                f"{atol * scale:g}), so the shrunk model was discarded. This is a bug in "
+                "keras_stg, please report it with the model; meanwhile use the unshrunk model "
+                "(export without --shrink).")
     if info["parameters_after"] == info["parameters_before"]:
         why = f" Unprunable: {'; '.join(unprunable)}." if unprunable else ""
         warnings.warn(

@@ -404,3 +404,28 @@ def test_import_has_no_side_effects():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["False", "None"]
+
+
+def test_a_failed_shrink_check_writes_nothing(tmp_path, monkeypatch, capsys):
+    from keras_stg import shrinking
+
+    model = helpers.tiny_resnet50()
+    helpers.zero_channel_groups(model, share=0.5, seed=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    real = shrinking._shrink_graph
+
+    def wrong(model, multiple=1):  # a shrunk model whose outputs are off
+        small, units, unprunable = real(model, multiple)
+        bias = small.get_layer("predictions").bias
+        bias.assign(bias.numpy() + np.arange(bias.shape[0], dtype="float32"))
+        return small, units, unprunable
+
+    monkeypatch.setattr(shrinking, "_shrink_graph", wrong)
+    out = tmp_path / "m.tflite"
+    with pytest.raises(SystemExit) as exit_info:
+        tflite.main(["--model", path, "--out", str(out), "--shrink", "--runs", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Shrinking changed the outputs" in err and "export without --shrink" in err
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["m.keras"]
