@@ -3,8 +3,10 @@
 Commands:
 
     python -m export.tflite --model M --out model.tflite [--sparse]
-        [--int8 --calibration DATA] [--edgetpu] [--shrink] [--report FILE]
-    python -m export.onnx --model M --out model.onnx [--opset N] [--report FILE]
+        [--int8 --calibration DATA] [--edgetpu] [--shrink [--channel-multiple N]]
+        [--report FILE]
+    python -m export.onnx --model M --out model.onnx [--opset N]
+        [--int8 --calibration DATA] [--shrink [--channel-multiple N]] [--report FILE]
     python -m export.ticket --model M --out model.ticket [--report FILE]
 
 `M` is a gated or stripped `.keras` file, or a training run's output folder
@@ -18,10 +20,10 @@ report = tflite.export("runs/lenet", "lenet.tflite", sparse=True)
 report = onnx.export("runs/lenet/stripped.keras", "lenet.onnx")
 ```
 
-Submodules: `tflite`, `onnx`, `shrink` (remove pruned units physically),
-`edgetpu` (Edge TPU readiness check), `ticket` (an `slt` ticket as its seed and
+Submodules: `tflite`, `onnx` (`--shrink` removes pruned units and channels
+physically with `keras_stg.shrink`), `edgetpu` (Edge TPU readiness check), `ticket` (an `slt` ticket as its seed and
 entropy-coded mask). Importing this package has no side effects; TensorFlow is
 imported only when an export runs.
 """
 
-__all__ = ["edgetpu", "onnx", "shrink", "ticket", "tflite"]
+__all__ = ["edgetpu", "onnx", "ticket", "tflite"]
