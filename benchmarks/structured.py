@@ -38,6 +38,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -121,7 +122,8 @@ def part_train(args):
         for method, target in jobs:
             key = _key(method, target)
             path = os.path.join(folder, key)
-            if os.path.exists(path + ".json") and os.path.exists(path + ".keras"):
+            if os.path.exists(path + ".json") and (
+                    os.path.exists(path + ".keras") or "unreachable" in _read_json(path + ".json")):
                 log(f"{net} {key}: done before, kept")
                 continue
             log(f"{net} {key}: training ({len(x)} images, {args.epochs} epochs) ...")
@@ -130,9 +132,17 @@ def part_train(args):
             if method == "dense":
                 model = sm.train_dense(net, x, y, budget)
             elif method in ("ours", "ours-latency"):
-                model, sparsity = sm.train_ours(
-                    net, target, x, y, budget,
-                    cost="latency" if method == "ours-latency" else "flops", recipe=recipe)
+                try:
+                    model, sparsity = sm.train_ours(
+                        net, target, x, y, budget,
+                        cost="latency" if method == "ours-latency" else "flops", recipe=recipe)
+                except ValueError as e:  # the target needs more than channels can remove
+                    if "cannot be reached" not in str(e):
+                        raise
+                    _write_json(path + ".json", {"net": net, "method": method, "target": target,
+                                                 "unreachable": str(e), **_stamp(args)})
+                    log(f"{net} {key}: {e}")
+                    continue
                 extra["gated_sparsity"] = sparsity
                 extra["recipe"] = dataclasses.asdict(recipe)
             elif method == "l1":
@@ -218,6 +228,8 @@ def part_latency(args):
         timers, names = [], []
         for row, path in zip(rows, paths):
             key = _key(row["method"], row["target"])
+            if "unreachable" in row:
+                continue
             log(f"{net} {key}: converting (TFLite f32/int8, ONNX f32/int8) ...")
             model = keras.models.load_model(path, compile=False)
             files, problems = _converted(model, x)
@@ -237,7 +249,8 @@ def part_latency(args):
             row[f"{name}_ms"] = ms
         for row in rows:
             for name in RUNTIMES:
-                row[f"{name}_ratio"] = row[f"{name}_ms"] / rows[0][f"{name}_ms"]
+                if f"{name}_ms" in row:
+                    row[f"{name}_ratio"] = row[f"{name}_ms"] / rows[0][f"{name}_ms"]
         _write_json(os.path.join(args.out, "structured", net, "latency.json"),
                     {"rows": rows, "rounds": args.rounds, "runs": args.runs, **_stamp(args)})
 
@@ -314,6 +327,13 @@ def net_table(rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         target = "" if r["target"] is None else f"{r['target']:.2f}"
+        if "unreachable" in r:
+            most = re.search(r"removes (\d+\.\d)%", r["unreachable"])
+            why = "target unreachable" + (f": at most {most.group(1)}% removable with "
+                                          "every group kept" if most else "")
+            cells = [LABELS.get(r["method"], r["method"]), target, why]
+            lines.append("| " + " | ".join(cells + [""] * (len(header) - 3)) + " |")
+            continue
         size = f"{r['tflite_bytes'] / 1024:.0f}" if "tflite_bytes" in r else ""
         int8 = f"{r['int8_accuracy']:.2%}" if "int8_accuracy" in r else ""
         edgetpu = ("" if "edgetpu_problems" not in r else
@@ -347,7 +367,7 @@ def _plot(results, path):
     for i, (net, rows) in enumerate(results.items()):
         acc, lat = axes[2 * i], axes[2 * i + 1]
         for method in METHODS:
-            mine = [r for r in rows if r["method"] == method]
+            mine = [r for r in rows if r["method"] == method and "unreachable" not in r]
             if not mine:
                 continue
             xs = [100 * r["macs_removed"] for r in mine]

@@ -190,10 +190,11 @@ class ChannelPlan:
             total = total + rest * factor
         return total
 
-    def max_sparsity(self, targets, costs=None, fixed=0.0):
-        """The share of the cost removed when every gate is closed (`fixed`: cost no gate
+    def max_sparsity(self, targets, costs=None, fixed=0.0, keep=1):
+        """The share of the cost removed when every group keeps only `keep` channels (all
+        of a smaller group), the least a frozen mask keeps (`fixed`: cost no gate
         controls)."""
-        closed = [np.zeros(s, "float32") for s in self.sizes]
+        closed = [(np.arange(s) < keep).astype("float32") for s in self.sizes]
         costs = costs or [1.0] * len(targets)
         total = sum(math.prod(t.variable.shape) * c for t, c in zip(targets, costs)) + fixed
         kept = float(ops.convert_to_numpy(self.kept(targets, closed, costs))) + fixed

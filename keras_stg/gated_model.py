@@ -222,15 +222,18 @@ class GatedModel(MaskedModel):
                 f"gate ({reasons}). Use granularity='unit', or see keras_stg.channel_groups.")
         target = self.target_sparsity
         if target is not None:
-            reachable = plan.max_sparsity(self.targets, self._unit_cost, self._fixed_cost)
+            keep = self.config.channel_multiple
+            reachable = plan.max_sparsity(self.targets, self._unit_cost, self._fixed_cost,
+                                          keep=keep)
             if target > reachable - 0.01:
                 raise ValueError(
                     f"target_sparsity={target} cannot be reached with channel gates on "
-                    f"{self.base_model.name!r}: closing every gated channel removes "
-                    f"{100 * reachable:.1f}% of the {_COST_NAMES[self.config.cost]} (the rest "
-                    "sit in unprunable groups, see keras_stg.channel_groups). Lower the "
-                    "target, or gate fewer "
-                    "layers' weights with exclude=.")
+                    f"{self.base_model.name!r}: keeping only the {keep} channel"
+                    f"{'s' if keep > 1 else ''} (channel_multiple) every group keeps, so "
+                    f"that no layer goes dead, removes {100 * reachable:.1f}% of the "
+                    f"{_COST_NAMES[self.config.cost]} (the rest sit in unprunable groups "
+                    "or are fixed cost, see keras_stg.channel_groups). Lower the target, "
+                    "or gate fewer layers' weights with exclude=.")
 
     @property
     def groups(self):
@@ -442,7 +445,10 @@ class GatedModel(MaskedModel):
             # A channel's weight depends on which channels around it stay: search
             # the number of largest-mu blocks (of `channel_multiple` channels of one
             # group, a group's best block first) whose mask is nearest the target.
+            # Every group keeps its best block: a closed group would zero every layer
+            # after it (a dead network), so the search starts at one block per group.
             blocks = self._channel_blocks(mus)
+            groups = len(mus)
 
             def kept(n):
                 mask = np.zeros(flat.size, "float32")
@@ -452,14 +458,14 @@ class GatedModel(MaskedModel):
                 return float(ops.convert_to_numpy(
                     self._plan.kept(self.targets, pieces, self._unit_cost)))
 
-            low, high = 0, len(blocks)
+            low, high = groups, len(blocks)
             while low < high:
                 mid = (low + high) // 2
                 if kept(mid) < keep_weights:
                     low = mid + 1
                 else:
                     high = mid
-            n = low if low == 0 or abs(kept(low) - keep_weights) <= abs(
+            n = low if low == groups or abs(kept(low) - keep_weights) <= abs(
                 kept(low - 1) - keep_weights) else low - 1
             if n:
                 keep[np.concatenate(blocks[:n])] = True
@@ -475,14 +481,12 @@ class GatedModel(MaskedModel):
         self.mask_frozen.assign(1.0)
 
     def _channel_blocks(self, mus):
-        """Flat indices of the channel gates in the order `freeze_mask` keeps them: with
-        `channel_multiple` N > 1, blocks of N channels of one group (its channels by
-        falling `mu`, the last block of a group may be shorter), each group's first block
-        always kept, the rest by their mean `mu`; with N = 1, single channels by `mu`."""
+        """Flat indices of the channel gates in the order `freeze_mask` keeps them: blocks
+        of `channel_multiple` channels of one group (its channels by falling `mu`, the
+        last block of a group may be shorter), every group's first block first, then the
+        rest by their mean `mu`."""
         size = self.config.channel_multiple
         flat = np.concatenate(mus)
-        if size == 1:
-            return [np.array([i]) for i in np.argsort(-flat, kind="stable")]
         blocks, scores, start = [], [], 0
         for m in mus:
             ranked = start + np.argsort(-m, kind="stable")

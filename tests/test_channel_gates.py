@@ -68,6 +68,30 @@ def test_freeze_mask_keeps_channels_in_multiples_and_shrink_keeps_them():
             assert channels % 8 == 0 or channels in original, layer.name
 
 
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_freeze_mask_never_closes_a_whole_group(multiple):
+    # The freeze must not close a group, not even one whose gates are all below every
+    # other group's (in a chain that zeroes every layer after it): each keeps its best
+    # block.
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35,
+                                           classes=10)
+    gated = keras_stg.wrap(model, mode="joint", granularity="channel", cost="flops",
+                           target_sparsity=0.8, seed=1, channel_multiple=multiple)
+    rng = np.random.default_rng(0)
+    for i, gate in enumerate(gated.gates):  # the first group far below all the others
+        mu = rng.uniform(-0.5, 0.5, gate.mu.shape) if i else np.full(gate.mu.shape, -0.9)
+        gate.mu.assign(mu.astype("float32"))
+    gated.freeze_mask()
+    for gate in gated.gates:
+        kept = int((gate.mu.numpy() > 0).sum())
+        assert kept == min(multiple, gate.mu.shape[0]) or kept > multiple, gate.name
+    assert gated.sparsity() == pytest.approx(0.8, abs=0.02)
+    small = keras_stg.shrink(gated.strip(), channel_multiple=multiple)
+    for layer in small.layers:  # no kernel is left all zero
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            assert np.any(layer.kernel.numpy() != 0), layer.name
+
+
 def test_channel_multiple_needs_channel_gates():
     with pytest.raises(ValueError, match="channel_multiple=8.*needs granularity='channel', not "
                                          "'unit'.*shrink\\(model, channel_multiple"):
@@ -97,9 +121,11 @@ def test_channel_gates_need_groups_and_a_reachable_target():
     x = keras.layers.Dense(4, name="b")(inputs)
     x = keras.ops.flip(keras.layers.Dense(64, name="a")(x), axis=-1)  # 'a' cannot be pruned
     model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
-    # Closing all of b's channels removes b and a (288 of 416 weights), never out's 128.
-    with pytest.raises(ValueError, match="target_sparsity=0.9 cannot be reached.*removes "
-                                         "69.2% of the kernel weights.*Lower the target"):
+    # Keeping one of b's 4 channels (the least a group keeps) removes 3/4 of b and of a
+    # (216 of 416 weights), never out's 128.
+    with pytest.raises(ValueError, match="target_sparsity=0.9 cannot be reached.*keeping "
+                                         "only the 1 channel .*removes 51.9% of the kernel "
+                                         "weights.*Lower the target"):
         keras_stg.wrap(model, granularity="channel", target_sparsity=0.9)
 
 
