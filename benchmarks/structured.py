@@ -397,18 +397,35 @@ def _recipe(rows):
                      for r in sorted(recipes)) or "none trained"
 
 
+def _commands(rows):
+    """One line per command that made `rows`: its first and last date, its load range."""
+    out = []
+    for command in sorted({r["command"] for r in rows}):
+        mine = [r for r in rows if r["command"] == command]
+        dates = sorted({r["date"] for r in mine})
+        loads = sorted(r["load"] for r in mine)
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        load = f"{loads[0]}" if loads[0] == loads[-1] else f"{loads[0]}-{loads[-1]}"
+        out.append(f"`{command}` ({when}, {len(mine)} models, load average {load})")
+    return out
+
+
 def part_report(args):
     sections, results = [], {}
     for net in args.nets:
         latency = os.path.join(args.out, "structured", net, "latency.json")
         rows, _ = _saved(args, net)
+        timing = []
         if os.path.exists(latency):
-            timed = {_key(r["method"], r["target"]): r for r in _read_json(latency)["rows"]}
+            data = _read_json(latency)
+            timed = {_key(r["method"], r["target"]): r for r in data["rows"]}
             rows = [timed.get(_key(r["method"], r["target"]), r) for r in rows]
+            timing = [f"latency: `{data['command']}` ({data['date']}, {data['rounds']} "
+                      f"rounds of {data['runs']} runs, load average {data['load']})"]
         if not rows:
             continue
         results[net] = rows
-        commands = sorted({f"`{r['command']}` ({r['date']}, load {r['load']})" for r in rows})
+        commands = _commands(rows) + timing
         first = rows[0]
         sections.append(
             f"### {sm.NETS[net].title} on Fashion-MNIST\n\n"
