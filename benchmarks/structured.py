@@ -4,7 +4,8 @@ Usage:
     python -m benchmarks.structured [--quick] [--only PART [PART ...]]
         [--nets resnet20 mobilenet_v2] [--methods dense ours l1 slimming]
         [--targets 0.5 0.75] [--limit N] [--test-limit N] [--epochs E]
-        [--data-dir D] [--out DIR] [--results PATH]
+        [--init-mu M] [--sigma S] [--finetune F] [--gate-lr G] [--channel-multiple N]
+        [--validation] [--data-dir D] [--out DIR] [--results PATH]
 
 Networks (`benchmarks.structured_methods.NETS`): ResNet-20 on Fashion-MNIST at
 28x28, and keras.applications' MobileNetV2 (alpha 0.35) on Fashion-MNIST
@@ -28,6 +29,10 @@ Parts, each resumable (a finished model is not trained again):
   XNNPACK, on ResNet-20 and LeNet-300-100.
 - `report`: the tables and a plot into `--results` (between
   `<!-- benchmarks.structured:begin -->` and `<!-- benchmarks.structured:end -->`).
+
+`--validation --out DIR` measures accuracy on the last `--test-limit` training
+images instead of the test set, to choose our recipe (or any setting) without
+looking at the test set.
 
 `--quick` (128 training and 64 test images, 2 epochs, target 0.5, few latency
 runs) is a smoke test of every part; its numbers mean nothing.
@@ -111,7 +116,8 @@ def _stamp(args):
 
 def part_train(args):
     for net in args.nets:
-        x, y, xt, yt = sm.data(net, args.data_dir, args.limit, args.test_limit)
+        x, y, xt, yt = sm.data(net, args.data_dir, args.limit, args.test_limit,
+                               validation=args.validation)
         budget = sm.Budget(args.epochs, args.batch_size, -(-len(x) // args.batch_size),
                            args.verbose, args.seed, args.channel_multiple)
         recipe = sm.Recipe(args.init_mu, args.sigma, args.finetune, args.gate_lr)
@@ -119,6 +125,9 @@ def part_train(args):
         jobs = [("dense", None)] if "dense" in args.methods else []
         jobs += [(m, t) for t in args.targets for m in args.methods if m != "dense"]
         dense_macs = sm.macs(sm.fresh(net, args.seed))[1]
+        setting = {"limit": len(x), "test_limit": len(xt), "epochs": args.epochs,
+                   "evaluated_on": "validation" if args.validation else "test",
+                   "channel_multiple": args.channel_multiple}
         for method, target in jobs:
             key = _key(method, target)
             path = os.path.join(folder, key)
@@ -140,7 +149,8 @@ def part_train(args):
                     if "cannot be reached" not in str(e):
                         raise
                     _write_json(path + ".json", {"net": net, "method": method, "target": target,
-                                                 "unreachable": str(e), **_stamp(args)})
+                                                 "unreachable": str(e), **setting,
+                                                 **_stamp(args)})
                     log(f"{net} {key}: {e}")
                     continue
                 extra["gated_sparsity"] = sparsity
@@ -154,9 +164,7 @@ def part_train(args):
             row = {"net": net, "method": method, "target": target, "params": params,
                    "macs": macs, "macs_removed": 1 - macs / dense_macs,
                    "accuracy": sm.accuracy(model, xt, yt), "train_s": round(wall, 1),
-                   "limit": len(x), "test_limit": len(xt), "epochs": args.epochs,
-                   "channel_multiple": args.channel_multiple, **extra,
-                   **_stamp(args)}
+                   **setting, **extra, **_stamp(args)}
             model.save(path + ".keras")
             _write_json(path + ".json", row)
             log(f"{net} {key}: {row['accuracy']:.2%} at {row['macs_removed']:.1%} of the "
@@ -429,8 +437,11 @@ def part_report(args):
         first = rows[0]
         sections.append(
             f"### {sm.NETS[net].title} on Fashion-MNIST\n\n"
-            f"{first['limit']} training / {first['test_limit']} test images, "
-            f"{first['epochs']} epochs per method, channels kept in multiples of "
+            f"{first['limit']} training / {first['test_limit']} "
+            + ("validation images (the last training images; the accuracy columns are "
+               "validation accuracy), " if first.get("evaluated_on") == "validation"
+               else "test images, ")
+            + f"{first['epochs']} epochs per method, channels kept in multiples of "
             f"{first.get('channel_multiple', 1)}, {first['machine']}. Ours: "
             f"{_recipe(rows)}. Latency: batch 1, one thread, median of interleaved rounds; "
             "ratios to the dense model in brackets.\n\n"
@@ -476,6 +487,10 @@ def parse_args(argv=None):
         REPO, "..", "shared", "data"))
     p.add_argument("--limit", type=int, default=None, help="training images (default all)")
     p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--validation", action="store_true",
+                   help="measure accuracy on the last --test-limit training images instead "
+                        "of the test set (to choose a recipe without looking at the test "
+                        "set; needs --out, writes no RESULTS.md)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--targets", type=float, nargs="+", default=None,
@@ -502,9 +517,12 @@ def parse_args(argv=None):
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.validation and args.out is None:
+        p.error("--validation needs its own --out folder (its accuracies are not test "
+                "accuracies, so they must not mix with the benchmark's models)")
     if args.out is None:
         args.out = os.path.join(REPO, "benchmarks", "results")
-    if args.results is None and not args.quick:
+    if args.results is None and not args.quick and not args.validation:
         args.results = os.path.join(REPO, "benchmarks", "RESULTS.md")
     for t in args.targets:
         if not 0 < t < 1:

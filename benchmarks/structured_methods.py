@@ -84,14 +84,25 @@ def fresh(net, seed):
     return model
 
 
-def data(net, data_dir, limit, test_limit):
-    """Fashion-MNIST, normalized, padded to the network's input size."""
+def data(net, data_dir, limit, test_limit, validation=False):
+    """Fashion-MNIST `(x, y, x_test, y_test)`, normalized, padded to the network's input
+    size: the first `limit` training images and the first `test_limit` test images, or
+    with `validation` the last `test_limit` training images (disjoint from the first
+    `limit`) in place of the test images."""
     from keras_stg.experiments import data as data_lib
 
     pad = NETS[net].pad
+    train = data_lib.load("fashion_mnist", "train", data_dir)
+    if validation:
+        if limit + test_limit > len(train[0]):
+            raise ValueError(f"--validation takes the last {test_limit} of the "
+                             f"{len(train[0])} training images, which overlap the first "
+                             f"{limit} it trains on: lower --limit or --test-limit.")
+        test = train[0][-test_limit:], train[1][-test_limit:]
+    else:
+        test = data_lib.load("fashion_mnist", "test", data_dir)
     out = []
-    for split, n in (("train", limit), ("test", test_limit)):
-        x, y = data_lib.load("fashion_mnist", split, data_dir)
+    for (x, y), n in ((train, limit), (test, test_limit)):
         x = data_lib.normalize(x[:n], "fashion_mnist").reshape(-1, 28, 28, 1)
         if pad:
             x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))

@@ -5,6 +5,7 @@ No accuracy and no timing is asserted: the quick run's numbers mean nothing.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -118,3 +119,32 @@ def test_channel_alignment_benchmark_shrinks_every_group_alike(capsys):
     assert [r["width"] for r in rows] == [16, 12] and rows[1]["macs"] < rows[0]["macs"]
     assert len(medians) == 4 and all(m > 0 for m in medians)
     assert "| 12/24/48 |" in capsys.readouterr().out
+
+
+def test_validation_takes_the_last_training_images(shared_data, capsys):
+    from keras_stg.experiments import data as data_lib
+
+    x, y, xv, yv = sm.data("resnet20", shared_data, 100, 50, validation=True)
+    full_x, full_y = data_lib.load("fashion_mnist", "train", shared_data)
+    expected = data_lib.normalize(full_x[-50:], "fashion_mnist").reshape(-1, 28, 28, 1)
+    np.testing.assert_array_equal(xv, expected)
+    np.testing.assert_array_equal(yv, full_y[-50:])
+    assert len(x) == 100 and len(full_x) > 150
+    with pytest.raises(ValueError, match="overlap the first 59990.*lower --limit"):
+        sm.data("resnet20", shared_data, 59990, 50, validation=True)
+    with pytest.raises(SystemExit):
+        structured.parse_args(["--validation"])
+    assert "--validation needs its own --out folder" in capsys.readouterr().err
+
+
+def test_an_unreachable_target_is_recorded_and_reported(tmp_path, shared_data):
+    # ResNet-20 keeps at least 8 channels of every group: 99% of its MACs cannot go.
+    results = str(tmp_path / "R.md")
+    structured.main(["--quick", "--nets", "resnet20", "--methods", "ours", "--targets", "0.99",
+                     "--only", "train", "report", "--data-dir", shared_data,
+                     "--out", str(tmp_path), "--results", results])
+    row = json.load(open(tmp_path / "structured" / "resnet20" / "ours_0.99.json"))
+    assert "cannot be reached" in row["unreachable"]
+    assert not os.path.exists(tmp_path / "structured" / "resnet20" / "ours_0.99.keras")
+    assert re.search(r"\| ours \(channel, flops\) \| 0\.99 \| target unreachable: at most "
+                     r"\d+\.\d% removable", open(results).read())
