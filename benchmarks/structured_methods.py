@@ -196,8 +196,8 @@ def train_dense(net, x, y, budget):
 class Recipe:
     """Our options beyond the target and the cost (`benchmarks.structured` flags)."""
 
-    init_mu: object = "random"
-    sigma: float = 0.25
+    init_mu: object = 0.5
+    sigma: float = 0.1
     finetune: float = 0.7
     gate_lr: float = 10.0
 
