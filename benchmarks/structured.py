@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -94,16 +93,9 @@ def _read_json(path):
 
 
 def _machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                    if line.startswith("model name"))
-        cpu = f"{name}, {'AVX-512' if ' avx512f' in text else 'AVX2'}"
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    from keras_stg import latency
+
+    return f"{latency.cpu()}, {os.cpu_count()} cores"
 
 
 def _stamp(args):

@@ -42,22 +42,42 @@ def cache_path():
     return os.path.join(os.path.dirname(cache_dir()), "latency.json")
 
 
-def machine():
-    """The CPU and runtime the costs hold for (part of every cache key)."""
-    cpu = platform.machine()
+def vector_isa(flags):
+    """The widest x86 vector extension among `/proc/cpuinfo` `flags` (one CPU model
+    name may come with or without AVX-512, at different speeds), or "" if none."""
+    flags = set(flags.split())
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")):
+        if flag in flags:
+            return name
+    return ""
+
+
+def cpu():
+    """The CPU's model name and widest vector extension ("AMD EPYC, AVX-512"), or the
+    architecture where `/proc/cpuinfo` does not tell."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f
-                       if line.startswith("model name"))
+            lines = f.read().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines
+                    if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+    isa = vector_isa(next((line.split(":", 1)[1] for line in lines
+                           if line.startswith("flags")), ""))
+    return f"{name}, {isa}" if isa else name
+
+
+def machine():
+    """The CPU (model name and vector extension) and runtime the costs hold for (part of
+    every cache key)."""
+    cpu_name = cpu()
     try:
         from importlib.metadata import version
 
         runtime = f"ai-edge-litert {version('ai-edge-litert')}"
     except Exception:  # not installed: measuring fails later with the fix
         runtime = "ai-edge-litert ?"
-    return f"{cpu}; {runtime}; XNNPACK, 1 thread"
+    return f"{cpu_name}; {runtime}; XNNPACK, 1 thread"
 
 
 def _require_litert():

@@ -110,3 +110,11 @@ def test_measuring_needs_litert_and_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"needs ai-edge-litert: pip install \"keras-stg\[export\]\""):
         keras_stg.wrap(_chain(), granularity="channel", cost="latency")
     assert not os.path.exists(tmp_path / "latency.json")
+
+
+def test_the_cache_key_tells_cpus_with_and_without_avx512_apart():
+    assert latency.vector_isa("fpu sse2 avx avx2 fma avx512f avx512bw") == "AVX-512"
+    assert latency.vector_isa("fpu sse2 avx avx2 fma") == "AVX2"
+    assert latency.vector_isa("fp asimd evtstrm") == ""
+    if os.path.exists("/proc/cpuinfo") and " avx2" in open("/proc/cpuinfo").read():
+        assert ", AVX" in latency.machine().split(";")[0]
