@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -107,6 +106,8 @@ def _stamp(args):
 
 
 def part_train(args):
+    import keras_stg
+
     for net in args.nets:
         x, y, xt, yt = sm.data(net, args.data_dir, args.limit, args.test_limit,
                                validation=args.validation)
@@ -137,11 +138,10 @@ def part_train(args):
                     model, sparsity = sm.train_ours(
                         net, target, x, y, budget,
                         cost="latency" if method == "ours-latency" else "flops", recipe=recipe)
-                except ValueError as e:  # the target needs more than channels can remove
-                    if "cannot be reached" not in str(e):
-                        raise
+                except keras_stg.UnreachableTargetError as e:
                     _write_json(path + ".json", {"net": net, "method": method, "target": target,
-                                                 "unreachable": str(e), **setting,
+                                                 "unreachable": str(e),
+                                                 "reachable": e.reachable, **setting,
                                                  **_stamp(args)})
                     log(f"{net} {key}: {e}")
                     continue
@@ -328,9 +328,8 @@ def net_table(rows):
     for r in rows:
         target = "" if r["target"] is None else f"{r['target']:.2f}"
         if "unreachable" in r:
-            most = re.search(r"removes (\d+\.\d)%", r["unreachable"])
-            why = "target unreachable" + (f": at most {most.group(1)}% removable with "
-                                          "every group kept" if most else "")
+            why = (f"target unreachable: at most {r['reachable']:.1%} removable with every "
+                   "group kept")
             cells = [LABELS.get(r["method"], r["method"]), target, why]
             lines.append("| " + " | ".join(cells + [""] * (len(header) - 3)) + " |")
             continue

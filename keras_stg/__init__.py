@@ -19,7 +19,7 @@ from keras_stg import initializers
 from keras_stg.config import GateConfig
 from keras_stg.dependency import ChannelGroup, channel_groups
 from keras_stg.gate import StochasticGate
-from keras_stg.gated_model import GatedModel
+from keras_stg.gated_model import GatedModel, UnreachableTargetError
 from keras_stg.layer_table import register_layer
 from keras_stg.masking import MaskedModel
 from keras_stg.penalty import FixedPenalty, TargetSparsity
@@ -42,6 +42,7 @@ __all__ = [
     "StochasticGate",
     "TargetSparsity",
     "TicketError",
+    "UnreachableTargetError",
     "granularity",
     "initializers",
     "channel_groups",

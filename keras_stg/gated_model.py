@@ -40,6 +40,15 @@ from keras_stg.masking import MaskedModel
 from keras_stg.noise import NoiseTable
 
 
+class UnreachableTargetError(ValueError):
+    """`target_sparsity` asks for more than the gates can remove; `reachable` is the
+    largest share they can (the message says why and how to fix it)."""
+
+    def __init__(self, message, reachable):
+        super().__init__(message)
+        self.reachable = reachable
+
+
 _COST_NAMES = {"params": "kernel weights", "flops": "kernel multiply-adds",
                "latency": "modelled LiteRT latency"}
 
@@ -226,14 +235,14 @@ class GatedModel(MaskedModel):
             reachable = plan.max_sparsity(self.targets, self._unit_cost, self._fixed_cost,
                                           keep=keep)
             if target > reachable - 0.01:
-                raise ValueError(
+                raise UnreachableTargetError(
                     f"target_sparsity={target} cannot be reached with channel gates on "
                     f"{self.base_model.name!r}: keeping only the {keep} channel"
                     f"{'s' if keep > 1 else ''} (channel_multiple) every group keeps, so "
                     f"that no layer goes dead, removes {100 * reachable:.1f}% of the "
                     f"{_COST_NAMES[self.config.cost]} (the rest sit in unprunable groups "
                     "or are fixed cost, see keras_stg.channel_groups). Lower the target, "
-                    "or gate fewer layers' weights with exclude=.")
+                    "or gate fewer layers' weights with exclude=.", reachable)
 
     @property
     def groups(self):

@@ -123,10 +123,13 @@ def test_channel_gates_need_groups_and_a_reachable_target():
     model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
     # Keeping one of b's 4 channels (the least a group keeps) removes 3/4 of b and of a
     # (216 of 416 weights), never out's 128.
-    with pytest.raises(ValueError, match="target_sparsity=0.9 cannot be reached.*keeping "
-                                         "only the 1 channel .*removes 51.9% of the kernel "
-                                         "weights.*Lower the target"):
+    with pytest.raises(keras_stg.UnreachableTargetError,
+                       match="target_sparsity=0.9 cannot be reached.*keeping only the 1 "
+                             "channel .*removes 51.9% of the kernel weights.*Lower the "
+                             "target") as info:
         keras_stg.wrap(model, granularity="channel", target_sparsity=0.9)
+    assert info.value.reachable == pytest.approx(216 / 416)
+    assert isinstance(info.value, ValueError)
 
 
 def test_channel_gated_models_save_and_load(tmp_path):
