@@ -6,16 +6,17 @@ from benchmarks.suite.common import (BEGIN, END, EP_LR, EP_MOMENTUM, EP_WEIGHT_D
                                      TASKS, _atomic_write_text)
 
 
-def replace_section(path, body):
-    """Replaces the text between the markers in `path` (appends them if absent), atomically."""
+def replace_section(path, body, begin=BEGIN, end=END):
+    """Replaces the text between the markers `begin` and `end` in `path` (appends them
+    if absent), atomically."""
     text = ""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    start, end = text.find(BEGIN), text.find(END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + block + text[end + len(END):]
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    i, j = text.find(begin), text.find(end)
+    if i != -1 and j != -1 and j > i:
+        text = text[:i] + block + text[j + len(end):]
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
     _atomic_write_text(path, text)

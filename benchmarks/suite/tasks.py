@@ -4,7 +4,7 @@ of ours and edge-popup."""
 import os
 import time
 
-from benchmarks.suite.common import EP_MOMENTUM, QUICK, REPO, TASKS, TASK_CONFIGS
+from benchmarks.suite.common import EP_MOMENTUM, QUICK, REPO, TASK_CONFIGS, TASK_MODEL_ARGS, TASKS
 
 
 class Setup:
@@ -27,6 +27,7 @@ class Setup:
         self.verbose = 0 if args.quick else 2
         self.ep_lr = args.ep_lr
         self.ep_wd = args.ep_wd
+        self.gate_sgd_lr = getattr(args, "gate_sgd_lr", None)
         # Set by `main`: the command line and "started at, load, library state"
         # of this run, recorded in every task entry it creates.
         self.command = self.run_info = None
@@ -85,7 +86,8 @@ class Setup:
         shape, classes, _, _ = data.DATASETS[dataset]
         if model == "lenet_300_100":
             return models.lenet_300_100(input_shape=shape, classes=classes)
-        return getattr(models, model)(input_shape=shape, classes=classes)
+        return getattr(models, model)(input_shape=shape, classes=classes,
+                                      **TASK_MODEL_ARGS.get(task, {}))
 
 
 def _loss():
@@ -94,13 +96,31 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_rate=None):
+def _fit(model, train, test, epochs, verbose, per_epoch):
+    """Trains; returns the result dict (final test accuracy, wall time, and with
+    `per_epoch` the test accuracy after every epoch, evaluated as Keras
+    evaluates `validation_data`)."""
+    start = time.time()
+    history = model.fit(train, epochs=epochs, verbose=verbose,
+                        validation_data=test if per_epoch else None)
+    wall = time.time() - start
+    acc = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+    r = {"accuracy": float(acc), "wall_time_s": wall, "epochs": epochs}
+    if per_epoch:
+        r["epoch_accuracy"] = [float(a) for a in history.history["val_accuracy"]]
+    return r
+
+
+def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_rate=None,
+               epochs=None, optimizer=None, wrap=None, per_epoch=False):
     """Our method with the library defaults; returns accuracy, sparsity, time, model.
 
     `prepare(model)`, if given, runs on the freshly built model before it is wrapped.
     The gates' start (`init_mu`) and the target ramp follow the task's config.
     Adam runs at `learning_rate` (default: the mode's task config's). In `slt` mode the
-    weights get scale-fan when the task's config asks for it.
+    weights get scale-fan when the task's config asks for it. Variants
+    (`benchmarks.suite.variants`) replace `epochs`, the `optimizer` (a function of
+    the total steps) or `wrap` (a function with `keras_stg.wrap`'s signature).
     """
     import keras
 
@@ -112,20 +132,20 @@ def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_
     if prepare is not None:
         prepare(model)
     cfg = setup.config(task, "joint" if mode == "joint" else "slt")
-    gated = keras_stg.wrap(model, mode=mode, target_sparsity=sparsity, seed=setup.seed,
-                           init_density="auto" if mode == "slt" and cfg.scale_fan else None,
-                           init_mu=cfg.init_mu, target_ramp=cfg.target_ramp,
-                           finetune=cfg.finetune)
-    gated.compile(optimizer=keras.optimizers.Adam(learning_rate or cfg.learning_rate),
-                  loss=_loss(), metrics=["accuracy"])
-    start = time.time()
-    gated.fit(train, epochs=setup.epochs_for(task), verbose=setup.verbose)
-    wall = time.time() - start
-    acc = gated.evaluate(test, verbose=0, return_dict=True)["accuracy"]
-    return {"accuracy": float(acc), "sparsity": gated.sparsity(), "wall_time_s": wall}, gated
+    gated = (wrap or keras_stg.wrap)(
+        model, mode=mode, target_sparsity=sparsity, seed=setup.seed,
+        init_density="auto" if mode == "slt" and cfg.scale_fan else None,
+        init_mu=cfg.init_mu, target_ramp=cfg.target_ramp, finetune=cfg.finetune)
+    epochs = epochs or setup.epochs_for(task)
+    opt = (optimizer(epochs * int(train.cardinality())) if optimizer is not None
+           else keras.optimizers.Adam(learning_rate or cfg.learning_rate))
+    gated.compile(optimizer=opt, loss=_loss(), metrics=["accuracy"])
+    r = _fit(gated, train, test, epochs, setup.verbose, per_epoch)
+    r["sparsity"] = gated.sparsity()
+    return r, gated
 
 
-def train_edge_popup(setup, task, sparsity, train, test, steps_per_epoch):
+def train_edge_popup(setup, task, sparsity, train, test, steps_per_epoch, per_epoch=False):
     import keras
 
     from benchmarks.edge_popup import EdgePopupModel, init_like_ours, sgd_cosine
@@ -139,11 +159,9 @@ def train_edge_popup(setup, task, sparsity, train, test, steps_per_epoch):
     epochs = setup.epochs_for(task)
     ep.compile(optimizer=sgd_cosine(setup.ep_lr, epochs * steps_per_epoch, EP_MOMENTUM),
                loss=_loss(), metrics=["accuracy"])
-    start = time.time()
-    ep.fit(train, epochs=epochs, verbose=setup.verbose)
-    wall = time.time() - start
-    acc = ep.evaluate(test, verbose=0, return_dict=True)["accuracy"]
-    return {"accuracy": float(acc), "sparsity": ep.sparsity(), "wall_time_s": wall}
+    r = _fit(ep, train, test, epochs, setup.verbose, per_epoch)
+    r["sparsity"] = ep.sparsity()
+    return r
 
 
 def task_available(setup, task):

@@ -38,9 +38,14 @@ def _conv_net(widths, input_shape, classes, use_bias, batch_norm, name):
     return keras.Model(inputs, outputs, name=name)
 
 
-def conv4(input_shape=(32, 32, 3), classes=10, use_bias=False, batch_norm=False):
-    """Conv-4 of edge-popup: 64, 64, pool, 128, 128, pool, FC 256, 256, classes."""
-    return _conv_net((64, 64, 128, 128), input_shape, classes, use_bias, batch_norm, "conv4")
+def conv4(input_shape=(32, 32, 3), classes=10, use_bias=False, batch_norm=False, width_factor=1.0):
+    """Conv-4 of edge-popup: 64, 64, pool, 128, 128, pool, FC 256, 256, classes.
+
+    `width_factor` multiplies the channels of the four convolutions (0.5: 32, 32,
+    64, 64; the FC layers keep 256 units)."""
+    widths = tuple(max(1, int(round(w * width_factor))) for w in (64, 64, 128, 128))
+    name = "conv4" if width_factor == 1.0 else f"conv4_x{width_factor:g}"
+    return _conv_net(widths, input_shape, classes, use_bias, batch_norm, name)
 
 
 def conv6(input_shape=(32, 32, 3), classes=10, use_bias=False, batch_norm=False):

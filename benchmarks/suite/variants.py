@@ -1,0 +1,109 @@
+"""Variants of our method that the `seeds` part compares with the library defaults.
+
+Each is a hypothesis of issue 18 about the mid-sparsity gap to edge-popup; none
+is a library default. A variant is one entry of `VARIANTS`: how the gated
+model is built, which optimizer it gets and how many epochs it runs.
+
+- `ours`: `keras_stg.wrap` with the library defaults and the task config's
+  batch, learning rate and scale-fan (as the `frontier` part).
+- `ours_layer`: the same share of weights kept in every layer, as edge-popup
+  has it: one sparsity controller (the library's `TargetSparsity` law) per
+  layer, each with its own lambda on that layer's expected density, instead of
+  one global budget (`LayerwiseGatedModel`).
+- `ours_sgd`: SGD with momentum 0.9 and cosine decay on the gate locations
+  (edge-popup's optimizer) instead of Adam.
+- `ours_time`: the library defaults for as many epochs as fit in
+  edge-popup's time at the same sparsity and seed (its measured training
+  time over ours, times the epochs).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+import keras_stg
+from keras_stg import gate_math, initializers
+
+
+class _LayerState:
+    """The controller state `TargetSparsity.update` reads and writes, for one layer."""
+
+    def __init__(self, model, index, lam):
+        self.lam = model.add_weight(name=f"lam_{index}", shape=(), trainable=False,
+                                    initializer=keras.initializers.Constant(lam))
+        self.last_sparsity = model.add_weight(name=f"last_sparsity_{index}", shape=(),
+                                              trainable=False,
+                                              initializer=keras.initializers.Constant(-1.0))
+        self.sparsity_velocity = model.add_weight(name=f"sparsity_velocity_{index}", shape=(),
+                                                  trainable=False, initializer="zeros")
+        self.total_steps = model.total_steps
+        self.epoch_steps = model.epoch_steps
+
+
+class LayerwiseGatedModel(keras_stg.GatedModel):
+    """A `GatedModel` (weight granularity) whose sparsity target holds in every layer.
+
+    The penalty is `sum_l lambda_l * n_l / N * expected density_l`, and each
+    `lambda_l` is moved every step by the model's `TargetSparsity` law on
+    that layer's binary-mask sparsity; with all `lambda_l` equal it is the
+    library's global penalty.
+    """
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        if self._plan is not None or self.target_sparsity is None:
+            raise ValueError("LayerwiseGatedModel needs weight-like gates and a target_sparsity.")
+        self._layer_states = [_LayerState(self, i, self.penalty.lam)
+                              for i in range(len(self.gates))]
+        total = float(sum(self._n_weights))
+        self._layer_share = [n / total for n in self._n_weights]
+
+    def _layer_densities(self):
+        expected, hard = [], []
+        for target, gate, n in zip(self.targets, self.gates, self._n_weights):
+            expected.append(gate_math.expected_l0(gate.mu, gate.sigma)
+                            / float(math.prod(gate.gate_shape)))
+            hard.append(self._kept_weights(target, gate) / float(n))
+        return expected, hard
+
+    def extra_loss(self):
+        self._step_densities()  # the global figures still go to the logs
+        if self._mask_frozen:
+            return None
+        expected, _ = self._layer_densities()
+        return sum(ops.cast(s.lam, "float32") * share * e
+                   for s, share, e in zip(self._layer_states, self._layer_share, expected))
+
+    def after_step(self, iteration):
+        if self._mask_frozen:
+            return
+        _, hard = self._layer_densities()
+        for state, h in zip(self._layer_states, hard):
+            self.penalty.update(state, h, iteration)
+
+
+def wrap_layerwise(model, **options):
+    """`keras_stg.wrap` building a `LayerwiseGatedModel` (same options, same init)."""
+    gated = LayerwiseGatedModel(model, **options)
+    resolved = gated.config
+    if resolved.init is not None:
+        initializers.get(resolved.init)(gated, seed=0 if resolved.seed is None else resolved.seed,
+                                        density=resolved.init_density)
+    return gated
+
+
+def sgd_cosine(learning_rate, total_steps, momentum=0.9):
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, int(total_steps)))
+    return keras.optimizers.SGD(schedule, momentum=momentum)
+
+
+#: method -> (label, short description of what differs from `ours`)
+VARIANTS = {
+    "ours": ("ours (slt)", "library defaults"),
+    "ours_layer": ("ours, per-layer budget", "one sparsity controller per layer"),
+    "ours_sgd": ("ours, SGD on gates", "SGD momentum 0.9, cosine decay on the gates"),
+    "ours_time": ("ours, edge-popup's time", "as many epochs as edge-popup's training time"),
+}
+#: SGD learning rate of `ours_sgd` on the gate locations (`--gate-sgd-lr`).
+GATE_SGD_LR = 1.0
