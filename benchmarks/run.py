@@ -116,6 +116,9 @@ def parse_args(argv=None):
                         "use several cores: they append to the same files")
     p.add_argument("--gate-sgd-lr", type=float, default=part_seeds.GATE_SGD_LR,
                    help="learning rate of the ours_sgd variant on the gate locations")
+    p.add_argument("--scale-fan", choices=("on", "off"), default=None,
+                   help="scale-fan of the frozen weights for ours and edge-popup (default: "
+                        "the task config's)")
     p.add_argument("--threads", type=int, default=None,
                    help="TensorFlow threads of this process (default: TensorFlow's choice)")
     p.add_argument("--joint-sparsities", type=float, nargs="+", default=list(JOINT_SPARSITIES))

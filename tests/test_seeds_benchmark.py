@@ -221,3 +221,20 @@ def test_conv4_width_factor_and_the_half_width_task():
     # A plain run keeps to the original tasks and parts.
     args = bench.parse_args([])
     assert "conv4h_fashion" not in args.tasks and "seeds" not in args.only
+
+
+def test_scale_fan_flag_overrides_the_config_for_both_methods(monkeypatch):
+    setup = tasks.Setup(bench.parse_args(["--scale-fan", "on"]))
+    assert setup.scale_fan("conv4_fashion") is True  # its config says no
+    assert part_seeds.setting(setup, "conv4_fashion", "ours")["scale_fan"] is True
+    assert tasks.Setup(bench.parse_args([])).scale_fan("conv4_fashion") is False
+    assert tasks.Setup(bench.parse_args(["--scale-fan", "off"])).scale_fan("lenet_mnist") is False
+    seen = {}
+
+    def fake_wrap(model, **options):
+        seen.update(options)
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        tasks.train_ours(setup, "conv4_fashion", 0.9, "slt", None, None, wrap=fake_wrap)
+    assert seen["init_density"] == "auto"

@@ -28,6 +28,8 @@ class Setup:
         self.ep_lr = args.ep_lr
         self.ep_wd = args.ep_wd
         self.gate_sgd_lr = getattr(args, "gate_sgd_lr", None)
+        flag = getattr(args, "scale_fan", None)
+        self.scale_fan_override = None if flag is None else flag == "on"
         # Set by `main`: the command line and "started at, load, library state"
         # of this run, recorded in every task entry it creates.
         self.command = self.run_info = None
@@ -47,6 +49,8 @@ class Setup:
         return self.batch_override or self.config(task, part).batch_size
 
     def scale_fan(self, task):
+        if self.scale_fan_override is not None:
+            return self.scale_fan_override
         return bool(self.config(task).scale_fan)
 
     def epochs_for(self, task):
@@ -134,7 +138,7 @@ def train_ours(setup, task, sparsity, mode, train, test, prepare=None, learning_
     cfg = setup.config(task, "joint" if mode == "joint" else "slt")
     gated = (wrap or keras_stg.wrap)(
         model, mode=mode, target_sparsity=sparsity, seed=setup.seed,
-        init_density="auto" if mode == "slt" and cfg.scale_fan else None,
+        init_density="auto" if mode == "slt" and setup.scale_fan(task) else None,
         init_mu=cfg.init_mu, target_ramp=cfg.target_ramp, finetune=cfg.finetune)
     epochs = epochs or setup.epochs_for(task)
     opt = (optimizer(epochs * int(train.cardinality())) if optimizer is not None
