@@ -110,7 +110,7 @@ def sort_mask(scores, density):
 #: `topk_mask` uses `top_k` when the smaller side is at most this share of the layer,
 TOPK_SHARE = 0.05
 #: or when the layer has fewer weights than this (31 passes cost more than `top_k` there).
-BISECT_MIN = 65536
+BISECT_MIN = 131072
 
 
 def _kth_largest_bits(bits, keep):

@@ -28,7 +28,7 @@ def test_topk_mask_is_exact_with_ties(density):
     (the bisection path at 0.5/0.3/0.1, the top_k path at 0.04; `topk_mask` bisects only
     layers of >= BISECT_MIN weights)."""
     rng = np.random.default_rng(0)
-    s = rng.integers(-20, 21, size=(400, 201)).astype("float32")  # 41 values, many ties
+    s = rng.integers(-20, 21, size=(512, 301)).astype("float32")  # 41 values, many ties
     m = topk_mask(tf.constant(s), density).numpy().astype(bool)
     assert int(m.sum()) == kept_count(s.size, density)
     a = np.abs(s)
@@ -37,7 +37,7 @@ def test_topk_mask_is_exact_with_ties(density):
 
 def test_topk_mask_bisection_matches_sort():
     rng = np.random.default_rng(1)
-    s = rng.standard_normal((64, 3, 3, 128)).astype("float32")  # bisection path
+    s = rng.standard_normal((64, 3, 3, 256)).astype("float32")  # bisection path
     for density in (0.5, 0.2, 0.9, 0.97):
         m = topk_mask(tf.constant(s), density).numpy().astype(bool)
         keep = kept_count(s.size, density)
