@@ -152,6 +152,10 @@ def test_part_resumes_point_by_point_and_times_ours_to_edge_popup(monkeypatch, t
     assert "ours >= edge-popup" in text and "**met**" in text
     assert "85.00 ± 0.00 (n=2)" in text  # edge-popup's best epoch
     assert "50 ep" in text
+    assert "kept ratio" not in text  # two sparsities are no frontier to read levels from
+    # Ours' rows are now of the 3-epoch run: the heading says the budgets differ.
+    assert ("(3 epochs, batch 64, scale-fan; other methods: edge-popup 20 epochs, batch 64, "
+            "scale-fan" in text)
     paths = part_seeds.plot(out, ["lenet_mnist"])
     assert paths and open(paths[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -38,6 +38,8 @@ SEEDS = (0, 1, 2)
 ISO_LEVELS = {"lenet_mnist": (0.975, 0.97, 0.96, 0.95, 0.90),
               "conv4_fashion": (0.85, 0.80, 0.75, 0.70),
               "conv4h_fashion": (0.85, 0.80, 0.75, 0.70)}
+#: Methods measured at fewer sparsities than this are left out of the iso-accuracy table.
+MIN_ISO_POINTS = 3
 #: Ours counts as short of a target when its mean sparsity is this far below edge-popup's.
 MISSED_TARGET = 0.005
 METHODS = ("ours", "edge_popup", "ours_layer", "ours_sgd", "ours_time")
@@ -277,7 +279,12 @@ def report(out, tasks=None):
         if not rows:
             continue
         summary = summarize(rows)
-        lines += [f"#### {TASKS[task][2]}: {len(rows)} runs", ""]
+        budgets = {m: _budget(summary[m]["setting"]) for m in summary}
+        budget = budgets.get("ours") or next(iter(budgets.values()))
+        if len(set(budgets.values())) > 1:
+            budget += "; other methods: " + ", ".join(
+                f"{LABELS[m]} {b}" for m, b in budgets.items() if b != budget)
+        lines += [f"#### {TASKS[task][2]}: {len(rows)} runs ({budget})", ""]
         lines += _frontier_table(summary)
         levels = ISO_LEVELS.get(task, ())
         if "edge_popup" in summary and levels:
@@ -289,6 +296,12 @@ def report(out, tasks=None):
         lines += [""] + _targets(task, summary) + [""]
         lines += [f"![seeds_{task}.png](results/seeds_{task}.png)", ""]
     return lines
+
+
+def _budget(setting):
+    return (f"{setting['epochs']} epochs, batch {setting['batch']}, "
+            + (f"first {setting['limit']} training examples, " if setting.get("limit") else "")
+            + ("scale-fan" if setting.get("scale_fan") else "no scale-fan"))
 
 
 def _frontier_table(summary):
@@ -322,7 +335,9 @@ def _frontier_table(summary):
 
 
 def _iso_lines(summary, levels):
-    methods = [m for m in METHODS if m in summary and m != "edge_popup"]
+    # A method measured at fewer than MIN_ISO_POINTS sparsities has no frontier to read.
+    methods = [m for m in METHODS if m in summary and m != "edge_popup"
+               and len(summary[m]["points"]) >= MIN_ISO_POINTS]
     head = ["accuracy", "edge-popup"] + [LABELS[m] for m in methods] + \
         [f"kept ratio, {LABELS[m]}" for m in methods]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
