@@ -47,8 +47,8 @@ def topk_mask(scores, density):
     Exact, ties included, without the full sort of the reference
     implementation. When the layer is small or the smaller side (the kept
     weights, or the pruned ones) is a small share of it, one partial `top_k`
-    over that side and a scatter of its indices; otherwise the `keep`-th largest `|score|` is found
-    by bisection on its float32 bit pattern (non-negative floats order like
+    over that side and a scatter of its indices; otherwise the `keep`-th
+    largest `|score|` is found by bisection on its float32 bit pattern (non-negative floats order like
     their bits: 31 counting passes over the layer, `_kth_largest_bits`) and
     the mask is `|score| > kth` plus, of the scores equal to it, the first
     ones in memory order up to the count. `python -m benchmarks.edge_popup_speed`

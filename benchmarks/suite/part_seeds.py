@@ -26,9 +26,10 @@ import os
 
 import numpy as np
 
+from benchmarks.edge_popup import sgd_cosine
 from benchmarks.suite.common import EP_MOMENTUM, TASKS, log
 from benchmarks.suite.tasks import task_available, train_edge_popup, train_ours
-from benchmarks.suite.variants import GATE_SGD_LR, VARIANTS, sgd_cosine, wrap_layerwise
+from benchmarks.suite.variants import GATE_SGD_LR, VARIANTS, wrap_layerwise
 
 #: Default target sparsities per task (`--sparsities` overrides).
 SEED_SPARSITIES = {"lenet_mnist": (0.5, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)}

@@ -1,8 +1,8 @@
 """Variants of our method that the `seeds` part compares with the library defaults.
 
 Each is a hypothesis of issue 18 about the mid-sparsity gap to edge-popup; none
-is a library default. A variant is one entry of `VARIANTS`: how the gated
-model is built, which optimizer it gets and how many epochs it runs.
+is a library default. `VARIANTS` names them; `part_seeds` builds each (its
+gated model, optimizer or epochs) from the library's `train_ours`.
 
 - `ours`: `keras_stg.wrap` with the library defaults and the task config's
   batch, learning rate and scale-fan (as the `frontier` part).
@@ -91,11 +91,6 @@ def wrap_layerwise(model, **options):
         initializers.get(resolved.init)(gated, seed=0 if resolved.seed is None else resolved.seed,
                                         density=resolved.init_density)
     return gated
-
-
-def sgd_cosine(learning_rate, total_steps, momentum=0.9):
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, int(total_steps)))
-    return keras.optimizers.SGD(schedule, momentum=momentum)
 
 
 #: method -> (label, short description of what differs from `ours`)
