@@ -67,7 +67,12 @@ def wrap(model, config=None, **options):
             "Build it first: give it an input shape (keras.Input(...) or "
             "`input_shape=`), call `model.build(input_shape)`, or call it on a batch."
         )
-    gated = GatedModel(model, config, **options)
+    return draw_init(GatedModel(model, config, **options))
+
+
+def draw_init(gated):
+    """Re-draws the kernels of a freshly built `GatedModel` (or subclass) with its
+    config's `init`, if any; returns it. `wrap` ends with this."""
     resolved = gated.config
     if resolved.init is not None:
         initializers.get(resolved.init)(gated, seed=0 if resolved.seed is None else resolved.seed,

@@ -272,14 +272,18 @@ def _pm(mean, std, n):
     return f"{100 * mean:.2f} ± {100 * std:.2f}" + ("" if n >= 3 else f" (n={n})")
 
 
+def _summaries(out, tasks=None):
+    """(task, rows, summary) of every task with rows in `out`."""
+    for task in tasks or TASKS:
+        rows = read_rows(rows_path(out, task))
+        if rows:
+            yield task, rows, summarize(rows)
+
+
 def report(out, tasks=None):
     """Markdown of every task with rows: the frontier table, iso-accuracy, the targets."""
     lines = []
-    for task in tasks or TASKS:
-        rows = read_rows(rows_path(out, task))
-        if not rows:
-            continue
-        summary = summarize(rows)
+    for task, rows, summary in _summaries(out, tasks):
         budgets = {m: _budget(summary[m]["setting"]) for m in summary}
         budget = budgets.get("ours") or next(iter(budgets.values()))
         if len(set(budgets.values())) > 1:
@@ -410,11 +414,7 @@ def plot(out, tasks=None):
     from benchmarks.suite.plots import _save_fig
 
     paths = []
-    for task in tasks or TASKS:
-        rows = read_rows(rows_path(out, task))
-        if not rows:
-            continue
-        summary = summarize(rows)
+    for task, _, summary in _summaries(out, tasks):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for m, marker in zip(METHODS, "osv^D"):
             if m not in summary:

@@ -23,7 +23,8 @@ import keras
 from keras import ops
 
 import keras_stg
-from keras_stg import gate_math, initializers
+from keras_stg import gate_math
+from keras_stg.wrapping import draw_init
 
 
 class _LayerState:
@@ -85,12 +86,7 @@ class LayerwiseGatedModel(keras_stg.GatedModel):
 
 def wrap_layerwise(model, **options):
     """`keras_stg.wrap` building a `LayerwiseGatedModel` (same options, same init)."""
-    gated = LayerwiseGatedModel(model, **options)
-    resolved = gated.config
-    if resolved.init is not None:
-        initializers.get(resolved.init)(gated, seed=0 if resolved.seed is None else resolved.seed,
-                                        density=resolved.init_density)
-    return gated
+    return draw_init(LayerwiseGatedModel(model, **options))
 
 
 #: method -> (label, short description of what differs from `ours`)
