@@ -247,33 +247,38 @@ class GateConfig:
 
 #: Keywords of `wrap` and `GatedModel` that configure the penalty (the short form).
 PENALTY_KEYWORDS = ("lam", "target_sparsity", "controller_rate", "target_ramp",
-                    "controller_horizon")
+                    "controller_horizon", "controller_error")
 
 
 def from_keywords(lam=None, target_sparsity=None, controller_rate=0.01, target_ramp=None,
-                  controller_horizon=3.0, penalty=None, **options):
+                  controller_horizon=3.0, controller_error=None, penalty=None, **options):
     """A `GateConfig` from `wrap`'s keyword form, where the penalty is given by its parts:
     `lam` (the fixed weight, or the controller's start with a target), `target_sparsity`
-    and the controller's `controller_rate`, `target_ramp` and `controller_horizon`."""
+    and the controller's `controller_rate`, `target_ramp`, `controller_horizon` and
+    `controller_error` (None: `keras_stg.penalty.DEFAULT_ERROR`)."""
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(GateConfig)})
     if unknown:
         raise TypeError(f"Unknown option(s) {', '.join(unknown)}; see keras_stg.GateConfig.")
     if penalty is not None:
         shortcut = {"lam": lam, "controller_rate": controller_rate != 0.01,
-                    "target_ramp": target_ramp, "controller_horizon": controller_horizon != 3.0}
+                    "target_ramp": target_ramp, "controller_horizon": controller_horizon != 3.0,
+                    "controller_error": controller_error}
         given = [k for k, v in shortcut.items() if v not in (None, False)]
         if given:
             raise ValueError(
                 f"Give the penalty either as `penalty=` or by its parts, not both "
                 f"(got penalty= and {', '.join(given)}=).")
     else:
-        penalty_lib.check_controller(controller_rate, target_ramp, controller_horizon)
+        if controller_error is None:
+            controller_error = penalty_lib.DEFAULT_ERROR
+        penalty_lib.check_controller(controller_rate, target_ramp, controller_horizon,
+                                     controller_error)
     if penalty is not None:
         pass
     elif target_sparsity is not None:
         penalty = penalty_lib.TargetSparsity(
             target_sparsity, lam=1.0 if lam is None else lam, rate=controller_rate,
-            ramp=target_ramp, horizon=controller_horizon)
+            ramp=target_ramp, horizon=controller_horizon, error=controller_error)
     elif lam is not None:
         penalty = penalty_lib.FixedPenalty(lam)
     return GateConfig(penalty=penalty, target_sparsity=target_sparsity, **options)

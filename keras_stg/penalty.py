@@ -28,6 +28,15 @@ from keras import ops
 #: Bound of the adaptive lambda, so a bad start cannot blow it up.
 LAM_MAX = 1e3
 
+#: How `TargetSparsity` measures its error (`error=`): "absolute", the target sparsity
+#: minus the predicted sparsity; "log_ratio", the log of the predicted kept share over
+#: the target's kept share (bounded by `LOG_RATIO_MAX`).
+ERRORS = ("absolute", "log_ratio")
+DEFAULT_ERROR = "log_ratio"
+#: Bound of the "log_ratio" error: a kept share more than e**2 (7.4x) off the target's
+#: (or a predicted share <= 0 from extrapolating the velocity) counts as that much.
+LOG_RATIO_MAX = 2.0
+
 
 class Penalty:
     """Base class: a fixed `initial_lam` and no updates."""
@@ -75,7 +84,7 @@ def _number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def check_controller(rate, ramp, horizon):
+def check_controller(rate, ramp, horizon, error=DEFAULT_ERROR):
     """Raises ValueError naming the first of `TargetSparsity`'s controller settings out of range."""
     if not (_number(rate) and rate > 0):
         raise ValueError(f"`controller_rate` must be > 0, got {rate!r}.")
@@ -83,6 +92,9 @@ def check_controller(rate, ramp, horizon):
         raise ValueError(f"`target_ramp` must be in [0, 1] or None (auto), got {ramp!r}.")
     if not (_number(horizon) and horizon >= 0):
         raise ValueError(f"`controller_horizon` must be >= 0 (epochs), got {horizon!r}.")
+    if error not in ERRORS:
+        raise ValueError(f"`controller_error` must be one of {', '.join(map(repr, ERRORS))}, "
+                         f"got {error!r}.")
 
 
 @keras.saving.register_keras_serializable(package="keras_stg")
@@ -103,6 +115,18 @@ class TargetSparsity(Penalty):
     (so it can change sign), relative when lambda is large (so it rises and
     unwinds in an epoch or two whatever the scale the task needs).
 
+    The error is the log of the predicted kept share over the target's
+    (`error="log_ratio"`, the default) or the target sparsity minus the
+    predicted one (`"absolute"`, the only one before 2026-12-05). Near a high
+    target the absolute error is small whatever the relative miss: at 99%, a
+    mask stuck at 98% keeps twice the weights but the error is 0.01, and a mask
+    past the target gives an error of at most the target's kept share. The log
+    ratio weighs a miss by the share the target keeps (about
+    `absolute / (1 - target)` for small misses), so lambda reaches the scale
+    the task needs within the run and turns negative within tens of steps when
+    the mask runs past the target (where the task gradient has vanished and Adam
+    closes gates at its full step whatever lambda's size).
+
     Args:
         target: sparsity in (0, 1) (share of gated weights removed).
         lam: starting value of lambda.
@@ -112,17 +136,21 @@ class TargetSparsity(Penalty):
             random mask at the target (nothing to ramp), else 0.4.
         horizon: the controller acts on the sparsity predicted this many
             epochs ahead (0: on the current sparsity), at most to the end of `fit`.
+        error: "log_ratio" (default) or "absolute" (see above). A controller
+            saved without it (older models) loads as "absolute", as it trained.
     """
 
-    def __init__(self, target, lam=1.0, rate=0.01, ramp=None, horizon=3.0):
+    def __init__(self, target, lam=1.0, rate=0.01, ramp=None, horizon=3.0,
+                 error=DEFAULT_ERROR):
         super().__init__(lam)
         if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
             raise ValueError(
                 f"`target_sparsity` must be strictly between 0 and 1 (a fraction of "
                 f"weights to remove, e.g. 0.9), got {target!r}."
             )
-        check_controller(rate, ramp, horizon)
+        check_controller(rate, ramp, horizon, error)
         self.target = float(target)
+        self.error = error
         self.rate = float(rate)
         self.ramp = None if ramp is None else float(ramp)
         self.horizon = float(horizon)
@@ -148,6 +176,14 @@ class TargetSparsity(Penalty):
 
     def gain(self, lam):
         return 1.0 + ops.abs(lam)
+
+    def error_of(self, target, predicted):
+        """The controller's error: > 0 while the predicted sparsity is below `target`."""
+        if self.error == "absolute":
+            return target - predicted
+        kept, goal = 1.0 - predicted, 1.0 - target
+        ratio = ops.log(ops.maximum(kept, 1e-12)) - ops.log(ops.maximum(goal, 1e-12))
+        return ops.clip(ratio, -LOG_RATIO_MAX, LOG_RATIO_MAX)
 
     def lookahead(self, state, iteration):
         """Steps ahead the controller predicts the sparsity (at most to the end of `fit`)."""
@@ -183,14 +219,19 @@ class TargetSparsity(Penalty):
         state.sparsity_velocity.assign(velocity)
         state.last_sparsity.assign(sparsity)
         predicted = sparsity + self.lookahead(state, iteration) * velocity
-        error = self.target_at(state, iteration) - predicted
+        error = self.error_of(self.target_at(state, iteration), predicted)
         lam = ops.convert_to_tensor(state.lam)
         lam = lam + self.rate * self.gain(lam) * error
         state.lam.assign(ops.clip(lam, -LAM_MAX, LAM_MAX))
 
     def get_config(self):
         return {"target": self.target, "lam": self.lam, "rate": self.rate, "ramp": self.ramp,
-                "horizon": self.horizon}
+                "horizon": self.horizon, "error": self.error}
+
+    @classmethod
+    def from_config(cls, config):
+        # Saved before `error` existed: those models' controller was the absolute one.
+        return cls(**{"error": "absolute", **config})
 
 
 def get(identifier):

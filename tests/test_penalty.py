@@ -89,7 +89,61 @@ def test_a_subclassed_schedule_trains_saves_and_loads(tmp_path):
     (lambda: keras_stg.TargetSparsity(0.5, rate=0), "`controller_rate` must be > 0"),
     (lambda: keras_stg.TargetSparsity(0.5, ramp=2), "`target_ramp` must be in \\[0, 1\\]"),
     (lambda: keras_stg.TargetSparsity(0.5, horizon=-1), "`controller_horizon` must be >= 0"),
+    (lambda: keras_stg.TargetSparsity(0.5, error="relative"),
+     "`controller_error` must be one of 'absolute', 'log_ratio', got 'relative'"),
+    (lambda: keras_stg.wrap(mlp(), target_sparsity=0.5, controller_error="abs"),
+     "`controller_error` must be one of"),
 ])
 def test_bad_schedules_name_the_setting(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_log_ratio_error_weighs_a_miss_by_the_share_the_target_keeps():
+    ratio = keras_stg.TargetSparsity(0.99, error="log_ratio")
+    absolute = keras_stg.TargetSparsity(0.99, error="absolute")
+    # A mask at 98% keeps twice the target's weights: log 2 against 0.01.
+    assert float(ratio.error_of(0.99, 0.98)) == pytest.approx(np.log(2.0), rel=1e-5)
+    assert float(absolute.error_of(0.99, 0.98)) == pytest.approx(0.01, rel=1e-5)
+    # Same sign as the absolute error: positive below the target, negative past it.
+    assert float(ratio.error_of(0.5, 0.6)) == pytest.approx(np.log(0.4 / 0.5), rel=1e-5)
+    # Bounded, also for a predicted sparsity past 1 (extrapolated velocity).
+    assert float(ratio.error_of(0.5, 1.2)) == -penalty_lib.LOG_RATIO_MAX
+    assert float(ratio.error_of(0.999, 0.0)) == penalty_lib.LOG_RATIO_MAX
+    assert keras_stg.TargetSparsity(0.5).error == penalty_lib.DEFAULT_ERROR == "log_ratio"
+
+
+@pytest.mark.parametrize("error, within", [("log_ratio", 60), ("absolute", None)])
+def test_a_mask_past_a_high_target_turns_lambda_negative_only_with_the_log_ratio(error, within):
+    """At a 95% target a mask at 99.9% (the gates closing on their own) must get a reward
+    for keeping weights soon; the absolute error (at most 0.05) takes hundreds of steps."""
+    schedule = keras_stg.TargetSparsity(0.95, lam=1.0, ramp=0.0, horizon=0.0, error=error)
+    state = _State(lam=1.0, total=10_000.0, epoch=500.0)
+    steps = None
+    for step in range(1, 201):
+        schedule.update(state, ops.convert_to_tensor(0.001), float(step))
+        if float(state.lam.numpy()) < 0:
+            steps = step
+            break
+    if within is None:
+        assert steps is None
+    else:
+        assert steps is not None and steps <= within
+
+
+def test_controller_error_travels_through_wrap_save_and_config(tmp_path):
+    from keras_stg.experiments.config import Config
+
+    gated = keras_stg.wrap(mlp(), target_sparsity=0.5, controller_error="absolute", seed=0)
+    assert gated.penalty.error == "absolute"
+    path = str(tmp_path / "g.keras")
+    gated.save(path)
+    assert keras.models.load_model(path).penalty.error == "absolute"
+    # A controller saved before `error` existed trained with the absolute error.
+    config = keras_stg.TargetSparsity(0.5).get_config()
+    del config["error"]
+    assert keras_stg.TargetSparsity.from_config(config).error == "absolute"
+    with pytest.raises(ValueError, match="not both"):
+        keras_stg.wrap(mlp(), penalty=keras_stg.TargetSparsity(0.5), controller_error="absolute")
+    with pytest.raises(ValueError, match="controller_error"):
+        Config(controller_error="ratio")

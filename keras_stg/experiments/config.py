@@ -33,6 +33,8 @@ class Config:
         target_ramp: share of the steps over which the target ramps up
             (null: 0 when the gates start random, else 0.4).
         controller_horizon: the lambda controller's look-ahead, in epochs.
+        controller_error: the lambda controller's error, `absolute` or `log_ratio`
+            (null: the library's default); see `keras_stg.TargetSparsity`.
         finetune: `joint` mode: share of the epochs at the end during which the
             mask is frozen at the target and only the weights train (0: none).
         cost: what `target_sparsity` counts: `params` (kernel weights) or
@@ -78,6 +80,7 @@ class Config:
     target_sparsity: typing.Optional[float] = 0.9
     target_ramp: typing.Optional[float] = None
     controller_horizon: float = 3.0
+    controller_error: typing.Optional[str] = None
     finetune: float = 0.0
     cost: str = "params"
     gate_lr: float = 1.0
@@ -105,7 +108,8 @@ class Config:
         return gate_config.from_keywords(
             mode=self.mode, granularity=self.granularity, lam=self.lam,
             target_sparsity=self.target_sparsity, target_ramp=self.target_ramp,
-            controller_horizon=self.controller_horizon, sigma=self.sigma, exclude=self.exclude,
+            controller_horizon=self.controller_horizon,
+            controller_error=self.controller_error, sigma=self.sigma, exclude=self.exclude,
             init=self.init if self.mode == "slt" else None, init_mu=self.init_mu,
             init_density="auto" if self.scale_fan else None, seed=self.seed,
             finetune=self.finetune, cost=self.cost, gate_lr=self.gate_lr,
@@ -126,6 +130,10 @@ class Config:
         choice("model", models.MODELS)
         choice("mode", MODES)
         choice("cost", COSTS)
+        if self.controller_error is not None:
+            from keras_stg.penalty import ERRORS
+
+            choice("controller_error", ERRORS)
         if isinstance(self.init_mu, str) and self.init_mu not in ("auto", "random"):
             raise ValueError(
                 f"Config key 'init_mu' must be a number, 'auto' or 'random', got {self.init_mu!r}.")
