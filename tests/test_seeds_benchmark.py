@@ -136,8 +136,8 @@ def test_part_resumes_point_by_point_and_times_ours_to_edge_popup(monkeypatch, t
     part_seeds.part_seeds(setup, ["lenet_mnist"], [0.9, 0.5], [0, 1],
                           ["ours", "edge_popup", "ours_time"], out)
     # Done points are not run again; ours_time gets 20 * 25 s / 10 s = 50 epochs.
-    assert calls == [("ours", 0.9, 0, 50, []), ("ours", 0.9, 1, 50, []),
-                     ("ours", 0.5, 0, 50, []), ("ours", 0.5, 1, 50, [])]
+    assert calls == [("ours", 0.9, 0, 50, ["wrap"]), ("ours", 0.9, 1, 50, ["wrap"]),
+                     ("ours", 0.5, 0, 50, ["wrap"]), ("ours", 0.5, 1, 50, ["wrap"])]
     rows = part_seeds.read_rows(part_seeds.rows_path(out, "lenet_mnist"))
     assert len(rows) == 12 and all(r["command"] == "cmd" for r in rows)
     assert not os.listdir(part_seeds.rows_path(out, "lenet_mnist") + ".claims")
@@ -242,3 +242,24 @@ def test_scale_fan_flag_overrides_the_config_for_both_methods(monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         tasks.train_ours(setup, "conv4_fashion", 0.9, "slt", None, None, wrap=fake_wrap)
     assert seen["init_density"] == "auto"
+
+
+def test_each_method_pins_its_controller_error_whatever_the_library_default(monkeypatch):
+    """A row keeps its meaning when the library default changes: `ours` and its variants
+    run the absolute controller, `ours_ratio` the log-ratio one, and the setting says so
+    only where it is not the absolute one (the rows from before it existed)."""
+    from keras_stg import penalty as penalty_lib
+
+    setup = tasks.Setup(bench.parse_args(["--only", "seeds"]))
+    model = models.lenet_300_100((28, 28, 1))
+    for default in penalty_lib.ERRORS:
+        monkeypatch.setattr(penalty_lib, "DEFAULT_ERROR", default)
+        for method, error in variants.CONTROLLER_ERRORS.items():
+            gated = variants.wrap_for(method)(model, mode="slt", target_sparsity=0.9, seed=0)
+            assert gated.penalty.error == error, (method, default)
+            assert ("controller_error" in part_seeds.setting(setup, "lenet_mnist", method)) == (
+                error != "absolute")
+    assert isinstance(variants.wrap_for("ours_layer")(model, target_sparsity=0.9, seed=0),
+                      variants.LayerwiseGatedModel)
+    assert variants.CONTROLLER_ERRORS[variants.DEFAULT_METHOD] == "log_ratio"
+    assert set(variants.CONTROLLER_ERRORS) == set(part_seeds.METHODS) - {"edge_popup"}

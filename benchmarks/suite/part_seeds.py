@@ -29,7 +29,8 @@ import numpy as np
 from benchmarks.edge_popup import sgd_cosine
 from benchmarks.suite.common import EP_MOMENTUM, TASKS, log
 from benchmarks.suite.tasks import task_available, train_edge_popup, train_ours
-from benchmarks.suite.variants import GATE_SGD_LR, VARIANTS, wrap_layerwise
+from benchmarks.suite.variants import (DEFAULT_METHOD, GATE_SGD_LR, VARIANTS, controller_error,
+                                       wrap_for)
 
 #: Default target sparsities per task (`--sparsities` overrides).
 SEED_SPARSITIES = {"lenet_mnist": (0.5, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)}
@@ -43,7 +44,8 @@ ISO_LEVELS = {"lenet_mnist": (0.975, 0.97, 0.96, 0.95, 0.90),
 MIN_ISO_POINTS = 3
 #: Ours counts as short of a target when its mean sparsity is this far below edge-popup's.
 MISSED_TARGET = 0.005
-METHODS = ("ours", "edge_popup", "ours_layer", "ours_sgd", "ours_time")
+#: Columns and plot order: the library default first.
+METHODS = ("ours_ratio", "edge_popup", "ours", "ours_layer", "ours_sgd", "ours_time")
 LABELS = dict({k: v[0] for k, v in VARIANTS.items()}, edge_popup="edge-popup")
 
 
@@ -86,6 +88,8 @@ def setting(setup, task, method):
         s["ep"] = f"SGD(lr={setup.ep_lr}, momentum={EP_MOMENTUM}, cosine), wd={setup.ep_wd}"
     if method == "ours_sgd":
         s["gate_sgd_lr"] = setup.gate_sgd_lr
+    if method != "edge_popup" and controller_error(method) != "absolute":
+        s["controller_error"] = controller_error(method)  # rows without it: "absolute"
     return s
 
 
@@ -141,9 +145,7 @@ def _run_point(setup, task, method, target, epochs):
     train, test, steps = setup.datasets(task)
     if method == "edge_popup":
         return train_edge_popup(setup, task, target, train, test, steps, per_epoch=True)
-    kwargs = {}
-    if method == "ours_layer":
-        kwargs["wrap"] = wrap_layerwise
+    kwargs = {"wrap": wrap_for(method)}
     if method == "ours_sgd":
         kwargs["optimizer"] = lambda total: sgd_cosine(setup.gate_sgd_lr, total)
     r, _ = train_ours(setup, task, target, "slt", train, test, epochs=epochs, per_epoch=True,
@@ -285,7 +287,8 @@ def report(out, tasks=None):
     lines = []
     for task, rows, summary in _summaries(out, tasks):
         budgets = {m: _budget(summary[m]["setting"]) for m in summary}
-        budget = budgets.get("ours") or next(iter(budgets.values()))
+        budget = (budgets.get(DEFAULT_METHOD) or budgets.get("ours")
+                  or next(iter(budgets.values())))
         if len(set(budgets.values())) > 1:
             budget += "; other methods: " + ", ".join(
                 f"{LABELS[m]} {b}" for m, b in budgets.items() if b != budget)
@@ -298,7 +301,9 @@ def report(out, tasks=None):
                       "weights edge-popup keeps / weights ours keeps; '>=' the level holds at "
                       "the sparsest point measured, so the true figure is higher):", ""]
             lines += _iso_lines(summary, levels)
-        lines += [""] + _targets(task, summary) + [""]
+        for method in [m for m in (DEFAULT_METHOD, "ours") if m in summary]:
+            lines += [""] + _targets(task, summary, method)
+        lines += [""]
         lines += [f"![seeds_{task}.png](results/seeds_{task}.png)", ""]
     return lines
 
@@ -364,10 +369,10 @@ def _iso_lines(summary, levels):
     return lines
 
 
-def _targets(task, summary):
-    """Issue 18's targets with their measured verdicts."""
-    lines = ["Targets of issue 18:", ""]
-    ours, ep = summary.get("ours"), summary.get("edge_popup")
+def _targets(task, summary, method="ours"):
+    """Issue 18's targets with their measured verdicts for `method` (a method of ours)."""
+    lines = [f"Targets of issue 18, {LABELS[method]}:", ""]
+    ours, ep = summary.get(method), summary.get("edge_popup")
     if ours and ep:
         pairs = [(p, next((q for q in ep["points"] if q["target"] == p["target"]), None))
                  for p in ours["points"]]
@@ -387,8 +392,8 @@ def _targets(task, summary):
         levels = [lv for lv in ISO_LEVELS.get(task, ()) if lv <= 0.97]
         if levels:
             bad = []
-            for level, found, ratios in iso_table(summary, levels, methods=["ours"]):
-                r = ratios.get("ours")
+            for level, found, ratios in iso_table(summary, levels, methods=[method]):
+                r = ratios.get(method)
                 if r is None or r[0] < 2.0:
                     bad.append(f"{100 * level:g}%" + ("" if r is None else f" ({r[0]:.2f}x)"))
             lines.append("- at every accuracy level <= 97%, ours keeps at most half the weights "
@@ -416,7 +421,7 @@ def plot(out, tasks=None):
     paths = []
     for task, _, summary in _summaries(out, tasks):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for m, marker in zip(METHODS, "osv^D"):
+        for m, marker in zip(METHODS, "osv^Dp"):
             if m not in summary:
                 continue
             pts = sorted(summary[m]["points"], key=lambda p: p["sparsity"])

@@ -1,17 +1,24 @@
-"""Variants of our method that the `seeds` part compares with the library defaults.
+"""Variants of our method that the `seeds` part compares with each other and edge-popup.
 
-Each is a hypothesis of issue 18 about the mid-sparsity gap to edge-popup; none
-is a library default. `VARIANTS` names them; `part_seeds` builds each (its
-gated model, optimizer or epochs) from the library's `train_ours`.
+Each is a hypothesis of issue 18 about the gap to edge-popup. `VARIANTS` names
+them; `part_seeds` builds each (its gated model, optimizer or epochs) from the
+library's `train_ours`. Every method pins its sparsity controller's error
+(`CONTROLLER_ERRORS`), so a row keeps its meaning when the library default
+changes.
 
-- `ours`: `keras_stg.wrap` with the library defaults and the task config's
-  batch, learning rate and scale-fan (as the `frontier` part).
+- `ours`: `keras_stg.wrap` with the library defaults up to 2026-12-05
+  (`controller_error="absolute"`) and the task config's batch, learning rate
+  and scale-fan (as the `frontier` part). The variants below differ from it in
+  one thing each.
 - `ours_layer`: the same share of weights kept in every layer, as edge-popup
   has it: one sparsity controller (the library's `TargetSparsity` law) per
   layer, each with its own lambda on that layer's expected density, instead of
   one global budget (`LayerwiseGatedModel`).
 - `ours_sgd`: SGD with momentum 0.9 and cosine decay on the gate locations
   (edge-popup's optimizer) instead of Adam.
+- `ours_ratio`: the sparsity controller's error taken as the log of the
+  predicted kept share over the target's (`controller_error="log_ratio"`,
+  the library default since 2026-12-05): `ours` as the library runs now.
 - `ours_time`: the library defaults for as many epochs as fit in
   edge-popup's time at the same sparsity and seed (its measured training
   time over ours, times the epochs).
@@ -91,10 +98,31 @@ def wrap_layerwise(model, **options):
 
 #: method -> (label, short description of what differs from `ours`)
 VARIANTS = {
-    "ours": ("ours (slt)", "library defaults"),
+    "ours": ("ours, absolute controller", "library defaults up to 2026-12-05"),
     "ours_layer": ("ours, per-layer budget", "one sparsity controller per layer"),
     "ours_sgd": ("ours, SGD on gates", "SGD momentum 0.9, cosine decay on the gates"),
     "ours_time": ("ours, edge-popup's time", "as many epochs as edge-popup's training time"),
+    "ours_ratio": ("ours, log-ratio controller (default)",
+                   "controller error log(kept share / target's kept share), the library "
+                   "default since 2026-12-05"),
 }
+#: The controller error (`keras_stg.wrap`'s `controller_error`) of each method of ours.
+CONTROLLER_ERRORS = {"ours": "absolute", "ours_layer": "absolute", "ours_sgd": "absolute",
+                     "ours_time": "absolute", "ours_ratio": "log_ratio"}
+#: The method that runs the library's current defaults (issue 18's targets are read on it).
+DEFAULT_METHOD = "ours_ratio"
+
+
+def controller_error(method):
+    """The sparsity controller error `method` trains with."""
+    return CONTROLLER_ERRORS[method]
+
+
+def wrap_for(method):
+    """`keras_stg.wrap` (or `wrap_layerwise`) as `method` builds its gated model."""
+    build = wrap_layerwise if method == "ours_layer" else keras_stg.wrap
+    error = controller_error(method)
+    return lambda model, **options: build(model, controller_error=error, **options)
+
 #: SGD learning rate of `ours_sgd` on the gate locations (`--gate-sgd-lr`).
 GATE_SGD_LR = 1.0
