@@ -33,6 +33,9 @@ class Config:
         target_ramp: share of the steps over which the target ramps up
             (null: 0 when the gates start random, else 0.4).
         controller_horizon: the lambda controller's look-ahead, in epochs.
+        controller_rate: the lambda controller's gain per step (raise it on
+            runs of about a thousand steps, where the default may leave the
+            mask short of the target).
         controller_error: the lambda controller's error, `absolute` or `log_ratio`
             (null: the library's default); see `keras_stg.TargetSparsity`.
         finetune: `joint` mode: share of the epochs at the end during which the
@@ -80,6 +83,7 @@ class Config:
     target_sparsity: typing.Optional[float] = 0.9
     target_ramp: typing.Optional[float] = None
     controller_horizon: float = 3.0
+    controller_rate: float = 0.01
     controller_error: typing.Optional[str] = None
     finetune: float = 0.0
     cost: str = "params"
@@ -108,7 +112,7 @@ class Config:
         return gate_config.from_keywords(
             mode=self.mode, granularity=self.granularity, lam=self.lam,
             target_sparsity=self.target_sparsity, target_ramp=self.target_ramp,
-            controller_horizon=self.controller_horizon,
+            controller_horizon=self.controller_horizon, controller_rate=self.controller_rate,
             controller_error=self.controller_error, sigma=self.sigma, exclude=self.exclude,
             init=self.init if self.mode == "slt" else None, init_mu=self.init_mu,
             init_density="auto" if self.scale_fan else None, seed=self.seed,
