@@ -250,17 +250,18 @@ PENALTY_KEYWORDS = ("lam", "target_sparsity", "controller_rate", "target_ramp",
                     "controller_horizon", "controller_error")
 
 
-def from_keywords(lam=None, target_sparsity=None, controller_rate=0.01, target_ramp=None,
+def from_keywords(lam=None, target_sparsity=None, controller_rate=None, target_ramp=None,
                   controller_horizon=3.0, controller_error=None, penalty=None, **options):
     """A `GateConfig` from `wrap`'s keyword form, where the penalty is given by its parts:
     `lam` (the fixed weight, or the controller's start with a target), `target_sparsity`
-    and the controller's `controller_rate`, `target_ramp`, `controller_horizon` and
-    `controller_error` (None: `keras_stg.penalty.DEFAULT_ERROR`)."""
+    and the controller's `controller_rate` (None: `keras_stg.penalty.DEFAULT_RATE`),
+    `target_ramp`, `controller_horizon` and `controller_error` (None:
+    `keras_stg.penalty.DEFAULT_ERROR`)."""
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(GateConfig)})
     if unknown:
         raise TypeError(f"Unknown option(s) {', '.join(unknown)}; see keras_stg.GateConfig.")
     if penalty is not None:
-        shortcut = {"lam": lam, "controller_rate": controller_rate != 0.01,
+        shortcut = {"lam": lam, "controller_rate": controller_rate,
                     "target_ramp": target_ramp, "controller_horizon": controller_horizon != 3.0,
                     "controller_error": controller_error}
         given = [k for k, v in shortcut.items() if v not in (None, False)]
@@ -271,6 +272,8 @@ def from_keywords(lam=None, target_sparsity=None, controller_rate=0.01, target_r
     else:
         if controller_error is None:
             controller_error = penalty_lib.DEFAULT_ERROR
+        if controller_rate is None:
+            controller_rate = penalty_lib.DEFAULT_RATE
         penalty_lib.check_controller(controller_rate, target_ramp, controller_horizon,
                                      controller_error)
     if penalty is not None:

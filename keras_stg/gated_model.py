@@ -624,6 +624,9 @@ class GatedModel(MaskedModel):
             gate_config = config_lib.GateConfig.from_config(config["config"])
         else:  # saved before GateConfig: the options were flat keywords
             config["granularity"] = granularity_lib.deserialize(config["granularity"])
+            # Its controller: the absolute error at rate 0.01, the only ones then.
+            config.setdefault("controller_error", "absolute")
+            config.setdefault("controller_rate", 0.01)
             gate_config = config_lib.from_keywords(**config)
         return cls(model, gate_config, name=name)
 

@@ -33,6 +33,8 @@ LAM_MAX = 1e3
 #: the target's kept share (bounded by `LOG_RATIO_MAX`).
 ERRORS = ("absolute", "log_ratio")
 DEFAULT_ERROR = "log_ratio"
+#: `TargetSparsity`'s gain per step (`rate=`, `controller_rate=`); 0.01 before 2026-12-05.
+DEFAULT_RATE = 0.05
 #: Bound of the "log_ratio" error: a kept share more than e**2 (7.4x) off the target's
 #: (or a predicted share <= 0 from extrapolating the velocity) counts as that much.
 LOG_RATIO_MAX = 2.0
@@ -130,7 +132,7 @@ class TargetSparsity(Penalty):
     Args:
         target: sparsity in (0, 1) (share of gated weights removed).
         lam: starting value of lambda.
-        rate: gain of the controller per step.
+        rate: gain of the controller per step (`DEFAULT_RATE`).
         ramp: share of `fit`'s steps over which the target rises (`ramp_shape`)
             from 0 to `target`; 0: no ramp. None: 0 when the gates start as a
             random mask at the target (nothing to ramp), else 0.4.
@@ -140,7 +142,7 @@ class TargetSparsity(Penalty):
             saved without it (older models) loads as "absolute", as it trained.
     """
 
-    def __init__(self, target, lam=1.0, rate=0.01, ramp=None, horizon=3.0,
+    def __init__(self, target, lam=1.0, rate=DEFAULT_RATE, ramp=None, horizon=3.0,
                  error=DEFAULT_ERROR):
         super().__init__(lam)
         if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):

@@ -32,7 +32,7 @@ def wrap(model, config=None, **options):
             `lam` (the penalty weight; with a target, the controller's start;
             default 1.0), `target_sparsity` (in (0, 1): lambda adapts every
             step so that the binary mask's sparsity settles there),
-            `controller_rate` (0.01), `target_ramp` (None: automatic),
+            `controller_rate` (0.05), `target_ramp` (None: automatic),
             `controller_horizon` (3.0 epochs) and `controller_error`
             ("log_ratio", default, or "absolute"); see `keras_stg.TargetSparsity`.
 

@@ -117,7 +117,8 @@ def test_log_ratio_error_weighs_a_miss_by_the_share_the_target_keeps():
 def test_a_mask_past_a_high_target_turns_lambda_negative_only_with_the_log_ratio(error, within):
     """At a 95% target a mask at 99.9% (the gates closing on their own) must get a reward
     for keeping weights soon; the absolute error (at most 0.05) takes hundreds of steps."""
-    schedule = keras_stg.TargetSparsity(0.95, lam=1.0, ramp=0.0, horizon=0.0, error=error)
+    schedule = keras_stg.TargetSparsity(0.95, lam=1.0, rate=0.01, ramp=0.0, horizon=0.0,
+                                        error=error)
     state = _State(lam=1.0, total=10_000.0, epoch=500.0)
     steps = None
     for step in range(1, 201):

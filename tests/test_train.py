@@ -198,9 +198,10 @@ def test_experiment_config_maps_onto_one_gate_config():
                                                                             ["fc3"], 0.4)
     assert gate.init == cfg.init and gate.init_mu == "random" and gate.seed == cfg.seed
     assert gate.init_density == (pytest.approx(0.2) if cfg.scale_fan else None)
-    fast = config.load(CONFIG, ["controller_rate=0.05", "controller_error=absolute"])
-    penalty = fast.gate_config().resolve().penalty
-    assert (penalty.rate, penalty.error) == (0.05, "absolute")
+    assert gate.penalty.rate == keras_stg.penalty.DEFAULT_RATE
+    slow = config.load(CONFIG, ["controller_rate=0.01", "controller_error=absolute"])
+    penalty = slow.gate_config().resolve().penalty
+    assert (penalty.rate, penalty.error) == (0.01, "absolute")
     with pytest.raises(ValueError, match="`controller_rate` must be > 0"):
         config.load(CONFIG, ["controller_rate=0"]).gate_config()
     joint = config.load(CONFIG, ["mode=joint"]).gate_config().resolve()

@@ -33,9 +33,8 @@ class Config:
         target_ramp: share of the steps over which the target ramps up
             (null: 0 when the gates start random, else 0.4).
         controller_horizon: the lambda controller's look-ahead, in epochs.
-        controller_rate: the lambda controller's gain per step (raise it on
-            runs of about a thousand steps, where the default may leave the
-            mask short of the target).
+        controller_rate: the lambda controller's gain per step (null: the
+            library's default, `keras_stg.penalty.DEFAULT_RATE`).
         controller_error: the lambda controller's error, `absolute` or `log_ratio`
             (null: the library's default); see `keras_stg.TargetSparsity`.
         finetune: `joint` mode: share of the epochs at the end during which the
@@ -83,7 +82,7 @@ class Config:
     target_sparsity: typing.Optional[float] = 0.9
     target_ramp: typing.Optional[float] = None
     controller_horizon: float = 3.0
-    controller_rate: float = 0.01
+    controller_rate: typing.Optional[float] = None
     controller_error: typing.Optional[str] = None
     finetune: float = 0.0
     cost: str = "params"
