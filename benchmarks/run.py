@@ -109,10 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", choices=part_seeds.METHODS,
                    default=["ours", "edge_popup"],
                    help="methods of the frontier part (ours: the library defaults, edge_popup) "
-                        "and the seeds part, where each method pins its controller error: ours "
-                        "and the variants ours_layer, ours_sgd, ours_time the 'absolute' one "
-                        "(the defaults up to 2026-12-05), ours_ratio the 'log_ratio' one (the "
-                        "current defaults); default ours and edge_popup")
+                        "and the seeds part, where each method pins its controller: ours and "
+                        "the variants ours_layer, ours_sgd, ours_time the 'absolute' error at "
+                        "rate 0.01 (the defaults up to 2026-12-05), ours_ratio the 'log_ratio' "
+                        "error at rate 0.01, ours_rate at rate 0.05 (the current defaults); "
+                        "default ours and edge_popup")
     p.add_argument("--seeds", type=int, nargs="+", default=list(part_seeds.SEEDS),
                    help="seeds of the seeds part (default 0 1 2); run one per process to "
                         "use several cores: they append to the same files")
@@ -168,8 +169,9 @@ def _seeds_header(results_path, out):
              "rows):", "", "```"]
     lines += [f"{c}    # {run}; {n} rows" for c, (run, n) in commands.items()]
     lines += ["```", "",
-              "Ours: `keras_stg.wrap(model, target_sparsity=s, seed=seed, controller_error=e)` "
-              "with the library defaults but the controller error `e` each method pins, and "
+              "Ours: `keras_stg.wrap(model, target_sparsity=s, seed=seed, controller_error=e, "
+              "controller_rate=r)` with the library defaults but the controller error `e` and "
+              "rate `r` each method pins, and "
               "the task config's batch, learning rate and scale-fan (as the frontier part). "
               "Edge-popup: the very same frozen weights at each sparsity and "
               "seed, paper settings (SGD momentum 0.9, lr 0.1, cosine, weight decay 1e-4), same "

@@ -257,9 +257,13 @@ def test_each_method_pins_its_controller_error_whatever_the_library_default(monk
         for method, error in variants.CONTROLLER_ERRORS.items():
             gated = variants.wrap_for(method)(model, mode="slt", target_sparsity=0.9, seed=0)
             assert gated.penalty.error == error, (method, default)
-            assert ("controller_error" in part_seeds.setting(setup, "lenet_mnist", method)) == (
-                error != "absolute")
+            rate = variants.CONTROLLER_RATES[method]
+            assert gated.penalty.rate == rate
+            s = part_seeds.setting(setup, "lenet_mnist", method)
+            assert ("controller_error" in s) == (error != "absolute")
+            assert s.get("controller_rate") == (None if rate == 0.01 else rate)
     assert isinstance(variants.wrap_for("ours_layer")(model, target_sparsity=0.9, seed=0),
                       variants.LayerwiseGatedModel)
-    assert variants.CONTROLLER_ERRORS[variants.DEFAULT_METHOD] == "log_ratio"
+    assert variants.CONTROLLER_ERRORS[variants.DEFAULT_METHOD] == penalty_lib.DEFAULT_ERROR
+    assert variants.CONTROLLER_RATES[variants.DEFAULT_METHOD] == penalty_lib.DEFAULT_RATE
     assert set(variants.CONTROLLER_ERRORS) == set(part_seeds.METHODS) - {"edge_popup"}

@@ -3,13 +3,13 @@
 Each is a hypothesis of issue 18 about the gap to edge-popup. `VARIANTS` names
 them; `part_seeds` builds each (its gated model, optimizer or epochs) from the
 library's `train_ours`. Every method pins its sparsity controller's error
-(`CONTROLLER_ERRORS`), so a row keeps its meaning when the library default
-changes.
+and rate (`CONTROLLER_ERRORS`, `CONTROLLER_RATES`), so a row keeps its meaning
+when the library defaults change.
 
 - `ours`: `keras_stg.wrap` with the library defaults up to 2026-12-05
-  (`controller_error="absolute"`) and the task config's batch, learning rate
-  and scale-fan (as the `frontier` part). The variants below differ from it in
-  one thing each.
+  (`controller_error="absolute"`, `controller_rate=0.01`) and the task
+  config's batch, learning rate and scale-fan (as the `frontier` part). The
+  variants below differ from it in one thing each, `ours_rate` in two.
 - `ours_layer`: the same share of weights kept in every layer, as edge-popup
   has it: one sparsity controller (the library's `TargetSparsity` law) per
   layer, each with its own lambda on that layer's expected density, instead of
@@ -18,8 +18,11 @@ changes.
   (edge-popup's optimizer) instead of Adam.
 - `ours_ratio`: the sparsity controller's error taken as the log of the
   predicted kept share over the target's (`controller_error="log_ratio"`,
-  the library default since 2026-12-05): `ours` as the library runs now.
-- `ours_time`: the library defaults for as many epochs as fit in
+  the library default since 2026-12-05).
+- `ours_rate`: `ours_ratio` with five times the controller's rate
+  (`controller_rate=0.05`), so that runs of about a thousand steps bring the
+  mask to the target: the library defaults since 2026-12-05.
+- `ours_time`: `ours` for as many epochs as fit in
   edge-popup's time at the same sparsity and seed (its measured training
   time over ours, times the epochs).
 """
@@ -102,15 +105,19 @@ VARIANTS = {
     "ours_layer": ("ours, per-layer budget", "one sparsity controller per layer"),
     "ours_sgd": ("ours, SGD on gates", "SGD momentum 0.9, cosine decay on the gates"),
     "ours_time": ("ours, edge-popup's time", "as many epochs as edge-popup's training time"),
-    "ours_ratio": ("ours, log-ratio controller (default)",
-                   "controller error log(kept share / target's kept share), the library "
-                   "default since 2026-12-05"),
+    "ours_ratio": ("ours, log-ratio controller",
+                   "controller error log(kept share / target's kept share)"),
+    "ours_rate": ("ours, log ratio, rate 0.05 (default)",
+                  "the log-ratio controller at controller_rate 0.05 instead of 0.01: the "
+                  "library defaults since 2026-12-05"),
 }
 #: The controller error (`keras_stg.wrap`'s `controller_error`) of each method of ours.
 CONTROLLER_ERRORS = {"ours": "absolute", "ours_layer": "absolute", "ours_sgd": "absolute",
-                     "ours_time": "absolute", "ours_ratio": "log_ratio"}
+                     "ours_time": "absolute", "ours_ratio": "log_ratio", "ours_rate": "log_ratio"}
+#: The controller rate (`controller_rate`) of each method of ours.
+CONTROLLER_RATES = dict.fromkeys(CONTROLLER_ERRORS, 0.01) | {"ours_rate": 0.05}
 #: The method that runs the library's current defaults (issue 18's targets are read on it).
-DEFAULT_METHOD = "ours_ratio"
+DEFAULT_METHOD = "ours_rate"
 
 
 def controller_error(method):
@@ -121,8 +128,9 @@ def controller_error(method):
 def wrap_for(method):
     """`keras_stg.wrap` (or `wrap_layerwise`) as `method` builds its gated model."""
     build = wrap_layerwise if method == "ours_layer" else keras_stg.wrap
-    error = controller_error(method)
-    return lambda model, **options: build(model, controller_error=error, **options)
+    pinned = {"controller_error": controller_error(method),
+              "controller_rate": CONTROLLER_RATES[method]}
+    return lambda model, **options: build(model, **pinned, **options)
 
 #: SGD learning rate of `ours_sgd` on the gate locations (`--gate-sgd-lr`).
 GATE_SGD_LR = 1.0
