@@ -16,7 +16,8 @@ The automatic choices, all made in `resolve`:
   random scores start) in `slt` mode with a target and per-weight gates; else
   0.5 (every gate open: a trained network starts whole).
 - `TargetSparsity(ramp=None)`: no ramp when the gates start random (the mask is
-  at the target from the first step), else a ramp over 40% of the steps.
+  at the target from the first step), else a ramp over 40% of the gate phase
+  (the steps before the mask freezes with `finetune`, else all of `fit`).
 """
 
 import dataclasses

@@ -170,8 +170,9 @@ class GatedModel(MaskedModel):
             trainable=False,
             aggregation="only_first_replica",
         )
-        # Total optimizer steps of the current `fit` and steps per epoch (set
-        # by a callback), for the ramp of the sparsity target and the
+        # Optimizer steps of the current `fit`'s gate phase (all of it, or up
+        # to the epoch the mask freezes with `finetune`) and steps per epoch
+        # (set by a callback), for the ramp of the sparsity target and the
         # controller's look-ahead; 0 means no ramp / no look-ahead.
         self.total_steps = self._state_weight("total_steps")
         self.epoch_steps = self._state_weight("epoch_steps")
@@ -646,13 +647,17 @@ class _FitState(keras.callbacks.Callback):
         epochs = self.params.get("epochs") or 0
         steps = self.params.get("steps") or 0
         gated = self._gated
-        gated.total_steps.assign(float(epochs * steps))
-        gated.epoch_steps.assign(float(steps))
         # Fine-tuning: the last `finetune` share of the epochs, leaving at least
         # one epoch to each phase (a 1-epoch fit only trains the gates).
         self._freeze_epoch = None
         if gated.config.finetune and epochs >= 2:
             self._freeze_epoch = min(epochs - 1, max(1, epochs - round(gated.config.finetune * epochs)))
+        # The gates train until the mask freezes: the target's ramp and the
+        # controller's look-ahead span that phase, not the whole `fit`, so the
+        # mask reaches the target before `freeze_mask` fixes it.
+        gate_epochs = epochs if self._freeze_epoch is None else self._freeze_epoch
+        gated.total_steps.assign(float(gate_epochs * steps))
+        gated.epoch_steps.assign(float(steps))
         if float(ops.convert_to_numpy(gated.mask_frozen)) and not gated._mask_frozen:
             self._freeze()  # a resumed run that had frozen its mask
 

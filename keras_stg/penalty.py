@@ -133,11 +133,13 @@ class TargetSparsity(Penalty):
         target: sparsity in (0, 1) (share of gated weights removed).
         lam: starting value of lambda.
         rate: gain of the controller per step (`DEFAULT_RATE`).
-        ramp: share of `fit`'s steps over which the target rises (`ramp_shape`)
+        ramp: share of the gate phase's steps (all of `fit`'s, or those before
+            the mask freezes with `finetune`) over which the target rises (`ramp_shape`)
             from 0 to `target`; 0: no ramp. None: 0 when the gates start as a
             random mask at the target (nothing to ramp), else 0.4.
         horizon: the controller acts on the sparsity predicted this many
-            epochs ahead (0: on the current sparsity), at most to the end of `fit`.
+            epochs ahead (0: on the current sparsity), at most to the end of
+            the gate phase.
         error: "log_ratio" (default) or "absolute" (see above). A controller
             saved without it (older models) loads as "absolute", as it trained.
     """
@@ -188,7 +190,8 @@ class TargetSparsity(Penalty):
         return ops.clip(ratio, -LOG_RATIO_MAX, LOG_RATIO_MAX)
 
     def lookahead(self, state, iteration):
-        """Steps ahead the controller predicts the sparsity (at most to the end of `fit`)."""
+        """Steps ahead the controller predicts the sparsity (at most to the end of the
+        gate phase, `state.total_steps`)."""
         horizon = self.horizon * ops.cast(state.epoch_steps, "float32")
         remaining = ops.cast(state.total_steps, "float32") - iteration
         return ops.where(state.total_steps > 0, ops.clip(remaining, 0.0, horizon), horizon)

@@ -115,6 +115,33 @@ def test_freeze_mask_keeps_exactly_the_target_with_the_largest_mu():
     np.testing.assert_array_equal(kept, again)
 
 
+def test_the_controller_plans_for_the_gate_phase_not_the_whole_fit():
+    # With `finetune` the mask freezes after the gate phase: the target's ramp must
+    # end and the look-ahead stop there, so the gates reach the target before it.
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(64, 200)).astype("float32")
+    y = np.random.randint(0, 10, size=64)
+    for finetune, gate_epochs in ((0.0, 4), (0.5, 2), (0.7, 1)):
+        gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.8, seed=0,
+                               finetune=finetune, init_mu=0.5)
+        gated.compile(optimizer="adam",
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        targets = {}
+
+        class Target(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                step = float(gated.optimizer.iterations.numpy())
+                targets[epoch] = float(gated.current_target(step))
+
+        gated.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[Target()])
+        assert float(gated.total_steps.numpy()) == gate_epochs * 4
+        # The ramp (0.4 of the gate phase) is over by the end of the gate phase
+        # (with the whole fit as its span, 1 gate epoch of 4 ended it at 0.55).
+        assert targets[gate_epochs - 1] == pytest.approx(0.8)
+        if gate_epochs == 4:
+            assert targets[0] < 0.6
+
+
 def test_finetune_freezes_the_mask_and_trains_the_weights_under_it(tmp_path):
     keras.utils.set_random_seed(0)
     x = np.random.normal(size=(256, 200)).astype("float32")

@@ -30,7 +30,7 @@ class Config:
         granularity: `weight`, `unit`, `block4`, ...
         exclude: layer names or regexes left ungated (e.g. `[fc3]`).
         target_sparsity: sparsity the adaptive lambda aims for (None: fixed lam).
-        target_ramp: share of the steps over which the target ramps up
+        target_ramp: share of the gate phase's steps over which the target ramps up
             (null: 0 when the gates start random, else 0.4).
         controller_horizon: the lambda controller's look-ahead, in epochs.
         controller_rate: the lambda controller's gain per step (null: the
