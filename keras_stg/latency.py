@@ -8,6 +8,14 @@ of batch-1 LiteRT latency (XNNPACK, one thread) on the machine it runs on:
   measured once per layer configuration: the layer alone, converted to TFLite
   at its full width and at half its input and output channels, timed in the
   interpreter, `b = (t_full - t_half) / (w_full - w_half)`.
+- A layer timed alone saves more when it shrinks than it does inside the
+  whole network (its own per-op overhead and memory traffic are a larger
+  share of its time), so the slopes are calibrated on the model itself: the
+  model with half of every channel group's channels removed (`shrink`) is
+  timed too, and every `b` is scaled by one factor so that the model predicts
+  the measured saving of that half-width model. The table records the factor
+  (`"calibration"`); where the model cannot be shrunk or halving it saves no
+  measurable time, the slopes stay as measured and the table says why.
 - The rest of the model's latency (ungated layers, the `a` of every layer,
   the interpreter's own overhead) is the fixed part: the whole dense model's
   measured latency minus `sum b * w`. No gate removes it.
@@ -27,6 +35,7 @@ import math
 import os
 import platform
 import statistics
+import warnings
 
 from keras_stg import _compat
 from keras_stg import layer_table
@@ -179,6 +188,60 @@ def model_latency(model):
     return _time([tflite.convert(model)])[0]
 
 
+def half_width(model, targets):
+    """Times `model` with the first half of every prunable channel group's channels
+    removed: `{"ms": its latency, "kept": [kernel weights each of `targets` keeps]}`,
+    or `{"error": why}` where it cannot be built."""
+    import keras
+    import numpy as np
+
+    from keras_stg import dependency
+    from keras_stg import shrinking
+
+    try:
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        for group in dependency.channel_groups(clone):
+            if group.prunable and group.size >= 2:
+                group.zero(np.arange(group.size // 2))
+        with warnings.catch_warnings():  # "removed nothing": calibration() says so
+            warnings.simplefilter("ignore")
+            small = shrinking.shrink(clone, check=False)
+    except Exception as e:  # any model keras_stg cannot clone or shrink
+        return {"error": f"the half-width model could not be built ({type(e).__name__}: {e})"}
+    layers = {layer.name: layer for layer in _compat.all_layers(small)}
+    kept = []
+    for t in targets:
+        layer = layers.get(t.layer.name)
+        variable = None if layer is None else next(
+            (v for v in layer.weights if v.name == t.role), None)
+        if variable is None:
+            return {"error": f"the half-width model has no kernel {t.role!r} of {t.layer.name!r}"}
+        kept.append(math.prod(variable.shape))
+    return {"ms": model_latency(small), "kept": kept}
+
+
+def calibration(total, slopes, sizes, half):
+    """The factor that scales the per-layer `slopes` (ms per kernel weight) so that the
+    modelled saving of the half-width model (`half_width`; `sizes`: the dense kernel
+    weights) equals the measured `total - half["ms"]`, at most `total / modelled
+    variable part` (a fixed part >= 0). Returns `(factor, note)`; factor 1 with the
+    reason in `note` where the half-width model gives nothing to calibrate on."""
+    if "error" in half:
+        return 1.0, half["error"]
+    modelled = sum(b * (n - k) for b, n, k in zip(slopes, sizes, half["kept"]))
+    saved = total - half["ms"]
+    if modelled <= 0:
+        return 1.0, "no gated layer loses a modelled millisecond at half width"
+    if saved <= 0:
+        return 1.0, (f"halving every channel group saved no measurable time "
+                     f"({total:.4f} ms dense, {half['ms']:.4f} ms half width)")
+    variable = sum(b * n for b, n in zip(slopes, sizes))
+    factor = min(saved / modelled, total / variable)
+    return factor, (f"slopes x {factor:.3f}: the half-width model measured {half['ms']:.4f} ms "
+                    f"against {total:.4f} ms dense")
+
+
 class _Cache:
     def __init__(self):
         self.path = cache_path()
@@ -217,8 +280,9 @@ def measure(model, targets, verbose=True):
     the cache; the rest are measured (a progress bar shows them).
 
     Returns a dict: `"unit_ms"` (per target name: milliseconds per kernel
-    weight), `"fixed_ms"` (the latency no gate removes), `"total_ms"` (the
-    dense model's measured latency) and `"machine"`.
+    weight, calibrated), `"fixed_ms"` (the latency no gate removes),
+    `"total_ms"` (the dense model's measured latency), `"machine"` and
+    `"calibration"` (the factor on the per-layer slopes, or why there is none).
     """
     import keras
 
@@ -226,12 +290,14 @@ def measure(model, targets, verbose=True):
     layers = {}
     for t in targets:
         layers.setdefault(id(t.layer), (t.layer, f"layer:{_signature(t.layer)}"))
-    model_key = f"model:{_model_signature(model)}"
+    signature = _model_signature(model)
+    model_key, half_key = f"model:{signature}", f"half:{signature}"
     todo = [(layer, key) for layer, key in layers.values() if key not in cache]
     todo = list({key: (layer, key) for layer, key in todo}.values())  # one per configuration
-    if todo or model_key not in cache:
+    models = [key for key in (model_key, half_key) if key not in cache]
+    if todo or models:
         _require_litert()
-        bar = keras.utils.Progbar(len(todo) + 1, verbose=1 if verbose else 0,
+        bar = keras.utils.Progbar(len(todo) + len(models), verbose=1 if verbose else 0,
                                   unit_name="measurement")
         if verbose:
             print(f"keras_stg: measuring LiteRT latency of {len(todo)} layer configurations "
@@ -239,15 +305,21 @@ def measure(model, targets, verbose=True):
         for layer, key in todo:
             cache[key] = layer_slope(layer)
             bar.add(1)
-        if model_key not in cache:
+        if model_key in models:
             cache[model_key] = model_latency(model)
-        bar.add(1)
+            bar.add(1)
+        if half_key in models:
+            cache[half_key] = half_width(model, targets)
+            bar.add(1)
         cache.save()
-    unit = {t.name: float(cache[layers[id(t.layer)][1]]) for t in targets}
     total = float(cache[model_key])
-    variable = sum(unit[t.name] * math.prod(t.variable.shape) for t in targets)
+    slopes = [float(cache[layers[id(t.layer)][1]]) for t in targets]
+    sizes = [math.prod(t.variable.shape) for t in targets]
+    factor, note = calibration(total, slopes, sizes, cache[half_key])
+    unit = {t.name: factor * b for t, b in zip(targets, slopes)}
+    variable = sum(unit[t.name] * n for t, n in zip(targets, sizes))
     return {"unit_ms": unit, "fixed_ms": float(max(0.0, total - variable)),
-            "total_ms": total, "machine": machine()}
+            "total_ms": total, "machine": machine(), "calibration": note}
 
 
 def unit_costs(table, targets):
