@@ -454,19 +454,23 @@ class GatedModel(MaskedModel):
         else:
             # A channel's weight depends on which channels around it stay: search
             # the number of largest-mu blocks (of `channel_multiple` channels of one
-            # group, a group's best block first) whose mask is nearest the target.
+            # group, a group's best block first) whose mask is nearest the target
+            # (with the later blocks that still fit, see below).
             # Every group keeps its best block: a closed group would zero every layer
             # after it (a dead network), so the search starts at one block per group.
             blocks = self._channel_blocks(mus)
             groups = len(mus)
 
-            def kept(n):
+            def kept_of(chosen):
                 mask = np.zeros(flat.size, "float32")
-                if n:
-                    mask[np.concatenate(blocks[:n])] = 1.0
+                if chosen:
+                    mask[np.concatenate(chosen)] = 1.0
                 pieces = np.split(mask, np.cumsum([m.size for m in mus])[:-1])
                 return float(ops.convert_to_numpy(
                     self._plan.kept(self.targets, pieces, self._unit_cost)))
+
+            def kept(n):
+                return kept_of(blocks[:n])
 
             low, high = groups, len(blocks)
             while low < high:
@@ -475,10 +479,30 @@ class GatedModel(MaskedModel):
                     low = mid + 1
                 else:
                     high = mid
-            n = low if low == groups or abs(kept(low) - keep_weights) <= abs(
-                kept(low - 1) - keep_weights) else low - 1
-            if n:
-                keep[np.concatenate(blocks[:n])] = True
+            chosen = blocks[:low]
+            if low > groups:
+                # The prefix just under the target, then every later block (in order,
+                # a group's blocks only while none of its better ones was skipped)
+                # that still fits: a coarse block (8 channels of a wide residual
+                # group) that overshoots no longer ends the search, so the mask
+                # lands nearer the target.
+                under, cost = list(blocks[:low - 1]), kept(low - 1)
+                offsets = np.cumsum([m.size for m in mus])
+                skipped = set()
+                for block in blocks[low - 1:]:
+                    group = int(np.searchsorted(offsets, block[0], side="right"))
+                    if group in skipped:
+                        continue
+                    more = kept_of(under + [block])
+                    if more <= keep_weights:
+                        under.append(block)
+                        cost = more
+                    else:
+                        skipped.add(group)
+                if abs(cost - keep_weights) < abs(kept(low) - keep_weights):
+                    chosen = under
+            if chosen:
+                keep[np.concatenate(chosen)] = True
         # Saturate the frozen gates, so that no gate reads as fractional.
         bound = self.mu_bound or 1.0
         new = np.where(keep, bound, -bound).astype("float32")
