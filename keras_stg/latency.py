@@ -181,17 +181,9 @@ def layer_slope(layer):
     return max(0.0, (t_full - t_half) / (w_full - w_half))
 
 
-def model_latency(model):
-    """The dense model's batch-1 LiteRT latency in milliseconds."""
-    from export import tflite
-
-    return _time([tflite.convert(model)])[0]
-
-
-def half_width(model, targets):
-    """Times `model` with the first half of every prunable channel group's channels
-    removed: `{"ms": its latency, "kept": [kernel weights each of `targets` keeps]}`,
-    or `{"error": why}` where it cannot be built."""
+def _half_model(model, targets):
+    """`(model with the first half of every prunable channel group's channels removed,
+    kernel weights each of `targets` keeps in it, None)`, or `(None, None, why)`."""
     import keras
     import numpy as np
 
@@ -208,7 +200,8 @@ def half_width(model, targets):
             warnings.simplefilter("ignore")
             small = shrinking.shrink(clone, check=False)
     except Exception as e:  # any model keras_stg cannot clone or shrink
-        return {"error": f"the half-width model could not be built ({type(e).__name__}: {e})"}
+        return None, None, (f"the half-width model could not be built "
+                            f"({type(e).__name__}: {e})")
     layers = {layer.name: layer for layer in _compat.all_layers(small)}
     kept = []
     for t in targets:
@@ -216,14 +209,27 @@ def half_width(model, targets):
         variable = None if layer is None else next(
             (v for v in layer.weights if v.name == t.role), None)
         if variable is None:
-            return {"error": f"the half-width model has no kernel {t.role!r} of {t.layer.name!r}"}
+            return None, None, f"the half-width model has no kernel {t.role!r} of {t.layer.name!r}"
         kept.append(math.prod(variable.shape))
-    return {"ms": model_latency(small), "kept": kept}
+    return small, kept, None
+
+
+def model_latency(model, targets):
+    """`(the dense model's batch-1 LiteRT latency in ms, half)`: `half` is
+    `{"ms": latency, "kept": kernel weights of each of `targets`}` of the model with
+    half of every channel group removed (timed interleaved with the dense one), or
+    `{"error": why}` where that model cannot be built."""
+    from export import tflite
+
+    small, kept, error = _half_model(model, targets)
+    data = [tflite.convert(model)] + ([tflite.convert(small)] if small is not None else [])
+    times = _time(data)
+    return times[0], ({"ms": times[1], "kept": kept} if small is not None else {"error": error})
 
 
 def calibration(total, slopes, sizes, half):
     """The factor that scales the per-layer `slopes` (ms per kernel weight) so that the
-    modelled saving of the half-width model (`half_width`; `sizes`: the dense kernel
+    modelled saving of the half-width model (`model_latency`; `sizes`: the dense kernel
     weights) equals the measured `total - half["ms"]`, at most `total / modelled
     variable part` (a fixed part >= 0). Returns `(factor, note)`; factor 1 with the
     reason in `note` where the half-width model gives nothing to calibrate on."""
@@ -297,7 +303,7 @@ def measure(model, targets, verbose=True):
     models = [key for key in (model_key, half_key) if key not in cache]
     if todo or models:
         _require_litert()
-        bar = keras.utils.Progbar(len(todo) + len(models), verbose=1 if verbose else 0,
+        bar = keras.utils.Progbar(len(todo) + 1, verbose=1 if verbose else 0,
                                   unit_name="measurement")
         if verbose:
             print(f"keras_stg: measuring LiteRT latency of {len(todo)} layer configurations "
@@ -305,11 +311,8 @@ def measure(model, targets, verbose=True):
         for layer, key in todo:
             cache[key] = layer_slope(layer)
             bar.add(1)
-        if model_key in models:
-            cache[model_key] = model_latency(model)
-            bar.add(1)
-        if half_key in models:
-            cache[half_key] = half_width(model, targets)
+        if models:
+            cache[model_key], cache[half_key] = model_latency(model, targets)
             bar.add(1)
         cache.save()
     total = float(cache[model_key])

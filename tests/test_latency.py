@@ -52,7 +52,6 @@ def test_latency_costs_are_measured_cached_and_saved(tmp_path, monkeypatch):
 
     monkeypatch.setattr(latency, "layer_slope", no_timing)
     monkeypatch.setattr(latency, "model_latency", no_timing)
-    monkeypatch.setattr(latency, "half_width", no_timing)
     again = keras_stg.wrap(_chain(), mode="joint", granularity="channel", cost="latency",
                            seed=0)
     assert again.config.cost_table["unit_ms"] == table["unit_ms"]
@@ -134,9 +133,8 @@ def test_the_slopes_are_calibrated_on_the_half_width_model(tmp_path, monkeypatch
     # modelled saving for every ms the network measured: the factor is 0.5.
     monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path))
     monkeypatch.setattr(latency, "layer_slope", lambda layer: 0.01)
-    monkeypatch.setattr(latency, "model_latency", lambda model: 10.0)
-    monkeypatch.setattr(latency, "half_width",
-                        lambda model, targets: {"ms": 8.0, "kept": [3 * 9 * 4, 4 * 9 * 4, 4 * 4]})
+    monkeypatch.setattr(latency, "model_latency", lambda model, targets: (
+        10.0, {"ms": 8.0, "kept": [3 * 9 * 4, 4 * 9 * 4, 4 * 4]}))
     model = _chain()
     table = keras_stg.wrap(model, granularity="channel", cost="latency", seed=0).config.cost_table
     sizes = {"c1": 3 * 9 * 8, "c2": 8 * 9 * 8, "out": 8 * 4}
@@ -151,14 +149,24 @@ def test_the_slopes_are_calibrated_on_the_half_width_model(tmp_path, monkeypatch
     assert predicted == pytest.approx(8.0)
 
 
-def test_the_half_width_model_and_the_cases_without_calibration():
+def test_the_half_width_model_and_the_cases_without_calibration(monkeypatch):
     model = _chain()
     targets = keras_stg.wrap(model, granularity="channel", seed=0).targets
     before = [w.copy() for w in model.get_weights()]
-    out = latency.half_width(model, targets)
-    assert out["kept"] == [3 * 9 * 4, 4 * 9 * 4, 4 * 4] and out["ms"] > 0
+    total, out = latency.model_latency(model, targets)
+    assert out["kept"] == [3 * 9 * 4, 4 * 9 * 4, 4 * 4] and out["ms"] > 0 and total > 0
     for a, b in zip(before, model.get_weights()):  # the user's model is left alone
         np.testing.assert_array_equal(a, b)
+    # A model that cannot be shrunk is timed alone, and says why it has no half width.
+    from keras_stg import shrinking
+
+    def cannot(*args, **kwargs):
+        raise shrinking.ShrinkError("no shrink here")
+
+    monkeypatch.setattr(shrinking, "shrink", cannot)
+    total, out = latency.model_latency(model, targets)
+    assert total > 0 and out == {"error": "the half-width model could not be built "
+                                          "(ShrinkError: no shrink here)"}
     # Nothing to calibrate on: slopes as measured, and the table says why.
     assert latency.calibration(10.0, [1.0], [10], {"error": "no shrink"}) == (1.0, "no shrink")
     factor, note = latency.calibration(10.0, [1.0], [10], {"ms": 10.5, "kept": [5]})
