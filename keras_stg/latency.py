@@ -8,14 +8,6 @@ of batch-1 LiteRT latency (XNNPACK, one thread) on the machine it runs on:
   measured once per layer configuration: the layer alone, converted to TFLite
   at its full width and at half its input and output channels, timed in the
   interpreter, `b = (t_full - t_half) / (w_full - w_half)`.
-- A layer timed alone saves more when it shrinks than it does inside the
-  whole network (its own per-op overhead and memory traffic are a larger
-  share of its time), so the slopes are calibrated on the model itself: the
-  model with half of every channel group's channels removed (`shrink`) is
-  timed too, and every `b` is scaled by one factor so that the model predicts
-  the measured saving of that half-width model. The table records the factor
-  (`"calibration"`); where the model cannot be shrunk or halving it saves no
-  measurable time, the slopes stay as measured and the table says why.
 - The rest of the model's latency (ungated layers, the `a` of every layer,
   the interpreter's own overhead) is the fixed part: the whole dense model's
   measured latency minus `sum b * w`. No gate removes it.
@@ -35,7 +27,6 @@ import math
 import os
 import platform
 import statistics
-import warnings
 
 from keras_stg import _compat
 from keras_stg import layer_table
@@ -181,71 +172,11 @@ def layer_slope(layer):
     return max(0.0, (t_full - t_half) / (w_full - w_half))
 
 
-def _half_model(model, targets):
-    """`(model with the first half of every prunable channel group's channels removed,
-    kernel weights each of `targets` keeps in it, None)`, or `(None, None, why)`."""
-    import keras
-    import numpy as np
-
-    from keras_stg import dependency
-    from keras_stg import shrinking
-
-    try:
-        clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
-        for group in dependency.channel_groups(clone):
-            if group.prunable and group.size >= 2:
-                group.zero(np.arange(group.size // 2))
-        with warnings.catch_warnings():  # "removed nothing": calibration() says so
-            warnings.simplefilter("ignore")
-            small = shrinking.shrink(clone, check=False)
-    except Exception as e:  # any model keras_stg cannot clone or shrink
-        return None, None, (f"the half-width model could not be built "
-                            f"({type(e).__name__}: {e})")
-    layers = {layer.name: layer for layer in _compat.all_layers(small)}
-    kept = []
-    for t in targets:
-        layer = layers.get(t.layer.name)
-        variable = None if layer is None else next(
-            (v for v in layer.weights if v.name == t.role), None)
-        if variable is None:
-            return None, None, f"the half-width model has no kernel {t.role!r} of {t.layer.name!r}"
-        kept.append(math.prod(variable.shape))
-    return small, kept, None
-
-
-def model_latency(model, targets):
-    """`(the dense model's batch-1 LiteRT latency in ms, half)`: `half` is
-    `{"ms": latency, "kept": kernel weights of each of `targets`}` of the model with
-    half of every channel group removed (timed interleaved with the dense one), or
-    `{"error": why}` where that model cannot be built."""
+def model_latency(model):
+    """The dense model's batch-1 LiteRT latency in milliseconds."""
     from export import tflite
 
-    small, kept, error = _half_model(model, targets)
-    data = [tflite.convert(model)] + ([tflite.convert(small)] if small is not None else [])
-    times = _time(data)
-    return times[0], ({"ms": times[1], "kept": kept} if small is not None else {"error": error})
-
-
-def calibration(total, slopes, sizes, half):
-    """The factor that scales the per-layer `slopes` (ms per kernel weight) so that the
-    modelled saving of the half-width model (`model_latency`; `sizes`: the dense kernel
-    weights) equals the measured `total - half["ms"]`, at most `total / modelled
-    variable part` (a fixed part >= 0). Returns `(factor, note)`; factor 1 with the
-    reason in `note` where the half-width model gives nothing to calibrate on."""
-    if "error" in half:
-        return 1.0, half["error"]
-    modelled = sum(b * (n - k) for b, n, k in zip(slopes, sizes, half["kept"]))
-    saved = total - half["ms"]
-    if modelled <= 0:
-        return 1.0, "no gated layer loses a modelled millisecond at half width"
-    if saved <= 0:
-        return 1.0, (f"halving every channel group saved no measurable time "
-                     f"({total:.4f} ms dense, {half['ms']:.4f} ms half width)")
-    variable = sum(b * n for b, n in zip(slopes, sizes))
-    factor = min(saved / modelled, total / variable)
-    return factor, (f"slopes x {factor:.3f}: the half-width model measured {half['ms']:.4f} ms "
-                    f"against {total:.4f} ms dense")
+    return _time([tflite.convert(model)])[0]
 
 
 class _Cache:
@@ -286,9 +217,8 @@ def measure(model, targets, verbose=True):
     the cache; the rest are measured (a progress bar shows them).
 
     Returns a dict: `"unit_ms"` (per target name: milliseconds per kernel
-    weight, calibrated), `"fixed_ms"` (the latency no gate removes),
-    `"total_ms"` (the dense model's measured latency), `"machine"` and
-    `"calibration"` (the factor on the per-layer slopes, or why there is none).
+    weight), `"fixed_ms"` (the latency no gate removes), `"total_ms"` (the
+    dense model's measured latency) and `"machine"`.
     """
     import keras
 
@@ -296,12 +226,10 @@ def measure(model, targets, verbose=True):
     layers = {}
     for t in targets:
         layers.setdefault(id(t.layer), (t.layer, f"layer:{_signature(t.layer)}"))
-    signature = _model_signature(model)
-    model_key, half_key = f"model:{signature}", f"half:{signature}"
+    model_key = f"model:{_model_signature(model)}"
     todo = [(layer, key) for layer, key in layers.values() if key not in cache]
     todo = list({key: (layer, key) for layer, key in todo}.values())  # one per configuration
-    models = [key for key in (model_key, half_key) if key not in cache]
-    if todo or models:
+    if todo or model_key not in cache:
         _require_litert()
         bar = keras.utils.Progbar(len(todo) + 1, verbose=1 if verbose else 0,
                                   unit_name="measurement")
@@ -311,18 +239,15 @@ def measure(model, targets, verbose=True):
         for layer, key in todo:
             cache[key] = layer_slope(layer)
             bar.add(1)
-        if models:
-            cache[model_key], cache[half_key] = model_latency(model, targets)
-            bar.add(1)
+        if model_key not in cache:
+            cache[model_key] = model_latency(model)
+        bar.add(1)
         cache.save()
+    unit = {t.name: float(cache[layers[id(t.layer)][1]]) for t in targets}
     total = float(cache[model_key])
-    slopes = [float(cache[layers[id(t.layer)][1]]) for t in targets]
-    sizes = [math.prod(t.variable.shape) for t in targets]
-    factor, note = calibration(total, slopes, sizes, cache[half_key])
-    unit = {t.name: factor * b for t, b in zip(targets, slopes)}
-    variable = sum(unit[t.name] * n for t, n in zip(targets, sizes))
+    variable = sum(unit[t.name] * math.prod(t.variable.shape) for t in targets)
     return {"unit_ms": unit, "fixed_ms": float(max(0.0, total - variable)),
-            "total_ms": total, "machine": machine(), "calibration": note}
+            "total_ms": total, "machine": machine()}
 
 
 def unit_costs(table, targets):

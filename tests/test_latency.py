@@ -38,13 +38,9 @@ def test_latency_costs_are_measured_cached_and_saved(tmp_path, monkeypatch):
     assert set(table["unit_ms"]) == {"c1", "c2", "out"}
     assert all(v >= 0 for v in table["unit_ms"].values()) and table["total_ms"] > 0
     assert 0 <= table["fixed_ms"] <= table["total_ms"]
-    assert isinstance(table["calibration"], str) and table["calibration"]
     cache = json.loads((tmp_path / "cache" / "latency.json").read_text())
     assert sum(k.split("|")[-1].startswith("layer:") for k in cache) == 3
     assert sum(k.split("|")[-1].startswith("model:") for k in cache) == 1
-    half = [v for k, v in cache.items() if k.split("|")[-1].startswith("half:")]
-    # c1 and c2 lose half their outputs (c2 and out half their inputs as well).
-    assert len(half) == 1 and half[0]["kept"] == [3 * 9 * 4, 4 * 9 * 4, 4 * 4] and half[0]["ms"] > 0
 
     # A second model of the same architecture (other auto-generated names) is not timed.
     def no_timing(*args):
@@ -125,54 +121,3 @@ def test_the_cache_key_tells_cpus_with_and_without_avx512_apart():
             has_avx2 = " avx2" in f.read()
         if has_avx2:
             assert ", AVX" in latency.machine().split(";")[0]
-
-
-def test_the_slopes_are_calibrated_on_the_half_width_model(tmp_path, monkeypatch):
-    # Layers timed alone: 1 ms per 100 weights in c1, c2 and out; the dense model
-    # takes 10 ms and the half-width one 8 ms, so each slope counts 2 ms of the
-    # modelled saving for every ms the network measured: the factor is 0.5.
-    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path))
-    monkeypatch.setattr(latency, "layer_slope", lambda layer: 0.01)
-    monkeypatch.setattr(latency, "model_latency", lambda model, targets: (
-        10.0, {"ms": 8.0, "kept": [3 * 9 * 4, 4 * 9 * 4, 4 * 4]}))
-    model = _chain()
-    table = keras_stg.wrap(model, granularity="channel", cost="latency", seed=0).config.cost_table
-    sizes = {"c1": 3 * 9 * 8, "c2": 8 * 9 * 8, "out": 8 * 4}
-    kept = {"c1": 3 * 9 * 4, "c2": 4 * 9 * 4, "out": 4 * 4}
-    modelled = sum(0.01 * (sizes[n] - kept[n]) for n in sizes)
-    factor = 2.0 / modelled
-    assert table["unit_ms"] == pytest.approx({n: 0.01 * factor for n in sizes})
-    assert table["fixed_ms"] == pytest.approx(10.0 - 0.01 * factor * sum(sizes.values()))
-    assert "slopes x" in table["calibration"] and "8.0000 ms" in table["calibration"]
-    # The calibrated model predicts the half-width model's measured latency.
-    predicted = table["fixed_ms"] + sum(table["unit_ms"][n] * kept[n] for n in kept)
-    assert predicted == pytest.approx(8.0)
-
-
-def test_the_half_width_model_and_the_cases_without_calibration(monkeypatch):
-    model = _chain()
-    targets = keras_stg.wrap(model, granularity="channel", seed=0).targets
-    before = [w.copy() for w in model.get_weights()]
-    total, out = latency.model_latency(model, targets)
-    assert out["kept"] == [3 * 9 * 4, 4 * 9 * 4, 4 * 4] and out["ms"] > 0 and total > 0
-    for a, b in zip(before, model.get_weights()):  # the user's model is left alone
-        np.testing.assert_array_equal(a, b)
-    # A model that cannot be shrunk is timed alone, and says why it has no half width.
-    from keras_stg import shrinking
-
-    def cannot(*args, **kwargs):
-        raise shrinking.ShrinkError("no shrink here")
-
-    monkeypatch.setattr(shrinking, "shrink", cannot)
-    total, out = latency.model_latency(model, targets)
-    assert total > 0 and out == {"error": "the half-width model could not be built "
-                                          "(ShrinkError: no shrink here)"}
-    # Nothing to calibrate on: slopes as measured, and the table says why.
-    assert latency.calibration(10.0, [1.0], [10], {"error": "no shrink"}) == (1.0, "no shrink")
-    factor, note = latency.calibration(10.0, [1.0], [10], {"ms": 10.5, "kept": [5]})
-    assert factor == 1.0 and "saved no measurable time" in note
-    factor, note = latency.calibration(10.0, [1.0], [10], {"ms": 9.0, "kept": [10]})
-    assert factor == 1.0 and "no gated layer" in note
-    # The fixed part never turns negative: the factor is capped at total / variable.
-    factor, _ = latency.calibration(10.0, [0.1], [10], {"ms": 2.0, "kept": [5]})
-    assert factor == pytest.approx(10.0)
