@@ -177,6 +177,10 @@ def test_targets_say_where_ours_is_behind_and_the_kept_ratio():
     assert ">= 98% at 90% (seed mean): **not met**" in text
     # At 97%: edge-popup reaches it up to ~91%, ours up to ~94.6%: not twice fewer weights.
     assert "keeps at most half the weights edge-popup keeps: **not met** at 97%" in text
+    # Two sparsities are no frontier: the half-the-weights target is not judged on them.
+    two = [r for r in rows if r["target"] != 0.99]
+    short = "\n".join(part_seeds._targets("lenet_mnist", part_seeds.summarize(two)))
+    assert "edge-popup keeps: not judged (2 sparsities measured, 3 needed)" in short
 
 
 def test_layerwise_model_has_one_controller_per_layer():
@@ -247,7 +251,8 @@ def test_scale_fan_flag_overrides_the_config_for_both_methods(monkeypatch):
 def test_each_method_pins_its_controller_error_whatever_the_library_default(monkeypatch):
     """A row keeps its meaning when the library default changes: `ours` and its variants
     run the absolute controller, `ours_ratio` the log-ratio one, and the setting says so
-    only where it is not the absolute one (the rows from before it existed)."""
+    only where it is not the absolute one (the rows from before it existed); the same
+    for the controller's rate and the gates' sigma."""
     from keras_stg import penalty as penalty_lib
 
     setup = tasks.Setup(bench.parse_args(["--only", "seeds"]))
@@ -262,6 +267,9 @@ def test_each_method_pins_its_controller_error_whatever_the_library_default(monk
             s = part_seeds.setting(setup, "lenet_mnist", method)
             assert ("controller_error" in s) == (error != "absolute")
             assert s.get("controller_rate") == (None if rate == 0.01 else rate)
+            sigma = variants.SIGMAS[method]
+            assert {float(g.sigma) for g in gated.gates} == {sigma}, method
+            assert s.get("sigma") == (None if sigma == 0.5 else sigma)
     assert isinstance(variants.wrap_for("ours_layer")(model, target_sparsity=0.9, seed=0),
                       variants.LayerwiseGatedModel)
     assert variants.CONTROLLER_ERRORS[variants.DEFAULT_METHOD] == penalty_lib.DEFAULT_ERROR

@@ -22,6 +22,9 @@ when the library defaults change.
 - `ours_rate`: `ours_ratio` with five times the controller's rate
   (`controller_rate=0.05`), so that runs of about a thousand steps bring the
   mask to the target: the library defaults since 2026-12-05.
+- `ours_sigma`: `ours_rate` with the gates' noise scale at 0.25 instead of the
+  library's 0.5 (`sigma=0.25`): on a run of a thousand steps the gate locations
+  cross the noise's width in half the steps.
 - `ours_time`: `ours` for as many epochs as fit in
   edge-popup's time at the same sparsity and seed (its measured training
   time over ours, times the epochs).
@@ -110,12 +113,17 @@ VARIANTS = {
     "ours_rate": ("ours, log ratio, rate 0.05 (default)",
                   "the log-ratio controller at controller_rate 0.05 instead of 0.01: the "
                   "library defaults since 2026-12-05"),
+    "ours_sigma": ("ours, sigma 0.25", "the library defaults with sigma 0.25 instead of 0.5"),
 }
 #: The controller error (`keras_stg.wrap`'s `controller_error`) of each method of ours.
 CONTROLLER_ERRORS = {"ours": "absolute", "ours_layer": "absolute", "ours_sgd": "absolute",
-                     "ours_time": "absolute", "ours_ratio": "log_ratio", "ours_rate": "log_ratio"}
+                     "ours_time": "absolute", "ours_ratio": "log_ratio", "ours_rate": "log_ratio",
+                     "ours_sigma": "log_ratio"}
 #: The controller rate (`controller_rate`) of each method of ours.
-CONTROLLER_RATES = dict.fromkeys(CONTROLLER_ERRORS, 0.01) | {"ours_rate": 0.05}
+CONTROLLER_RATES = dict.fromkeys(CONTROLLER_ERRORS, 0.01) | {"ours_rate": 0.05,
+                                                             "ours_sigma": 0.05}
+#: The gates' noise scale (`sigma`) of each method of ours (the library's 0.5 unless named).
+SIGMAS = dict.fromkeys(CONTROLLER_ERRORS, 0.5) | {"ours_sigma": 0.25}
 #: The method that runs the library's current defaults (issue 18's targets are read on it).
 DEFAULT_METHOD = "ours_rate"
 
@@ -129,7 +137,7 @@ def wrap_for(method):
     """`keras_stg.wrap` (or `wrap_layerwise`) as `method` builds its gated model."""
     build = wrap_layerwise if method == "ours_layer" else keras_stg.wrap
     pinned = {"controller_error": controller_error(method),
-              "controller_rate": CONTROLLER_RATES[method]}
+              "controller_rate": CONTROLLER_RATES[method], "sigma": SIGMAS[method]}
     return lambda model, **options: build(model, **pinned, **options)
 
 #: SGD learning rate of `ours_sgd` on the gate locations (`--gate-sgd-lr`).
