@@ -89,14 +89,16 @@ def setting(setup, task, method):
          "quick": bool(setup.quick)}
     if method == "edge_popup":
         s["ep"] = f"SGD(lr={setup.ep_lr}, momentum={EP_MOMENTUM}, cosine), wd={setup.ep_wd}"
+        return s
     if method == "ours_sgd":
         s["gate_sgd_lr"] = setup.gate_sgd_lr
-    if method != "edge_popup" and controller_error(method) != "absolute":
-        s["controller_error"] = controller_error(method)  # rows without it: "absolute"
-    if method != "edge_popup" and CONTROLLER_RATES[method] != 0.01:
-        s["controller_rate"] = CONTROLLER_RATES[method]  # rows without it: 0.01
-    if method != "edge_popup" and SIGMAS[method] != 0.5:
-        s["sigma"] = SIGMAS[method]  # rows without it: 0.5
+    # Recorded only where they differ from the values of the rows from before they existed.
+    if controller_error(method) != "absolute":
+        s["controller_error"] = controller_error(method)
+    if CONTROLLER_RATES[method] != 0.01:
+        s["controller_rate"] = CONTROLLER_RATES[method]
+    if SIGMAS[method] != 0.5:
+        s["sigma"] = SIGMAS[method]
     return s
 
 
