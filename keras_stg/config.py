@@ -70,10 +70,12 @@ class GateConfig:
             no GPU is visible and the model is not XLA-compiled (compiled with
             the system C++ compiler on first use, see `keras_stg.fused`);
             True requires them; False never uses them. Same math either way.
-        finetune: `joint` mode with a target: the share of the epochs at the
-            end of each `fit` (rounded, leaving at least one epoch to each
-            phase) during which the mask is frozen at exactly the target (the
-            largest `mu` kept) and only the weights train. 0: gates train to the end.
+        finetune: `joint` mode with a target: the share of each `fit`'s steps
+            at its end (rounded to a step, at least one to each phase; to an
+            epoch when `fit` cannot tell the epoch's length; a 1-epoch `fit`
+            only trains the gates) during which the mask is frozen at exactly
+            the target (the largest `mu` kept) and only the weights train.
+            0: gates train to the end.
         gate_lr: the gate locations train at `gate_lr` times the optimizer's
             learning rate (the weights keep it): in `joint` mode the weights
             want a small rate while the gates, bounded by `mu_bound`, must be
@@ -185,7 +187,8 @@ class GateConfig:
         if isinstance(self.finetune, bool) or not (
                 isinstance(self.finetune, (int, float)) and 0 <= self.finetune < 1):
             raise ValueError(
-                f"`finetune` must be a share of the epochs in [0, 1), got {self.finetune!r}.")
+                "`finetune` must be a share of the training steps in [0, 1), got "
+                f"{self.finetune!r}.")
         if isinstance(self.gate_lr, bool) or not (
                 isinstance(self.gate_lr, (int, float)) and self.gate_lr > 0):
             raise ValueError(

@@ -171,7 +171,7 @@ class GatedModel(MaskedModel):
             aggregation="only_first_replica",
         )
         # Optimizer steps of the current `fit`'s gate phase (all of it, or up
-        # to the epoch the mask freezes with `finetune`) and steps per epoch
+        # to the step the mask freezes with `finetune`) and steps per epoch
         # (set by a callback), for the ramp of the sparsity target and the
         # controller's look-ahead; 0 means no ramp / no look-ahead.
         self.total_steps = self._state_weight("total_steps")
@@ -671,32 +671,49 @@ class _FitState(keras.callbacks.Callback):
         epochs = self.params.get("epochs") or 0
         steps = self.params.get("steps") or 0
         gated = self._gated
-        # Fine-tuning: the last `finetune` share of the epochs, leaving at least
-        # one epoch to each phase (a 1-epoch fit only trains the gates).
-        self._freeze_epoch = None
+        # Fine-tuning: the last `finetune` share of the fit's steps (of its epochs
+        # when their length is unknown), leaving at least one step (epoch) to
+        # each phase; a 1-epoch fit only trains the gates.
+        self._freeze_step = None
+        self._epoch = 0
         if gated.config.finetune and epochs >= 2:
-            self._freeze_epoch = min(epochs - 1, max(1, epochs - round(gated.config.finetune * epochs)))
+            units = epochs * steps if steps else epochs
+            gate_units = min(units - 1, max(1, round((1.0 - gated.config.finetune) * units)))
+            self._freeze_step = gate_units  # a step, or an epoch when `steps` is unknown
         # The gates train until the mask freezes: the target's ramp and the
         # controller's look-ahead span that phase, not the whole `fit`, so the
         # mask reaches the target before `freeze_mask` fixes it.
-        gate_epochs = epochs if self._freeze_epoch is None else self._freeze_epoch
-        gated.total_steps.assign(float(gate_epochs * steps))
+        gate_steps = epochs * steps if self._freeze_step is None or not steps else self._freeze_step
+        gated.total_steps.assign(float(gate_steps))
         gated.epoch_steps.assign(float(steps))
         if float(ops.convert_to_numpy(gated.mask_frozen)) and not gated._mask_frozen:
             self._freeze()  # a resumed run that had frozen its mask
 
     def on_epoch_begin(self, epoch, logs=None):
-        if (self._freeze_epoch is not None and epoch >= self._freeze_epoch
+        # A freeze at an epoch's first step happens here, before the other
+        # callbacks' `on_epoch_begin`; with epochs of unknown length, only here.
+        self._epoch = epoch
+        steps = self.params.get("steps")
+        self._maybe_freeze(epoch * steps if steps else epoch)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        steps = self.params.get("steps")
+        if steps:
+            self._maybe_freeze(self._epoch * steps + batch)
+
+    def _maybe_freeze(self, position):
+        if (self._freeze_step is not None and position >= self._freeze_step
                 and not self._gated._mask_frozen):
             self._freeze()
 
     def _freeze(self):
         gated = self._gated
         gated.freeze_mask()
-        # The step function changes (binary mask, no gate updates): trace it anew.
+        # The step function changes (binary mask, no gate updates): trace it anew
+        # (`fit` looks the function up before every step).
         gated.make_train_function(force=True)
         if self.params.get("verbose"):
-            print(f"keras_stg: mask frozen at {100 * gated.sparsity():.2f}% sparsity; "
+            print(f"\nkeras_stg: mask frozen at {100 * gated.sparsity():.2f}% sparsity; "
                   "fine-tuning the weights under it", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):

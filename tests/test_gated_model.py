@@ -121,25 +121,43 @@ def test_the_controller_plans_for_the_gate_phase_not_the_whole_fit():
     keras.utils.set_random_seed(0)
     x = np.random.normal(size=(64, 200)).astype("float32")
     y = np.random.randint(0, 10, size=64)
-    for finetune, gate_epochs in ((0.0, 4), (0.5, 2), (0.7, 1)):
+    for finetune, gate_steps in ((0.0, 16), (0.5, 8), (0.7, 5)):  # of 4 epochs x 4 steps
         gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.8, seed=0,
                                finetune=finetune, init_mu=0.5)
         gated.compile(optimizer="adam",
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        targets = {}
-
-        class Target(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                step = float(gated.optimizer.iterations.numpy())
-                targets[epoch] = float(gated.current_target(step))
-
-        gated.fit(x, y, batch_size=16, epochs=4, verbose=0, callbacks=[Target()])
-        assert float(gated.total_steps.numpy()) == gate_epochs * 4
+        gated.fit(x, y, batch_size=16, epochs=4, verbose=0)
+        assert float(gated.total_steps.numpy()) == gate_steps
         # The ramp (0.4 of the gate phase) is over by the end of the gate phase
-        # (with the whole fit as its span, 1 gate epoch of 4 ended it at 0.55).
-        assert targets[gate_epochs - 1] == pytest.approx(0.8)
-        if gate_epochs == 4:
-            assert targets[0] < 0.6
+        # (with the whole fit as its span, 5 gate steps of 16 ended it at 0.55).
+        assert float(gated.current_target(float(gate_steps))) == pytest.approx(0.8)
+        assert float(gated.current_target(gate_steps * 0.2)) < 0.6
+
+
+def test_finetune_freezes_the_mask_mid_epoch_at_its_share_of_the_steps():
+    # 2 epochs of 8 steps, finetune 0.8: the gates train for round(0.2 * 16) = 3 steps.
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(128, 200)).astype("float32")
+    y = np.random.randint(0, 10, size=128)
+    gated = keras_stg.wrap(big_mlp(), mode="joint", target_sparsity=0.5, seed=0,
+                           finetune=0.8, init_mu=0.5)
+    gated.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    mus, frozen = [], []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            mus.append(np.concatenate([g.mu.numpy().ravel() for g in gated.gates]))
+            frozen.append(float(gated.mask_frozen.numpy()))
+
+    gated.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[Snapshot()])
+    assert len(mus) == 16
+    moved = [not np.array_equal(a, b) for a, b in zip(mus, mus[1:])]
+    assert frozen == [0.0] * 3 + [1.0] * 13  # frozen before step 4, in the first epoch
+    assert moved[:2] == [True, True]  # steps 2 and 3 trained the gates
+    assert not any(moved[3:])  # from step 4 on they stay where the freeze put them
+    assert gated.sparsity() == pytest.approx(0.5, abs=0.01)
+    assert float(gated.total_steps.numpy()) == 3
 
 
 def test_finetune_freezes_the_mask_and_trains_the_weights_under_it(tmp_path):

@@ -80,8 +80,8 @@ def test_bad_gate_start(kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "slt", "target_sparsity": 0.9, "finetune": 0.3}, "mode='slt' trains no weights"),
     ({"mode": "joint", "finetune": 0.3}, "no target is given"),
-    ({"mode": "joint", "target_sparsity": 0.9, "finetune": 1.0}, "share of the epochs in"),
-    ({"mode": "joint", "target_sparsity": 0.9, "finetune": True}, "share of the epochs in"),
+    ({"mode": "joint", "target_sparsity": 0.9, "finetune": 1.0}, "share of the training steps in"),
+    ({"mode": "joint", "target_sparsity": 0.9, "finetune": True}, "share of the training steps in"),
 ])
 def test_bad_finetune(kwargs, message):
     with pytest.raises(ValueError, match=message):

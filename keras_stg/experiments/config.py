@@ -37,8 +37,9 @@ class Config:
             library's default, `keras_stg.penalty.DEFAULT_RATE`).
         controller_error: the lambda controller's error, `absolute` or `log_ratio`
             (null: the library's default); see `keras_stg.TargetSparsity`.
-        finetune: `joint` mode: share of the epochs at the end during which the
-            mask is frozen at the target and only the weights train (0: none).
+        finetune: `joint` mode: share of the training steps at the end during
+            which the mask is frozen at the target and only the weights train
+            (0: none).
         cost: what `target_sparsity` counts: `params` (kernel weights) or
             `flops` (multiply-adds per example).
         channel_multiple: `channel` gates: the mask frozen for `finetune` keeps each
