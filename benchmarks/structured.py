@@ -113,7 +113,8 @@ def part_train(args):
                                validation=args.validation)
         budget = sm.Budget(args.epochs, args.batch_size, -(-len(x) // args.batch_size),
                            args.verbose, args.seed, args.channel_multiple)
-        recipe = sm.Recipe(args.init_mu, args.sigma, args.finetune, args.gate_lr)
+        finetune = sm.NETS[net].finetune if args.finetune is None else args.finetune
+        recipe = sm.Recipe(args.init_mu, args.sigma, finetune, args.gate_lr)
         folder = _net_dir(args, net)
         jobs = [("dense", None)] if "dense" in args.methods else []
         jobs += [(m, t) for t in args.targets for m in args.methods if m != "dense"]
@@ -493,8 +494,10 @@ def parse_args(argv=None):
                         "number (0.5: all open; default %(default)s)")
     p.add_argument("--sigma", type=float, default=recipe.sigma,
                    help="our gates' noise scale (default %(default)s)")
-    p.add_argument("--finetune", type=float, default=recipe.finetune,
-                   help="share of the epochs our mask is frozen at the end (default %(default)s)")
+    p.add_argument("--finetune", type=float, default=None,
+                   help="share of the training steps our mask is frozen at the end (default: "
+                        "the net's, chosen on validation images: " + ", ".join(
+                            f"{k} {v.finetune}" for k, v in sm.NETS.items()) + ")")
     p.add_argument("--gate-lr", type=float, default=recipe.gate_lr,
                    help="our gates' learning rate as a multiple of the weights' "
                         "(default %(default)s)")
