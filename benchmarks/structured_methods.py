@@ -46,7 +46,7 @@ class Net:
     pad: int  # zero pixels added around the 28x28 images
     build: object  # () -> keras.Model (logits)
     #: Our recipe's `finetune` for this net, chosen on validation images (3 seeds, RESULTS.md).
-    finetune: float = 0.8
+    finetune: float
 
 
 def _resnet20():
@@ -64,9 +64,8 @@ def _mobilenet_v2():
 
 
 NETS = {
-    "resnet20": Net("ResNet-20", (28, 28, 1), 0, _resnet20, finetune=0.9),
-    "mobilenet_v2": Net("MobileNetV2 (alpha 0.35, 32x32)", (32, 32, 1), 2, _mobilenet_v2,
-                        finetune=0.8),
+    "resnet20": Net("ResNet-20", (28, 28, 1), 0, _resnet20, 0.9),
+    "mobilenet_v2": Net("MobileNetV2 (alpha 0.35, 32x32)", (32, 32, 1), 2, _mobilenet_v2, 0.8),
 }
 
 
