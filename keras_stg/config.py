@@ -76,6 +76,15 @@ class GateConfig:
             only trains the gates) during which the mask is frozen at exactly
             the target (the largest `mu` kept) and only the weights train.
             0: gates train to the end.
+        polish: the share of the gate phase's last steps (of each `fit`'s,
+            or of those before the mask freezes with `finetune`; rounded to a
+            step, to an epoch when `fit` cannot tell the epoch's length)
+            during which the gates train through their binary mask: the
+            forward pass uses `1[mu > 0]`, the gradient reaches `mu` straight
+            through, and the gates' learning rate decays to 0 along a half
+            cosine. The network the last steps fit is then the one exported,
+            and the mask settles instead of flipping the gates near 0 to the
+            end. 0: the relaxed gates train to the end (the paper's method).
         gate_lr: the gate locations train at `gate_lr` times the optimizer's
             learning rate (the weights keep it): in `joint` mode the weights
             want a small rate while the gates, bounded by `mu_bound`, must be
@@ -109,6 +118,7 @@ class GateConfig:
     seed: Optional[int] = None
     fused: object = "auto"
     finetune: float = 0.0
+    polish: float = 0.0
     gate_lr: float = 1.0
     cost: str = "params"
     cost_table: Optional[dict] = None
@@ -189,6 +199,11 @@ class GateConfig:
             raise ValueError(
                 "`finetune` must be a share of the training steps in [0, 1), got "
                 f"{self.finetune!r}.")
+        if isinstance(self.polish, bool) or not (
+                isinstance(self.polish, (int, float)) and 0 <= self.polish < 1):
+            raise ValueError(
+                "`polish` must be a share of the gate phase's steps in [0, 1) (e.g. 0.25: "
+                f"the last quarter trains on the binary mask), got {self.polish!r}.")
         if isinstance(self.gate_lr, bool) or not (
                 isinstance(self.gate_lr, (int, float)) and self.gate_lr > 0):
             raise ValueError(
@@ -226,7 +241,8 @@ class GateConfig:
         penalty = penalty.resolve(random_start=init_mu == "random")
         return dataclasses.replace(
             self, penalty=penalty, init=init, init_density=init_density, init_mu=init_mu,
-            sigma=float(self.sigma), finetune=float(self.finetune), gate_lr=float(self.gate_lr),
+            sigma=float(self.sigma), finetune=float(self.finetune), polish=float(self.polish),
+            gate_lr=float(self.gate_lr),
             mu_bound=None if self.mu_bound is None else float(self.mu_bound))
 
     # ------------------------------------------------------------ serialize

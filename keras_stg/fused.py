@@ -158,8 +158,8 @@ def fusable_adam(optimizer):
 def gate_adam(optimizer, gate_variables, fused=True, lr_scale=1.0):
     """While the update is traced, the optimizer moves the gate locations its own way.
 
-    `lr_scale`: the gates train at `lr_scale` times the optimizer's learning
-    rate (any optimizer; the weights keep theirs).
+    `lr_scale`: the gates train at `lr_scale` (a number or a scalar tensor)
+    times the optimizer's learning rate (any optimizer; the weights keep theirs).
 
     `fused`: Keras' Adam updates a variable with about ten elementwise
     TensorFlow ops, each a pass over memory; on a gate tensor as large as its
@@ -173,7 +173,8 @@ def gate_adam(optimizer, gate_variables, fused=True, lr_scale=1.0):
     gradient or a distributed replica variable goes the usual Keras way.
     """
     fused = bool(fused) and fusable_adam(optimizer)
-    if not gate_variables or (not fused and lr_scale == 1.0):
+    unscaled = isinstance(lr_scale, (int, float)) and lr_scale == 1.0
+    if not gate_variables or (not fused and unscaled):
         yield
         return
     import tensorflow as tf
@@ -187,7 +188,7 @@ def gate_adam(optimizer, gate_variables, fused=True, lr_scale=1.0):
     def update_step(gradient, variable, learning_rate):
         if id(variable) not in gates:
             return update_step.keras_update(gradient, variable, learning_rate)
-        if lr_scale != 1.0:
+        if not unscaled:
             learning_rate = ops.cast(learning_rate, "float32") * lr_scale
         if (not fused or tf.as_dtype(variable.dtype) != tf.float32
                 or isinstance(gradient, tf.IndexedSlices)):

@@ -43,6 +43,15 @@ def binary_mask(mu, dtype=None):
     return ops.cast(ops.greater(mu, 0.0), dtype or mu.dtype)
 
 
+def straight_through_mask(mu):
+    """The binary mask `1[mu > 0]` forward, the identity to `mu` backward.
+
+    The gradient of a loss with respect to the mask reaches `mu` unchanged
+    (the straight-through estimator); the value is exactly binary.
+    """
+    return binary_mask(mu) + (mu - ops.stop_gradient(mu))
+
+
 def open_probability(mu, sigma):
     """`P(z > 0) = Phi((mu + 0.5) / sigma)` per gate."""
     return 0.5 * (1.0 + ops.erf((mu + 0.5) / sigma * _SQRT_HALF))

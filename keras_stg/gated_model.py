@@ -102,6 +102,9 @@ class GatedModel(MaskedModel):
         # True while the mask is frozen (the fine-tuning phase): the forward
         # pass uses the binary mask and only the weights train.
         self._mask_frozen = False
+        # True during the polish phase (`config.polish`): the gates train through
+        # their binary mask, straight through, at a decaying rate.
+        self._polishing = False
 
         self.gates = []
         self._n_weights = [math.prod(tuple(t.variable.shape)) for t in self.targets]
@@ -181,6 +184,11 @@ class GatedModel(MaskedModel):
         self.last_sparsity = self._state_weight("last_sparsity", -1.0)
         self.sparsity_velocity = self._state_weight("sparsity_velocity")
         self.mask_frozen = self._state_weight("mask_frozen")  # 1.0 once frozen (saved)
+        # The gates' learning-rate factor of the polish phase, set before every
+        # polish step by `fit`; not saved (a new `fit` sets it again), so that
+        # files saved before it existed load.
+        object.__setattr__(self, "polish_rate", keras.Variable(
+            1.0, trainable=False, dtype="float32", name="polish_rate"))
         # Values of the gated biases are gated too for unit-like granularities.
         self._gated_bias = [
             plan is None
@@ -368,6 +376,18 @@ class GatedModel(MaskedModel):
                 (target.bias, bias * ops.cast(ops.reshape(z, bias.shape), bias.dtype))
             )
 
+    def _polish_kernels(self):
+        """`(mapping, expected density, hard density)` for a polish step: the
+        kernels times the binary mask, whose gradient reaches `mu` straight through."""
+        zs = [gate_math.straight_through_mask(g.mu) for g in self.gates]
+        if self._plan is not None:
+            mapping = self._plan.mapping(self.targets, zs)
+        else:
+            mapping = []
+            for target, gate, gated_bias, z in zip(self.targets, self.gates, self._gated_bias, zs):
+                self._append_gated(mapping, target, gate, gated_bias, z)
+        return mapping, self._expected_density(), self._hard_density()
+
     def effective_kernels(self, training=False):
         """`(variable, value)` pairs: every gated kernel (and bias) times its gate."""
         if training:
@@ -382,7 +402,8 @@ class GatedModel(MaskedModel):
 
     def masked_values(self, training=False):
         if training and not self._mask_frozen:
-            mapping, expected, hard = self._relaxed_kernels()
+            mapping, expected, hard = (self._polish_kernels() if self._polishing
+                                       else self._relaxed_kernels())
             self._step.expected_density, self._step.hard_density = expected, hard
             return mapping
         return self.effective_kernels(training=False)
@@ -556,8 +577,11 @@ class GatedModel(MaskedModel):
 
     def apply_gradients(self, gradients, variables):
         gates = () if self._mask_frozen else [g.mu for g in self.gates]
+        lr_scale = self.config.gate_lr
+        if self._polishing:
+            lr_scale = ops.cast(self.polish_rate, "float32") * lr_scale
         with fused_lib.gate_adam(self.optimizer, gates, fused=self._fused_lib() is not None,
-                                 lr_scale=self.config.gate_lr):
+                                 lr_scale=lr_scale):
             self.optimizer.apply_gradients(zip(gradients, variables))
 
     def after_step(self, iteration):
@@ -686,6 +710,17 @@ class _FitState(keras.callbacks.Callback):
         gate_steps = epochs * steps if self._freeze_step is None or not steps else self._freeze_step
         gated.total_steps.assign(float(gate_steps))
         gated.epoch_steps.assign(float(steps))
+        # Polish: the last `polish` share of the gate phase (in steps, or in
+        # epochs when `steps` is unknown), at least one unit, never all of it.
+        self._polish = None
+        if gated._polishing:
+            self._set_polishing(False)  # a new `fit`: its gate phase starts relaxed
+        if gated.config.polish and epochs:
+            units = epochs * steps if steps else epochs
+            end = self._freeze_step if self._freeze_step is not None else units
+            if end >= 2:
+                start = min(end - 1, max(1, round((1.0 - gated.config.polish) * end)))
+                self._polish = (start, end)
         if float(ops.convert_to_numpy(gated.mask_frozen)) and not gated._mask_frozen:
             self._freeze()  # a resumed run that had frozen its mask
 
@@ -705,9 +740,30 @@ class _FitState(keras.callbacks.Callback):
         if (self._freeze_step is not None and position >= self._freeze_step
                 and not self._gated._mask_frozen):
             self._freeze()
+        if self._polish is not None and not self._gated._mask_frozen:
+            start, end = self._polish
+            if position >= start:
+                # A half cosine from the full rate at the polish's first step
+                # towards 0 at the end of the gate phase.
+                t = min(1.0, (position - start) / (end - start))
+                self._gated.polish_rate.assign(0.5 * (1.0 + math.cos(math.pi * t)))
+                if not self._gated._polishing:
+                    self._set_polishing(True)
+
+    def _set_polishing(self, polishing):
+        gated = self._gated
+        gated._polishing = polishing
+        if not polishing:
+            gated.polish_rate.assign(1.0)
+        # The step function changes (binary gates, a decaying gate rate): trace it anew.
+        gated.make_train_function(force=True)
+        if polishing and self.params.get("verbose"):
+            print(f"\nkeras_stg: polishing the mask at {100 * gated.sparsity():.2f}% sparsity: "
+                  "the gates train through their binary mask at a decaying rate", flush=True)
 
     def _freeze(self):
         gated = self._gated
+        gated._polishing = False
         gated.freeze_mask()
         # The step function changes (binary mask, no gate updates): trace it anew
         # (`fit` looks the function up before every step).

@@ -27,7 +27,7 @@ def wrap(model, config=None, **options):
             every automatic default) are also accepted as keywords: `mode`,
             `granularity`, `sigma`, `include`, `exclude`, `init`,
             `init_density`, `init_mu`, `mu_bound`, `seed`, `fused`, `finetune`,
-            `penalty`.
+            `polish`, `gate_lr`, `cost`, `channel_multiple`, `penalty`.
         **options: the config's fields, or the penalty by its parts:
             `lam` (the penalty weight; with a target, the controller's start;
             default 1.0), `target_sparsity` (in (0, 1): lambda adapts every

@@ -42,3 +42,14 @@ def test_expected_l0_is_sum_of_normal_cdf():
 def test_fractional_count():
     mu = np.array([-0.6, -0.4, 0.0, 0.49, 0.5, 0.9], "float32")
     assert int(gate_math.fractional_count(mu)) == 3
+
+
+def test_straight_through_mask_is_binary_forward_and_the_identity_backward():
+    import tensorflow as tf
+
+    mu = tf.Variable([-0.7, -1e-8, 0.0, 3e-8, 0.3, 0.9])
+    with tf.GradientTape() as tape:
+        m = gate_math.straight_through_mask(mu)
+        loss = tf.reduce_sum(m * tf.constant([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    np.testing.assert_array_equal(m.numpy(), [0, 0, 0, 1, 1, 1])  # exactly binary
+    np.testing.assert_array_equal(tape.gradient(loss, mu).numpy(), [1, 2, 3, 4, 5, 6])

@@ -268,3 +268,76 @@ def test_flops_cost_with_channel_gates_lands_the_controller_on_multiply_adds():
     kept = sum(r["kept_macs"] for r in stats) / sum(r["macs"] for r in stats)
     assert 1 - kept == pytest.approx(gated.sparsity(), abs=1e-6)
     assert gated.sparsity() == pytest.approx(0.4, abs=0.03)
+
+
+def _polish_fit(gated, x, y, epochs=2, batch_size=16):
+    """Fits `gated`, recording per step: polishing?, the gate-rate factor, the gates' mu."""
+    gated.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seen = {"polishing": [], "rate": [], "mu": [], "same": []}
+    probe = x[:8]
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen["polishing"].append(gated._polishing)
+            seen["rate"].append(float(gated.polish_rate.numpy()))
+            # During the polish the training forward is the binary-mask network.
+            seen["same"].append(bool(np.array_equal(
+                keras.ops.convert_to_numpy(gated(probe, training=True)),
+                keras.ops.convert_to_numpy(gated(probe, training=False)))))
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen["mu"].append(np.concatenate([g.mu.numpy().ravel() for g in gated.gates]))
+
+    gated.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[Record()])
+    return seen
+
+
+def test_polish_trains_the_gates_through_the_binary_mask_at_a_decaying_rate(tmp_path):
+    # 2 epochs of 8 steps, polish 0.25: steps 13-16 (positions 12-15) polish.
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(128, 200)).astype("float32")
+    y = np.random.randint(0, 10, size=128)
+    gated = keras_stg.wrap(big_mlp(), target_sparsity=0.5, seed=0, polish=0.25)
+    seen = _polish_fit(gated, x, y)
+    assert seen["polishing"] == [False] * 12 + [True] * 4
+    assert seen["same"] == [False] * 12 + [True] * 4  # relaxed (noisy) gates before
+    # A half cosine over the 4 polish steps, from the full rate down.
+    np.testing.assert_allclose(seen["rate"][12:], [0.5 * (1 + np.cos(np.pi * t / 4))
+                                                   for t in range(4)], rtol=1e-6)
+    assert seen["rate"][:12] == [1.0] * 12
+    # The gates still train during the polish, less far as the rate decays
+    # (Adam's step is about the rate).
+    steps = [np.abs(b - a).max() for a, b in zip(seen["mu"], seen["mu"][1:])]
+    assert all(s > 0 for s in steps)
+    assert steps[-1] < 0.3 * steps[10]
+    # Saved state is the same as without polish (files from before it load), and
+    # the option itself is saved.
+    plain = keras_stg.wrap(big_mlp(), target_sparsity=0.5, seed=0)
+    assert [w.name for w in gated.weights] == [w.name for w in plain.weights]
+    path = str(tmp_path / "polished.keras")
+    gated.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.config.polish == 0.25
+    np.testing.assert_array_equal(loaded.predict(x[:8], verbose=0), gated.predict(x[:8], verbose=0))
+
+
+def test_polish_ends_at_the_freeze_and_channel_gates_polish_too():
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(128, 200)).astype("float32")
+    y = np.random.randint(0, 10, size=128)
+    # joint, finetune 0.5: the gate phase is the first 8 of 16 steps; its last
+    # quarter (2 steps) polishes, then the frozen mask fine-tunes the weights.
+    gated = keras_stg.wrap(big_mlp(), mode="joint", granularity="channel", target_sparsity=0.5,
+                           seed=0, polish=0.25, finetune=0.5, init_mu=0.5)
+    seen = _polish_fit(gated, x, y)
+    assert seen["polishing"] == [False] * 6 + [True] * 2 + [False] * 8
+    assert seen["same"][6:] == [True] * 10
+    assert float(gated.mask_frozen.numpy()) == 1.0
+    assert not gated._polishing  # the freeze ends the polish
+
+
+def test_polish_must_be_a_share_of_the_steps():
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="`polish` must be a share"):
+            keras_stg.wrap(big_mlp(), target_sparsity=0.5, polish=bad)

@@ -190,8 +190,10 @@ def test_two_process_multi_worker_smoke(shared_data, tmp_path):
 
 
 def test_experiment_config_maps_onto_one_gate_config():
-    cfg = config.load(CONFIG, ["target_sparsity=0.8", "exclude=[fc3]", "sigma=0.4"])
+    cfg = config.load(CONFIG, ["target_sparsity=0.8", "exclude=[fc3]", "sigma=0.4",
+                               "polish=0.25"])
     gate = cfg.gate_config().resolve()
+    assert gate.polish == 0.25
     assert gate.penalty == keras_stg.TargetSparsity(0.8, lam=cfg.lam, ramp=0.0,
                                                     horizon=cfg.controller_horizon)
     assert (gate.mode, str(gate.granularity), gate.exclude, gate.sigma) == ("slt", "weight",

@@ -40,6 +40,9 @@ class Config:
         finetune: `joint` mode: share of the training steps at the end during
             which the mask is frozen at the target and only the weights train
             (0: none).
+        polish: share of the gate phase's last steps that train the gates
+            through their binary mask, their rate decaying to 0 (0: none); see
+            `keras_stg.GateConfig`.
         cost: what `target_sparsity` counts: `params` (kernel weights) or
             `flops` (multiply-adds per example).
         channel_multiple: `channel` gates: the mask frozen for `finetune` keeps each
@@ -86,6 +89,7 @@ class Config:
     controller_rate: typing.Optional[float] = None
     controller_error: typing.Optional[str] = None
     finetune: float = 0.0
+    polish: float = 0.0
     cost: str = "params"
     gate_lr: float = 1.0
     channel_multiple: int = 1
@@ -116,7 +120,7 @@ class Config:
             controller_error=self.controller_error, sigma=self.sigma, exclude=self.exclude,
             init=self.init if self.mode == "slt" else None, init_mu=self.init_mu,
             init_density="auto" if self.scale_fan else None, seed=self.seed,
-            finetune=self.finetune, cost=self.cost, gate_lr=self.gate_lr,
+            finetune=self.finetune, polish=self.polish, cost=self.cost, gate_lr=self.gate_lr,
             channel_multiple=self.channel_multiple)
 
     def __post_init__(self):
