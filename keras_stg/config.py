@@ -82,7 +82,9 @@ class GateConfig:
             during which the gates train through their binary mask: the
             forward pass uses `1[mu > 0]`, the gradient reaches `mu` straight
             through, and the gates' learning rate decays to 0 along a half
-            cosine. The network the last steps fit is then the one exported,
+            cosine. With a target the polish starts from the mask set to
+            exactly the target (`GatedModel.snap_to_target`: the gates the
+            freeze would flip are moved just past 0). The network the last steps fit is then the one exported,
             and the mask settles instead of flipping the gates near 0 to the
             end. 0: the relaxed gates train to the end (the paper's method).
         gate_lr: the gate locations train at `gate_lr` times the optimizer's

@@ -463,6 +463,35 @@ class GatedModel(MaskedModel):
         magnitude pruning does after its schedule ends). Idempotent.
         """
         mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
+        keep = self._target_keep(mus)
+        # Saturate the frozen gates, so that no gate reads as fractional.
+        bound = self.mu_bound or 1.0
+        self._assign_mus(np.where(keep, bound, -bound), mus)
+        for gate in self.gates:
+            gate.mu.trainable = False
+        self._mask_frozen = True
+        self.mask_frozen.assign(1.0)
+
+    def snap_to_target(self, margin=1e-3):
+        """Sets the binary mask to exactly `target_sparsity`, moving only the gates
+        `freeze_mask` would flip, to just past 0 (`+-margin`); they stay trainable.
+        The polish phase starts from it. Nothing happens without a target."""
+        if self.target_sparsity is None:
+            return
+        mus = [ops.convert_to_numpy(g.mu).ravel() for g in self.gates]
+        flat = np.concatenate(mus)
+        keep = self._target_keep(mus)
+        self._assign_mus(np.where(keep, np.maximum(flat, margin), np.minimum(flat, -margin)), mus)
+
+    def _assign_mus(self, flat, mus):
+        start = 0
+        for gate, m in zip(self.gates, mus):
+            gate.mu.assign(flat[start:start + m.size].astype("float32").reshape(gate.mu.shape))
+            start += m.size
+
+    def _target_keep(self, mus):
+        """Which gates (flat, over `mus`) a mask at exactly the target keeps: those
+        with the largest `mu` (see `freeze_mask`)."""
         flat = np.concatenate(mus)
         order = np.argsort(-flat, kind="stable")
         keep_weights = (1.0 - self.target_sparsity) * self._total_cost - self._fixed_cost
@@ -524,16 +553,7 @@ class GatedModel(MaskedModel):
                     chosen = under
             if chosen:
                 keep[np.concatenate(chosen)] = True
-        # Saturate the frozen gates, so that no gate reads as fractional.
-        bound = self.mu_bound or 1.0
-        new = np.where(keep, bound, -bound).astype("float32")
-        start = 0
-        for gate, m in zip(self.gates, mus):
-            gate.mu.assign(new[start:start + m.size].reshape(gate.mu.shape))
-            gate.mu.trainable = False
-            start += m.size
-        self._mask_frozen = True
-        self.mask_frozen.assign(1.0)
+        return keep
 
     def _channel_blocks(self, mus):
         """Flat indices of the channel gates in the order `freeze_mask` keeps them: blocks
@@ -748,6 +768,7 @@ class _FitState(keras.callbacks.Callback):
                 t = min(1.0, (position - start) / (end - start))
                 self._gated.polish_rate.assign(0.5 * (1.0 + math.cos(math.pi * t)))
                 if not self._gated._polishing:
+                    self._gated.snap_to_target()
                     self._set_polishing(True)
 
     def _set_polishing(self, polishing):
