@@ -482,6 +482,10 @@ class GatedModel(MaskedModel):
         flat = np.concatenate(mus)
         keep = self._target_keep(mus)
         self._assign_mus(np.where(keep, np.maximum(flat, margin), np.minimum(flat, -margin)), mus)
+        # The controller must not read the jump as the mask's velocity (its
+        # look-ahead would then see the target overshot and open gates).
+        self.last_sparsity.assign(1.0 - float(ops.convert_to_numpy(self._hard_density())))
+        self.sparsity_velocity.assign(0.0)
 
     def _assign_mus(self, flat, mus):
         start = 0

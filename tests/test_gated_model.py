@@ -274,7 +274,8 @@ def _polish_fit(gated, x, y, epochs=2, batch_size=16):
     """Fits `gated`, recording per step: polishing?, the gate-rate factor, the gates' mu."""
     gated.compile(optimizer=keras.optimizers.Adam(0.01),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    seen = {"polishing": [], "rate": [], "mu": [], "same": [], "sparsity": []}
+    seen = {"polishing": [], "rate": [], "mu": [], "same": [], "sparsity": [],
+            "velocity": [], "last": []}
     probe = x[:8]
 
     class Record(keras.callbacks.Callback):
@@ -282,6 +283,8 @@ def _polish_fit(gated, x, y, epochs=2, batch_size=16):
             seen["polishing"].append(gated._polishing)
             seen["rate"].append(float(gated.polish_rate.numpy()))
             seen["sparsity"].append(gated.sparsity())
+            seen["velocity"].append(float(gated.sparsity_velocity.numpy()))
+            seen["last"].append(float(gated.last_sparsity.numpy()))
             # During the polish the training forward is the binary-mask network.
             seen["same"].append(bool(np.array_equal(
                 keras.ops.convert_to_numpy(gated(probe, training=True)),
@@ -307,8 +310,10 @@ def test_polish_trains_the_gates_through_the_binary_mask_at_a_decaying_rate(tmp_
     np.testing.assert_allclose(seen["rate"][12:], [0.5 * (1 + np.cos(np.pi * t / 4))
                                                    for t in range(4)], rtol=1e-6)
     assert seen["rate"][:12] == [1.0] * 12
-    # The polish starts from the mask set to exactly the target (to one gate).
+    # The polish starts from the mask set to exactly the target (to one gate),
+    # and the controller does not take the jump for the mask's velocity.
     assert seen["sparsity"][12] == pytest.approx(0.5, abs=1.0 / 2e4)
+    assert seen["velocity"][12] == 0.0 and seen["last"][12] == seen["sparsity"][12]
     # The gates still train during the polish, less far as the rate decays
     # (Adam's step is about the rate).
     steps = [np.abs(b - a).max() for a, b in zip(seen["mu"], seen["mu"][1:])]
