@@ -112,7 +112,8 @@ def parse_args(argv=None):
                         "and the seeds part, where each method pins its controller: ours and "
                         "the variants ours_layer, ours_sgd, ours_time the 'absolute' error at "
                         "rate 0.01 (the defaults up to 2026-12-05), ours_ratio the 'log_ratio' "
-                        "error at rate 0.01, ours_rate at rate 0.05 (the current defaults); "
+                        "error at rate 0.01, ours_rate at rate 0.05 (the defaults of 2026-12-05), "
+                        "ours_polish that with polish=0.25 (the current defaults); "
                         "default ours and edge_popup")
     p.add_argument("--seeds", type=int, nargs="+", default=list(part_seeds.SEEDS),
                    help="seeds of the seeds part (default 0 1 2); run one per process to "

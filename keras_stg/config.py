@@ -15,6 +15,8 @@ The automatic choices, all made in `resolve`:
 - `init_mu="auto"`: `"random"` (a random mask at the target, as edge-popup's
   random scores start) in `slt` mode with a target and per-weight gates; else
   0.5 (every gate open: a trained network starts whole).
+- `polish="auto"`: 0.25 (the last quarter of the gate phase trains through the
+  binary mask) in `slt` mode with per-weight gates, else 0.
 - `TargetSparsity(ramp=None)`: no ramp when the gates start random (the mask is
   at the target from the first step), else a ramp over 40% of the gate phase
   (the steps before the mask freezes with `finetune`, else all of `fit`).
@@ -28,6 +30,8 @@ from keras_stg import penalty as penalty_lib
 
 #: Training modes: what trains besides the gates.
 MODES = ("slt", "post_training", "joint")
+#: `polish="auto"` in `slt` mode with per-weight gates: the last quarter of the gate phase.
+AUTO_POLISH = 0.25
 #: What `target_sparsity` (and the penalty) counts: kernel weights, multiply-adds, or
 #: milliseconds of LiteRT latency (`keras_stg.latency`).
 COSTS = ("params", "flops", "latency")
@@ -87,6 +91,9 @@ class GateConfig:
             freeze would flip are moved just past 0). The network the last steps fit is then the one exported,
             and the mask settles instead of flipping the gates near 0 to the
             end. 0: the relaxed gates train to the end (the paper's method).
+            `"auto"`: 0.25 in `slt` mode with per-weight gates (where three
+            seeds on two networks measured it, `benchmarks/RESULTS.md`, issue
+            18), else 0.
         gate_lr: the gate locations train at `gate_lr` times the optimizer's
             learning rate (the weights keep it): in `joint` mode the weights
             want a small rate while the gates, bounded by `mu_bound`, must be
@@ -120,7 +127,7 @@ class GateConfig:
     seed: Optional[int] = None
     fused: object = "auto"
     finetune: float = 0.0
-    polish: float = 0.0
+    polish: object = "auto"
     gate_lr: float = 1.0
     cost: str = "params"
     cost_table: Optional[dict] = None
@@ -201,11 +208,11 @@ class GateConfig:
             raise ValueError(
                 "`finetune` must be a share of the training steps in [0, 1), got "
                 f"{self.finetune!r}.")
-        if isinstance(self.polish, bool) or not (
-                isinstance(self.polish, (int, float)) and 0 <= self.polish < 1):
+        if self.polish != "auto" and (isinstance(self.polish, bool) or not (
+                isinstance(self.polish, (int, float)) and 0 <= self.polish < 1)):
             raise ValueError(
                 "`polish` must be a share of the gate phase's steps in [0, 1) (e.g. 0.25: "
-                f"the last quarter trains on the binary mask), got {self.polish!r}.")
+                f"the last quarter trains on the binary mask) or 'auto', got {self.polish!r}.")
         if isinstance(self.gate_lr, bool) or not (
                 isinstance(self.gate_lr, (int, float)) and self.gate_lr > 0):
             raise ValueError(
@@ -236,6 +243,10 @@ class GateConfig:
             init_mu = "random" if random_start else 0.5
         if init_mu != "random":
             init_mu = float(init_mu)
+        polish = self.polish
+        if polish == "auto":
+            polish = AUTO_POLISH if (self.mode == "slt"
+                                     and self.granularity.name == "weight") else 0.0
         penalty = self.penalty
         if penalty is None:
             penalty = (penalty_lib.TargetSparsity(target) if target is not None
@@ -243,7 +254,7 @@ class GateConfig:
         penalty = penalty.resolve(random_start=init_mu == "random")
         return dataclasses.replace(
             self, penalty=penalty, init=init, init_density=init_density, init_mu=init_mu,
-            sigma=float(self.sigma), finetune=float(self.finetune), polish=float(self.polish),
+            sigma=float(self.sigma), finetune=float(self.finetune), polish=float(polish),
             gate_lr=float(self.gate_lr),
             mu_bound=None if self.mu_bound is None else float(self.mu_bound))
 
@@ -261,6 +272,7 @@ class GateConfig:
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        config.setdefault("polish", 0.0)  # saved before it existed: trained without it
         config["granularity"] = granularity_lib.deserialize(config["granularity"])
         if config.get("penalty") is not None:
             config["penalty"] = penalty_lib.get(config["penalty"])

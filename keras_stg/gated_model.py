@@ -700,6 +700,7 @@ class GatedModel(MaskedModel):
             # Its controller: the absolute error at rate 0.01, the only ones then.
             config.setdefault("controller_error", "absolute")
             config.setdefault("controller_rate", 0.01)
+            config.setdefault("polish", 0.0)
             gate_config = config_lib.from_keywords(**config)
         return cls(model, gate_config, name=name)
 

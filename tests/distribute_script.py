@@ -27,7 +27,11 @@ def train(strategy):
             [keras.Input((12,)), keras.layers.Dense(16, activation="relu"),
              keras.layers.BatchNormalization(synchronized=True), keras.layers.Dense(3)]
         )
-        gated = keras_stg.wrap(model, target_sparsity=0.5, init_mu=0.02, seed=0, target_ramp=0)
+        # polish=0: the relaxed gates' numerics are what this compares. With the
+        # polish (3 of these 12 steps on the binary mask) the two runs drift apart by
+        # up to 0.019 in mu and 2 points of sparsity (issue 18, session 19 note).
+        gated = keras_stg.wrap(model, target_sparsity=0.5, init_mu=0.02, seed=0, target_ramp=0,
+                               polish=0.0)
         gated.compile(
             optimizer=keras.optimizers.Adam(0.02),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -30,6 +30,22 @@ def test_resolve_makes_every_automatic_choice(options, init, init_mu, penalty):
     assert resolved.resolve() == resolved  # nothing automatic is left
 
 
+@pytest.mark.parametrize("options, polish", [
+    ({}, 0.25), ({"target_sparsity": 0.9}, 0.25), ({"granularity": "unit"}, 0.0),
+    ({"mode": "joint", "target_sparsity": 0.9}, 0.0), ({"mode": "post_training"}, 0.0),
+    ({"polish": 0.1, "mode": "joint"}, 0.1), ({"polish": 0}, 0.0),
+])
+def test_polish_auto_polishes_slt_weight_gates_only(options, polish):
+    assert config_lib.from_keywords(**options).resolve().polish == polish
+
+
+def test_a_config_saved_without_polish_loads_without_it():
+    saved = keras_stg.GateConfig(target_sparsity=0.9).resolve().get_config()
+    assert saved["polish"] == 0.25
+    del saved["polish"]
+    assert keras_stg.GateConfig.from_config(saved).resolve().polish == 0.0
+
+
 def test_init_density_auto_follows_the_target():
     assert keras_stg.GateConfig(target_sparsity=0.75, init_density="auto").resolve() \
         .init_density == 0.25

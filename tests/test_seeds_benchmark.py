@@ -270,8 +270,14 @@ def test_each_method_pins_its_controller_error_whatever_the_library_default(monk
             sigma = variants.SIGMAS[method]
             assert {float(g.sigma) for g in gated.gates} == {sigma}, method
             assert s.get("sigma") == (None if sigma == 0.5 else sigma)
+            assert gated.config.polish == variants.POLISHES[method], method
+            assert s.get("polish") == (variants.POLISH if method == "ours_polish" else None)
     assert isinstance(variants.wrap_for("ours_layer")(model, target_sparsity=0.9, seed=0),
                       variants.LayerwiseGatedModel)
     assert variants.CONTROLLER_ERRORS[variants.DEFAULT_METHOD] == penalty_lib.DEFAULT_ERROR
     assert variants.CONTROLLER_RATES[variants.DEFAULT_METHOD] == penalty_lib.DEFAULT_RATE
+    # The default method is what the library's "auto" polish does in slt mode.
+    from keras_stg import config as config_lib
+
+    assert variants.POLISHES[variants.DEFAULT_METHOD] == config_lib.AUTO_POLISH
     assert set(variants.CONTROLLER_ERRORS) == set(part_seeds.METHODS) - {"edge_popup"}

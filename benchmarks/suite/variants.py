@@ -21,10 +21,18 @@ when the library defaults change.
   the library default since 2026-12-05).
 - `ours_rate`: `ours_ratio` with five times the controller's rate
   (`controller_rate=0.05`), so that runs of about a thousand steps bring the
-  mask to the target: the library defaults since 2026-12-05.
+  mask to the target: the library defaults of 2026-12-05.
 - `ours_sigma`: `ours_rate` with the gates' noise scale at 0.25 instead of the
   library's 0.5 (`sigma=0.25`): on a run of a thousand steps the gate locations
   cross the noise's width in half the steps.
+- `ours_polish`: `ours_rate` with `wrap(polish=0.25)` (the library defaults
+  since 2026-12-06, `polish="auto"`): the last quarter of
+  the steps trains the gates through the binary mask itself (forward
+  `1[mu > 0]`, the gradient of `mu` straight through), with the gates' rate
+  decayed to 0 along a half cosine over that quarter: the network the test set
+  sees is the one the last steps fit, and the mask settles, as in edge-popup;
+  the relaxed gates train a network of half-open gates that the binary mask
+  then replaces.
 - `ours_time`: `ours` for as many epochs as fit in
   edge-popup's time at the same sparsity and seed (its measured training
   time over ours, times the epochs).
@@ -97,6 +105,10 @@ class LayerwiseGatedModel(keras_stg.GatedModel):
             self.penalty.update(state, h, iteration)
 
 
+#: Share of the gate phase `ours_polish` trains on the binary mask (`wrap(polish=...)`).
+POLISH = 0.25
+
+
 def wrap_layerwise(model, **options):
     """`keras_stg.wrap` building a `LayerwiseGatedModel` (same options, same init)."""
     return draw_init(LayerwiseGatedModel(model, **options))
@@ -110,22 +122,30 @@ VARIANTS = {
     "ours_time": ("ours, edge-popup's time", "as many epochs as edge-popup's training time"),
     "ours_ratio": ("ours, log-ratio controller",
                    "controller error log(kept share / target's kept share)"),
-    "ours_rate": ("ours, log ratio, rate 0.05 (default)",
+    "ours_rate": ("ours, log ratio, rate 0.05",
                   "the log-ratio controller at controller_rate 0.05 instead of 0.01: the "
-                  "library defaults since 2026-12-05"),
+                  "library defaults of 2026-12-05"),
     "ours_sigma": ("ours, sigma 0.25", "the library defaults with sigma 0.25 instead of 0.5"),
+    "ours_polish": ("ours, binary-mask polish (default)",
+                    "the log-ratio controller at rate 0.05, the last quarter of the steps on "
+                    "the binary mask (straight-through): the library defaults since "
+                    "2026-12-06"),
 }
 #: The controller error (`keras_stg.wrap`'s `controller_error`) of each method of ours.
 CONTROLLER_ERRORS = {"ours": "absolute", "ours_layer": "absolute", "ours_sgd": "absolute",
                      "ours_time": "absolute", "ours_ratio": "log_ratio", "ours_rate": "log_ratio",
-                     "ours_sigma": "log_ratio"}
+                     "ours_sigma": "log_ratio", "ours_polish": "log_ratio"}
 #: The controller rate (`controller_rate`) of each method of ours.
 CONTROLLER_RATES = dict.fromkeys(CONTROLLER_ERRORS, 0.01) | {"ours_rate": 0.05,
-                                                             "ours_sigma": 0.05}
+                                                             "ours_sigma": 0.05,
+                                                             "ours_polish": 0.05}
 #: The gates' noise scale (`sigma`) of each method of ours (the library's 0.5 unless named).
 SIGMAS = dict.fromkeys(CONTROLLER_ERRORS, 0.5) | {"ours_sigma": 0.25}
+#: The binary-mask polish (`wrap(polish=...)`) of each method of ours: 0 but for
+#: `ours_polish` (the library's "auto" would polish every `slt` method since 2026-12-06).
+POLISHES = dict.fromkeys(CONTROLLER_ERRORS, 0.0) | {"ours_polish": POLISH}
 #: The method that runs the library's current defaults (issue 18's targets are read on it).
-DEFAULT_METHOD = "ours_rate"
+DEFAULT_METHOD = "ours_polish"
 
 
 def controller_error(method):
@@ -137,7 +157,8 @@ def wrap_for(method):
     """`keras_stg.wrap` (or `wrap_layerwise`) as `method` builds its gated model."""
     build = wrap_layerwise if method == "ours_layer" else keras_stg.wrap
     pinned = {"controller_error": controller_error(method),
-              "controller_rate": CONTROLLER_RATES[method], "sigma": SIGMAS[method]}
+              "controller_rate": CONTROLLER_RATES[method], "sigma": SIGMAS[method],
+              "polish": POLISHES[method]}
     return lambda model, **options: build(model, **pinned, **options)
 
 #: SGD learning rate of `ours_sgd` on the gate locations (`--gate-sgd-lr`).

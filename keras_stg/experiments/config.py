@@ -41,7 +41,8 @@ class Config:
             which the mask is frozen at the target and only the weights train
             (0: none).
         polish: share of the gate phase's last steps that train the gates
-            through their binary mask, their rate decaying to 0 (0: none); see
+            through their binary mask, their rate decaying to 0 (0: none;
+            `auto`: 0.25 in `slt` mode with `weight` gates, else 0); see
             `keras_stg.GateConfig`.
         cost: what `target_sparsity` counts: `params` (kernel weights) or
             `flops` (multiply-adds per example).
@@ -89,7 +90,7 @@ class Config:
     controller_rate: typing.Optional[float] = None
     controller_error: typing.Optional[str] = None
     finetune: float = 0.0
-    polish: float = 0.0
+    polish: typing.Union[float, str] = "auto"
     cost: str = "params"
     gate_lr: float = 1.0
     channel_multiple: int = 1
