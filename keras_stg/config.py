@@ -88,9 +88,9 @@ class GateConfig:
             through, and the gates' learning rate decays to 0 along a half
             cosine. With a target the polish starts from the mask set to
             exactly the target (`GatedModel.snap_to_target`: the gates the
-            freeze would flip are moved just past 0). The network the last steps fit is then the one exported,
-            and the mask settles instead of flipping the gates near 0 to the
-            end. 0: the relaxed gates train to the end (the paper's method).
+            freeze would flip are moved just past 0). The network the last
+            steps fit is then the one exported, and the mask settles instead
+            of flipping the gates near 0 to the end. 0: the relaxed gates train to the end (the paper's method).
             `"auto"`: 0.25 in `slt` mode with per-weight gates (where three
             seeds on two networks measured it, `benchmarks/RESULTS.md`, issue
             18), else 0.
