@@ -705,6 +705,12 @@ class GatedModel(MaskedModel):
         return cls(model, gate_config, name=name)
 
 
+def _last_share_start(share, units):
+    """Where the last `share` of `units` steps (or epochs) begins, rounded, leaving
+    at least one unit before and after it."""
+    return min(units - 1, max(1, round((1.0 - share) * units)))
+
+
 class _FitState(keras.callbacks.Callback):
     """Stores `epochs * steps` of the running `fit` in the gated model, and
     puts the sparsity after each epoch into the epoch's logs.
@@ -727,8 +733,8 @@ class _FitState(keras.callbacks.Callback):
         self._epoch = 0
         if gated.config.finetune and epochs >= 2:
             units = epochs * steps if steps else epochs
-            gate_units = min(units - 1, max(1, round((1.0 - gated.config.finetune) * units)))
-            self._freeze_step = gate_units  # a step, or an epoch when `steps` is unknown
+            # a step, or an epoch when `steps` is unknown
+            self._freeze_step = _last_share_start(gated.config.finetune, units)
         # The gates train until the mask freezes: the target's ramp and the
         # controller's look-ahead span that phase, not the whole `fit`, so the
         # mask reaches the target before `freeze_mask` fixes it.
@@ -744,8 +750,7 @@ class _FitState(keras.callbacks.Callback):
             units = epochs * steps if steps else epochs
             end = self._freeze_step if self._freeze_step is not None else units
             if end >= 2:
-                start = min(end - 1, max(1, round((1.0 - gated.config.polish) * end)))
-                self._polish = (start, end)
+                self._polish = (_last_share_start(gated.config.polish, end), end)
         if float(ops.convert_to_numpy(gated.mask_frozen)) and not gated._mask_frozen:
             self._freeze()  # a resumed run that had frozen its mask
 
@@ -754,14 +759,16 @@ class _FitState(keras.callbacks.Callback):
         # callbacks' `on_epoch_begin`; with epochs of unknown length, only here.
         self._epoch = epoch
         steps = self.params.get("steps")
-        self._maybe_freeze(epoch * steps if steps else epoch)
+        self._at_position(epoch * steps if steps else epoch)
 
     def on_train_batch_begin(self, batch, logs=None):
         steps = self.params.get("steps")
         if steps:
-            self._maybe_freeze(self._epoch * steps + batch)
+            self._at_position(self._epoch * steps + batch)
 
-    def _maybe_freeze(self, position):
+    def _at_position(self, position):
+        """Freezes the mask, or starts and paces the polish, at `position` (a step of
+        the fit, or an epoch when `steps` is unknown)."""
         if (self._freeze_step is not None and position >= self._freeze_step
                 and not self._gated._mask_frozen):
             self._freeze()
