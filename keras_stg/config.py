@@ -17,6 +17,7 @@ The automatic choices, all made in `resolve`:
   0.5 (every gate open: a trained network starts whole).
 - `polish="auto"`: 0.25 (the last quarter of the gate phase trains through the
   binary mask) in `slt` mode with per-weight gates, else 0.
+- `sigma="auto"`: 0.25 in `slt` mode with per-weight gates, else 0.5 (the paper's).
 - `TargetSparsity(ramp=None)`: no ramp when the gates start random (the mask is
   at the target from the first step), else a ramp over 40% of the gate phase
   (the steps before the mask freezes with `finetune`, else all of `fit`).
@@ -32,6 +33,9 @@ from keras_stg import penalty as penalty_lib
 MODES = ("slt", "post_training", "joint")
 #: `polish="auto"` in `slt` mode with per-weight gates: the last quarter of the gate phase.
 AUTO_POLISH = 0.25
+#: `sigma="auto"` in `slt` mode with per-weight gates; elsewhere the paper's `PAPER_SIGMA`.
+AUTO_SIGMA = 0.25
+PAPER_SIGMA = 0.5
 #: What `target_sparsity` (and the penalty) counts: kernel weights, multiply-adds, or
 #: milliseconds of LiteRT latency (`keras_stg.latency`).
 COSTS = ("params", "flops", "latency")
@@ -52,7 +56,13 @@ class GateConfig:
             schedule of the expected-L0 penalty's weight; None: automatic.
         target_sparsity: shortcut for `penalty=TargetSparsity(target_sparsity)`;
             may not be given with a `penalty` of another target.
-        sigma: noise scale of the gates (0.5 in the paper).
+        sigma: noise scale of the gates (0.5 in the paper). A gate with
+            `mu < 0` is closed in the binary mask but open during training
+            with probability `Phi((mu + 0.5) / sigma)`, so with a large
+            `sigma` the relaxed network trains much denser than the mask it
+            yields, the more so the sparser the target. `"auto"`: 0.25 in
+            `slt` mode with per-weight gates (where three seeds on two
+            networks measured it, `benchmarks/RESULTS.md`, issue 18), else 0.5.
         include / exclude: layer names or regexes (full match on name or path)
             to gate / leave ungated; default every supported layer.
         init: re-draw the gated kernels with `keras_stg.initializers.get(init)`
@@ -90,7 +100,8 @@ class GateConfig:
             exactly the target (`GatedModel.snap_to_target`: the gates the
             freeze would flip are moved just past 0). The network the last
             steps fit is then the one exported, and the mask settles instead
-            of flipping the gates near 0 to the end. 0: the relaxed gates train to the end (the paper's method).
+            of flipping the gates near 0 to the end. 0: the relaxed gates
+            train to the end (the paper's method).
             `"auto"`: 0.25 in `slt` mode with per-weight gates (where three
             seeds on two networks measured it, `benchmarks/RESULTS.md`, issue
             18), else 0.
@@ -117,7 +128,7 @@ class GateConfig:
     granularity: Union[str, granularity_lib.Granularity] = "weight"
     penalty: Optional[penalty_lib.Penalty] = None
     target_sparsity: Optional[float] = None
-    sigma: float = 0.5
+    sigma: object = "auto"
     include: object = None
     exclude: object = None
     init: Optional[str] = "auto"
@@ -152,9 +163,10 @@ class GateConfig:
         elif self.target_sparsity is not None:
             penalty_lib.TargetSparsity(self.target_sparsity)  # validates it
             self.target_sparsity = float(self.target_sparsity)
-        if isinstance(self.sigma, bool) or not (
-                isinstance(self.sigma, (int, float)) and self.sigma > 0):
-            raise ValueError(f"`sigma` must be a number > 0, got {self.sigma!r}.")
+        if self.sigma != "auto" and (isinstance(self.sigma, bool) or not (
+                isinstance(self.sigma, (int, float)) and self.sigma > 0)):
+            raise ValueError(f"`sigma` must be a number > 0 (0.5 in the paper) or 'auto', "
+                             f"got {self.sigma!r}.")
         if self.init not in ("auto", None):
             from keras_stg import initializers
 
@@ -243,10 +255,13 @@ class GateConfig:
             init_mu = "random" if random_start else 0.5
         if init_mu != "random":
             init_mu = float(init_mu)
+        slt_weights = self.mode == "slt" and self.granularity.name == "weight"
         polish = self.polish
         if polish == "auto":
-            polish = AUTO_POLISH if (self.mode == "slt"
-                                     and self.granularity.name == "weight") else 0.0
+            polish = AUTO_POLISH if slt_weights else 0.0
+        sigma = self.sigma
+        if sigma == "auto":
+            sigma = AUTO_SIGMA if slt_weights else PAPER_SIGMA
         penalty = self.penalty
         if penalty is None:
             penalty = (penalty_lib.TargetSparsity(target) if target is not None
@@ -254,7 +269,7 @@ class GateConfig:
         penalty = penalty.resolve(random_start=init_mu == "random")
         return dataclasses.replace(
             self, penalty=penalty, init=init, init_density=init_density, init_mu=init_mu,
-            sigma=float(self.sigma), finetune=float(self.finetune), polish=float(polish),
+            sigma=float(sigma), finetune=float(self.finetune), polish=float(polish),
             gate_lr=float(self.gate_lr),
             mu_bound=None if self.mu_bound is None else float(self.mu_bound))
 
@@ -273,6 +288,7 @@ class GateConfig:
     def from_config(cls, config):
         config = dict(config)
         config.setdefault("polish", 0.0)  # saved before it existed: trained without it
+        config.setdefault("sigma", PAPER_SIGMA)
         config["granularity"] = granularity_lib.deserialize(config["granularity"])
         if config.get("penalty") is not None:
             config["penalty"] = penalty_lib.get(config["penalty"])

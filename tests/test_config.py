@@ -39,6 +39,19 @@ def test_polish_auto_polishes_slt_weight_gates_only(options, polish):
     assert config_lib.from_keywords(**options).resolve().polish == polish
 
 
+@pytest.mark.parametrize("options, sigma", [
+    ({}, 0.25), ({"target_sparsity": 0.99}, 0.25), ({"granularity": "unit"}, 0.5),
+    ({"granularity": "block4"}, 0.5), ({"mode": "joint", "target_sparsity": 0.9}, 0.5),
+    ({"mode": "post_training"}, 0.5), ({"sigma": 0.5}, 0.5),
+    ({"sigma": 0.1, "mode": "joint"}, 0.1),
+])
+def test_sigma_auto_narrows_the_noise_of_slt_weight_gates_only(options, sigma):
+    resolved = config_lib.from_keywords(**options).resolve()
+    assert resolved.sigma == sigma
+    gated = keras_stg.wrap(big_mlp(), seed=0, **options)
+    assert {float(g.sigma) for g in gated.gates} == {sigma}
+
+
 def test_a_config_saved_without_polish_loads_without_it():
     saved = keras_stg.GateConfig(target_sparsity=0.9).resolve().get_config()
     assert saved["polish"] == 0.25

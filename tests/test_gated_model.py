@@ -232,7 +232,7 @@ def test_a_config_saved_before_gate_config_still_loads():
     """Files written by keras_stg 0.1 stored the options as flat keywords (and trained
     with the absolute controller error, the only one then, and without polish)."""
     gated = keras_stg.wrap(big_mlp(), target_sparsity=0.9, seed=1, controller_error="absolute",
-                           controller_rate=0.01, polish=0.0)
+                           controller_rate=0.01, polish=0.0, sigma=0.5)
     old = {"name": gated.name, "model": keras.saving.serialize_keras_object(big_mlp()),
            "mode": "slt", "granularity": "weight", "lam": 1.0, "target_sparsity": 0.9,
            "sigma": 0.5, "include": None, "exclude": None, "init_mu": "auto", "mu_bound": 1.0,

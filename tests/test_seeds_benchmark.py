@@ -183,6 +183,23 @@ def test_targets_say_where_ours_is_behind_and_the_kept_ratio():
     assert "edge-popup keeps: not judged (2 sparsities measured, 3 needed)" in short
 
 
+def test_erk_variant_presses_small_layers_less_and_holds_the_global_target():
+    model = models.lenet_300_100((28, 28, 1))
+    gated = variants.wrap_for("ours_erk")(model, mode="slt", target_sparsity=0.9, seed=0)
+    assert isinstance(gated, variants.ErkGatedModel)
+    scales = gated._erk
+    # 1 / Erdos-Renyi density: fan_in * fan_out / (fan_in + fan_out), mean 1 over weights.
+    raw = [784 * 300 / 1084, 300 * 100 / 400, 100 * 10 / 110]
+    assert scales == pytest.approx([r / (sum(n * r for n, r in zip(gated._n_weights, raw))
+                                         / sum(gated._n_weights)) for r in raw])
+    assert scales[0] > scales[1] > scales[2]
+    gated.before_step()
+    weighted = sum(float(g.expected_l0()) * s for g, s in zip(gated.gates, scales))
+    assert float(gated.extra_loss()) == pytest.approx(
+        float(gated.lam.numpy()) * weighted / sum(gated._n_weights), rel=1e-5)
+    assert gated.target_sparsity == 0.9  # one global controller, as the library's
+
+
 def test_layerwise_model_has_one_controller_per_layer():
     model = models.lenet_300_100((28, 28, 1))
     gated = variants.wrap_layerwise(model, mode="slt", target_sparsity=0.5, seed=0)
@@ -271,7 +288,8 @@ def test_each_method_pins_its_controller_error_whatever_the_library_default(monk
             assert {float(g.sigma) for g in gated.gates} == {sigma}, method
             assert s.get("sigma") == (None if sigma == 0.5 else sigma)
             assert gated.config.polish == variants.POLISHES[method], method
-            assert s.get("polish") == (variants.POLISH if method == "ours_polish" else None)
+            polish = variants.POLISHES[method]
+            assert s.get("polish") == (polish or None)
     assert isinstance(variants.wrap_for("ours_layer")(model, target_sparsity=0.9, seed=0),
                       variants.LayerwiseGatedModel)
     assert variants.CONTROLLER_ERRORS[variants.DEFAULT_METHOD] == penalty_lib.DEFAULT_ERROR
@@ -280,4 +298,5 @@ def test_each_method_pins_its_controller_error_whatever_the_library_default(monk
     from keras_stg import config as config_lib
 
     assert variants.POLISHES[variants.DEFAULT_METHOD] == config_lib.AUTO_POLISH
+    assert variants.SIGMAS[variants.DEFAULT_METHOD] == config_lib.AUTO_SIGMA
     assert set(variants.CONTROLLER_ERRORS) == set(part_seeds.METHODS) - {"edge_popup"}

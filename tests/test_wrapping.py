@@ -49,7 +49,7 @@ def test_error_already_gated():
         ({"target_sparsity": 0}, "`target_sparsity` must be strictly between 0 and 1"),
         ({"include": "nope"}, "`include=\\['nope'\\]` matches no layer of the model"),
         ({"exclude": ["zz.*"]}, "`exclude=\\['zz.\\*'\\]` matches no layer of the model"),
-        ({"sigma": 0}, "`sigma` must be a number > 0"),
+        ({"sigma": 0}, "`sigma` must be a number > 0"), ({"sigma": "wide"}, "or 'auto'"),
         ({"init": "xavier"}, "Unknown init 'xavier'"),
         ({"controller_horizon": -1}, "`controller_horizon` must be >= 0 \\(epochs\\), got -1"),
         ({"target_sparsity": 0.5, "init_density": 1.5}, "`init_density` must be in \\(0, 1\\], 'auto' or None, got 1.5"),

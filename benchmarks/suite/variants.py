@@ -25,14 +25,25 @@ when the library defaults change.
 - `ours_sigma`: `ours_rate` with the gates' noise scale at 0.25 instead of the
   library's 0.5 (`sigma=0.25`): on a run of a thousand steps the gate locations
   cross the noise's width in half the steps.
-- `ours_polish`: `ours_rate` with `wrap(polish=0.25)` (the library defaults
-  since 2026-12-06, `polish="auto"`): the last quarter of
+- `ours_polish`: `ours_rate` with `wrap(polish=0.25)` (`polish="auto"`, the
+  library defaults of session 19, 2026-12-06, before `sigma="auto"`): the last quarter of
   the steps trains the gates through the binary mask itself (forward
   `1[mu > 0]`, the gradient of `mu` straight through), with the gates' rate
   decayed to 0 along a half cosine over that quarter: the network the test set
   sees is the one the last steps fit, and the mask settles, as in edge-popup;
   the relaxed gates train a network of half-open gates that the binary mask
   then replaces.
+- `ours_erk`: `ours_polish` with each layer's expected-L0 penalty scaled by
+  the inverse of its Erdos-Renyi density `(fan_in + fan_out) / (fan_in * fan_out)`
+  (Evci et al. 2020; kernel dimensions summed over their product for a
+  convolution), normalized so that the scales average 1 over the weights: a
+  small layer with few inputs and outputs (a classifier head) is pressed less
+  than a wide one, so the global budget does not starve it (layer collapse).
+- `ours_psigma`: `ours_polish` with the gates' noise scale at 0.25 instead of
+  0.5 (`sigma="auto"`, the library defaults since session 20, 2026-12-06): at
+  a kept share of a few percent, the relaxed network (gates open with
+  probability `Phi((mu + 0.5) / sigma)`) is many times denser than the
+  binary mask; less noise narrows the gap.
 - `ours_time`: `ours` for as many epochs as fit in
   edge-popup's time at the same sparsity and seed (its measured training
   time over ours, times the epochs).
@@ -105,8 +116,43 @@ class LayerwiseGatedModel(keras_stg.GatedModel):
             self.penalty.update(state, h, iteration)
 
 
+def erk_scales(targets):
+    """Per gated kernel: 1 / its Erdos-Renyi-kernel density, normalized to a weighted
+    mean of 1 over the kernels' weights."""
+    inverse = [math.prod(shape) / sum(shape) for shape in
+               (tuple(int(d) for d in t.variable.shape) for t in targets)]
+    sizes = [math.prod(tuple(t.variable.shape)) for t in targets]
+    mean = sum(n * d for n, d in zip(sizes, inverse)) / sum(sizes)
+    return [d / mean for d in inverse]
+
+
+class ErkGatedModel(keras_stg.GatedModel):
+    """A `GatedModel` (weight granularity) whose penalty weighs each layer's expected
+    kept weights by `erk_scales`; the controller still holds the global sparsity."""
+
+    def __init__(self, model, **options):
+        super().__init__(model, **options)
+        if self._plan is not None:
+            raise ValueError("ErkGatedModel needs weight-like gates.")
+        self._erk = erk_scales(self.targets)
+        self._erk_total = float(sum(self._n_weights))
+
+    def extra_loss(self):
+        self._step_densities()  # the unweighted figures still go to the logs
+        if self._mask_frozen:
+            return None
+        weighted = sum(gate.expected_l0() * (n / float(math.prod(gate.gate_shape)) * s)
+                       for gate, n, s in zip(self.gates, self._n_weights, self._erk))
+        return ops.cast(self.lam, "float32") * weighted / self._erk_total
+
+
 #: Share of the gate phase `ours_polish` trains on the binary mask (`wrap(polish=...)`).
 POLISH = 0.25
+
+
+def wrap_erk(model, **options):
+    """`keras_stg.wrap` building an `ErkGatedModel` (same options, same init)."""
+    return draw_init(ErkGatedModel(model, **options))
 
 
 def wrap_layerwise(model, **options):
@@ -126,26 +172,36 @@ VARIANTS = {
                   "the log-ratio controller at controller_rate 0.05 instead of 0.01: the "
                   "library defaults of 2026-12-05"),
     "ours_sigma": ("ours, sigma 0.25", "the library defaults with sigma 0.25 instead of 0.5"),
-    "ours_polish": ("ours, binary-mask polish (default)",
+    "ours_polish": ("ours, binary-mask polish",
                     "the log-ratio controller at rate 0.05, the last quarter of the steps on "
-                    "the binary mask (straight-through): the library defaults since "
-                    "2026-12-06"),
+                    "the binary mask (straight-through): the library defaults of session 19 "
+                    "(2026-12-06)"),
+    "ours_psigma": ("ours, polish, sigma 0.25 (default)",
+                    "the binary-mask polish with sigma 0.25 instead of 0.5: the library "
+                    "defaults since session 20 (2026-12-06)"),
+    "ours_erk": ("ours, ERK-weighted penalty",
+                 "the binary-mask polish with each layer's penalty over its Erdos-Renyi "
+                 "density"),
 }
 #: The controller error (`keras_stg.wrap`'s `controller_error`) of each method of ours.
 CONTROLLER_ERRORS = {"ours": "absolute", "ours_layer": "absolute", "ours_sgd": "absolute",
                      "ours_time": "absolute", "ours_ratio": "log_ratio", "ours_rate": "log_ratio",
-                     "ours_sigma": "log_ratio", "ours_polish": "log_ratio"}
+                     "ours_sigma": "log_ratio", "ours_polish": "log_ratio",
+                     "ours_erk": "log_ratio", "ours_psigma": "log_ratio"}
 #: The controller rate (`controller_rate`) of each method of ours.
 CONTROLLER_RATES = dict.fromkeys(CONTROLLER_ERRORS, 0.01) | {"ours_rate": 0.05,
                                                              "ours_sigma": 0.05,
-                                                             "ours_polish": 0.05}
+                                                             "ours_polish": 0.05,
+                                                             "ours_erk": 0.05,
+                                                             "ours_psigma": 0.05}
 #: The gates' noise scale (`sigma`) of each method of ours (the library's 0.5 unless named).
-SIGMAS = dict.fromkeys(CONTROLLER_ERRORS, 0.5) | {"ours_sigma": 0.25}
-#: The binary-mask polish (`wrap(polish=...)`) of each method of ours: 0 but for
-#: `ours_polish` (the library's "auto" would polish every `slt` method since 2026-12-06).
-POLISHES = dict.fromkeys(CONTROLLER_ERRORS, 0.0) | {"ours_polish": POLISH}
+SIGMAS = dict.fromkeys(CONTROLLER_ERRORS, 0.5) | {"ours_sigma": 0.25, "ours_psigma": 0.25}
+#: The binary-mask polish (`wrap(polish=...)`) of each method of ours: 0 but where named
+#: (the library's "auto" would polish every `slt` method since 2026-12-06).
+POLISHES = dict.fromkeys(CONTROLLER_ERRORS, 0.0) | {"ours_polish": POLISH, "ours_erk": POLISH,
+                                                    "ours_psigma": POLISH}
 #: The method that runs the library's current defaults (issue 18's targets are read on it).
-DEFAULT_METHOD = "ours_polish"
+DEFAULT_METHOD = "ours_psigma"
 
 
 def controller_error(method):
@@ -154,8 +210,8 @@ def controller_error(method):
 
 
 def wrap_for(method):
-    """`keras_stg.wrap` (or `wrap_layerwise`) as `method` builds its gated model."""
-    build = wrap_layerwise if method == "ours_layer" else keras_stg.wrap
+    """`keras_stg.wrap` (or `wrap_layerwise`, `wrap_erk`) as `method` builds its gated model."""
+    build = {"ours_layer": wrap_layerwise, "ours_erk": wrap_erk}.get(method, keras_stg.wrap)
     pinned = {"controller_error": controller_error(method),
               "controller_rate": CONTROLLER_RATES[method], "sigma": SIGMAS[method],
               "polish": POLISHES[method]}

@@ -51,7 +51,8 @@ class Config:
         gate_lr: the gates' learning rate as a multiple of `learning_rate`
             (`joint` mode: the weights keep `learning_rate`).
         lam: fixed lambda, or the adaptive lambda's start.
-        sigma: gate noise scale.
+        sigma: gate noise scale (`auto`: 0.25 in `slt` mode with `weight` gates,
+            else 0.5, the paper's); see `keras_stg.GateConfig`.
         init_mu: initial gate locations: a number (0.5: every gate fully
             open), `random` (a random mask at the target sparsity) or `auto`
             (`random` in `slt` mode with a target and weight gates, else 0.5).
@@ -95,7 +96,7 @@ class Config:
     gate_lr: float = 1.0
     channel_multiple: int = 1
     lam: float = 1.0
-    sigma: float = 0.5
+    sigma: typing.Union[float, str] = "auto"
     init_mu: typing.Union[float, str] = "auto"
     init: typing.Optional[str] = "signed_constant"
     scale_fan: bool = False
