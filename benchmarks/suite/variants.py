@@ -135,15 +135,15 @@ class ErkGatedModel(keras_stg.GatedModel):
         if self._plan is not None:
             raise ValueError("ErkGatedModel needs weight-like gates.")
         self._erk = erk_scales(self.targets)
-        self._erk_total = float(sum(self._n_weights))
 
     def extra_loss(self):
         self._step_densities()  # the unweighted figures still go to the logs
         if self._mask_frozen:
             return None
-        weighted = sum(gate.expected_l0() * (n / float(math.prod(gate.gate_shape)) * s)
-                       for gate, n, s in zip(self.gates, self._n_weights, self._erk))
-        return ops.cast(self.lam, "float32") * weighted / self._erk_total
+        weighted = sum(gate.expected_l0() * (n / float(math.prod(gate.gate_shape)) * cost * s)
+                       for gate, n, cost, s in zip(self.gates, self._n_weights,
+                                                   self._unit_cost, self._erk))
+        return ops.cast(self.lam, "float32") * weighted / self._total_cost
 
 
 #: Share of the gate phase `ours_polish` trains on the binary mask (`wrap(polish=...)`).
