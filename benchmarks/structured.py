@@ -114,7 +114,7 @@ def part_train(args):
         budget = sm.Budget(args.epochs, args.batch_size, -(-len(x) // args.batch_size),
                            args.verbose, args.seed, args.channel_multiple)
         finetune = sm.NETS[net].finetune if args.finetune is None else args.finetune
-        recipe = sm.Recipe(args.init_mu, args.sigma, finetune, args.gate_lr)
+        recipe = sm.Recipe(args.init_mu, args.sigma, finetune, args.gate_lr, args.score)
         folder = _net_dir(args, net)
         jobs = [("dense", None)] if "dense" in args.methods else []
         jobs += [(m, t) for t in args.targets for m in args.methods if m != "dense"]
@@ -501,6 +501,13 @@ def parse_args(argv=None):
     p.add_argument("--gate-lr", type=float, default=recipe.gate_lr,
                    help="our gates' learning rate as a multiple of the weights' "
                         "(default %(default)s)")
+    p.add_argument("--score", choices=("mu", "taylor", "taylor_cost", "random"),
+                   default=recipe.score,
+                   help="what ranks our channels when the mask freezes: the gates' mu, "
+                        "the summed squared gradient of the loss to each open gate over the "
+                        "gate phase (taylor), that over the channel's cost (taylor_cost), or "
+                        "a random draw after a dense gate phase (the control; default "
+                        "%(default)s)")
     p.add_argument("--channel-multiple", type=int, default=8,
                    help="every method keeps channels in multiples of this (default 8)")
     p.add_argument("--out", default=None)

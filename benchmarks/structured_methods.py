@@ -202,6 +202,10 @@ class Recipe:
     sigma: float = 0.1
     finetune: float = 0.8  # `benchmarks.structured` uses the net's (`Net.finetune`)
     gate_lr: float = 10.0
+    #: What ranks the channels when the mask freezes: "mu" (the gates' locations, the
+    #: library's `freeze_mask`), or "taylor", "taylor_cost" or "random"
+    #: (`TaylorGatedModel`'s `rank`).
+    score: str = "mu"
 
 
 def train_ours(net, target, x, y, budget, cost="flops", recipe=Recipe()):
@@ -210,16 +214,113 @@ def train_ours(net, target, x, y, budget, cost="flops", recipe=Recipe()):
 
     import keras_stg
 
-    gated = keras_stg.wrap(fresh(net, budget.seed), mode="joint", granularity="channel",
-                           cost=cost, target_sparsity=target, finetune=recipe.finetune,
-                           seed=budget.seed, init_mu=recipe.init_mu, gate_lr=recipe.gate_lr,
-                           sigma=recipe.sigma, channel_multiple=budget.channel_multiple)
+    options = dict(mode="joint", granularity="channel", cost=cost, target_sparsity=target,
+                   finetune=recipe.finetune, seed=budget.seed, init_mu=recipe.init_mu,
+                   gate_lr=recipe.gate_lr, sigma=recipe.sigma,
+                   channel_multiple=budget.channel_multiple)
+    if recipe.score in ("taylor", "taylor_cost", "random"):
+        gated = keras_stg.wrapping.draw_init(
+            _taylor_model_class()(fresh(net, budget.seed), **options))
+        gated.rank = recipe.score
+    elif recipe.score == "mu":
+        gated = keras_stg.wrap(fresh(net, budget.seed), **options)
+    else:
+        raise ValueError("Recipe.score is 'mu', 'taylor', 'taylor_cost' or 'random', got "
+                         f"{recipe.score!r}")
     compile_model(gated, budget.total_steps)
     keras.utils.set_random_seed(budget.seed + 1)
     gated.fit(x, y, batch_size=budget.batch_size, epochs=budget.epochs, verbose=budget.verbose,
               shuffle=True)
     small = keras_stg.shrink(gated.strip(), channel_multiple=budget.channel_multiple)
     return small, gated.sparsity()
+
+
+def _taylor_model_class():
+    import keras
+    from keras import ops
+
+    import keras_stg
+
+    class TaylorGatedModel(keras_stg.GatedModel):
+        """Channel gates whose gate phase trains the dense network (every gate open,
+        no noise) and sums, per channel, the squared gradient of the loss with
+        respect to its binary gate (straight through, the first-order Taylor
+        importance of Molchanov et al. 2019, "Importance Estimation for Neural
+        Network Pruning"). `freeze_mask` keeps the channels with the largest score
+        (by `channel_multiple` blocks, as the library's freeze ranks `mu`), the
+        score per `rank`: "taylor" (the sums), "taylor_cost" (the sums over each
+        channel's marginal cost) or "random" (a uniform draw from the seed: the
+        random-channel control). The gates' locations do not train."""
+
+        #: "taylor", "taylor_cost" or "random" (see the class docstring).
+        rank = "taylor"
+
+        def __init__(self, model, **options):
+            super().__init__(model, **options)
+            if self._plan is None:
+                raise ValueError("TaylorGatedModel needs channel gates.")
+            self._taylor = [keras.Variable(np.zeros(g.mu.shape, "float32"), trainable=False,
+                                           name=f"taylor_{i}") for i, g in enumerate(self.gates)]
+
+        def masked_values(self, training=False):
+            if training and not self._mask_frozen:
+                mapping, expected, hard = self._polish_kernels()
+                self._step.expected_density, self._step.hard_density = expected, hard
+                return mapping
+            return super().masked_values(training)
+
+        def apply_gradients(self, gradients, variables):
+            if not self._mask_frozen:
+                index = {id(g.mu): i for i, g in enumerate(self.gates)}
+                kept = []
+                for grad, var in zip(gradients, variables):
+                    i = index.get(id(var))
+                    if i is not None and grad is not None:
+                        self._taylor[i].assign_add(ops.square(grad))
+                        grad = ops.zeros_like(grad)
+                    kept.append(grad)
+                gradients = kept
+            super().apply_gradients(gradients, variables)
+
+        def marginal_costs(self):
+            """Per gate: the cost one of its channels adds to the model with every
+            channel open (in the units of the penalty's `cost`)."""
+            ones = [np.ones(g.mu.shape, "float32") for g in self.gates]
+            full = float(ops.convert_to_numpy(self._plan.kept(self.targets, ones,
+                                                              self._unit_cost)))
+            out = []
+            for i in range(len(ones)):
+                less = list(ones)
+                less[i] = np.concatenate([[0.0], ones[i][1:]]).astype("float32")
+                out.append(full - float(ops.convert_to_numpy(
+                    self._plan.kept(self.targets, less, self._unit_cost))))
+            return out
+
+        def scores(self):
+            """Per gate, the score `freeze_mask` ranks its channels by."""
+            if self.rank == "random":
+                rng = np.random.default_rng(self.config.seed)
+                return [rng.random(g.mu.shape).astype("float32") for g in self.gates]
+            sums = [np.asarray(ops.convert_to_numpy(t.value)) for t in self._taylor]
+            if self.rank == "taylor":
+                return sums
+            if self.rank == "taylor_cost":
+                return [s / max(c, 1e-12) for s, c in zip(sums, self.marginal_costs())]
+            raise ValueError(f"rank is 'taylor', 'taylor_cost' or 'random', got {self.rank!r}")
+
+        def freeze_mask(self):
+            if not self._mask_frozen:
+                for gate, score in zip(self.gates, self.scores()):
+                    gate.mu.assign(score)
+            super().freeze_mask()
+
+    return TaylorGatedModel
+
+
+def __getattr__(name):
+    if name == "TaylorGatedModel":  # built on first use: importing this module stays light
+        return _taylor_model_class()
+    raise AttributeError(name)
 
 
 # ----------------------------------------------------------- the baselines

@@ -148,3 +148,42 @@ def test_an_unreachable_target_is_recorded_and_reported(tmp_path, shared_data):
     assert not os.path.exists(tmp_path / "structured" / "resnet20" / "ours_0.99.keras")
     assert re.search(r"\| ours \(channel, flops\) \| 0\.99 \| target unreachable: at most "
                      r"\d+\.\d% removable", open(results).read())
+
+
+@pytest.mark.parametrize("rank", ["taylor", "taylor_cost", "random"])
+def test_taylor_gates_train_dense_then_keep_the_best_scored_blocks(rank):
+    import keras
+
+    import keras_stg
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 12, 12, 1)).astype("float32")
+    y = rng.integers(0, 10, 64)
+    model = models.resnet20((12, 12, 1), width=8, blocks=1)
+    gated = keras_stg.wrapping.draw_init(sm._taylor_model_class()(
+        model, mode="joint", granularity="channel", cost="flops", target_sparsity=0.4,
+        finetune=0.5, seed=0, init_mu=0.5, sigma=0.1, channel_multiple=4))
+    gated.rank = rank
+    sm.compile_model(gated, 4)
+    gated.fit(x, y, batch_size=32, epochs=1, verbose=0)  # two steps of dense gate phase
+    assert not gated._mask_frozen and gated.sparsity() == 0.0  # every channel open
+    assert all(np.all(g.mu.numpy() == 0.5) for g in gated.gates)  # the locations stay
+    sums = [t.numpy().copy() for t in gated._taylor]
+    assert all(np.all(s > 0) for s in sums)  # every channel's gradient was summed
+    first = gated.scores()
+    keras.utils.set_random_seed(1)
+    gated.fit(x, y, batch_size=32, epochs=2, verbose=0)  # freezes after 2 of 4 steps
+    assert gated._mask_frozen and gated.sparsity() == pytest.approx(0.4, abs=0.1)
+    scores = gated.scores()  # the sums stop growing at the freeze
+    assert all(np.all(t.numpy() > s) for t, s in zip(gated._taylor, sums))
+    if rank == "taylor_cost":
+        costs = gated.marginal_costs()
+        assert len(set(costs)) > 1 and all(c > 0 for c in costs)
+    for gate, score in zip(gated.gates, scores):
+        kept = gate.mu.numpy() > 0
+        # Each group keeps its best-scored channels, in blocks of 4 (at least one).
+        assert kept.sum() >= 4 and kept.sum() % 4 == 0
+        if not kept.all():
+            assert score[kept].min() >= score[~kept].max()
+    if rank == "random":
+        assert all(np.array_equal(a, b) for a, b in zip(first, scores))
