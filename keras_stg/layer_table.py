@@ -349,6 +349,30 @@ def _norm_over_channels(layer):
                        "so removing one (even a zero one) changes the others")
 
 
+def _input_rank(layer):
+    """The rank of the first input of `layer`'s first call, or None if never called."""
+    nodes = _compat.inbound_nodes(layer)
+    if not nodes or not nodes[0].input_tensors:
+        return None
+    return len(nodes[0].input_tensors[0].shape)
+
+
+def _concat_channels(layer):
+    # Keras names the channel axis -1 or by its index (DenseNet's `axis=3` on 4-D
+    # feature maps): both are the last axis.
+    rank = _input_rank(layer)
+    if layer.axis == -1 or (rank is not None and layer.axis == rank - 1):
+        return CONCAT
+    return Unsupported(f"it concatenates on axis {layer.axis}, not the channel axis")
+
+
+def _normalization_channels(layer):
+    rank = _input_rank(layer)
+    if tuple(layer.axis) == (-1,) or (rank is not None and tuple(layer.axis) == (rank - 1,)):
+        return PER_CHANNEL
+    return Unsupported(f"it normalizes axes {layer.axis}")
+
+
 def _reshape_channels(layer):
     node = _compat.inbound_nodes(layer)[0] if _compat.inbound_nodes(layer) else None
     before = node.input_tensors[0].shape[-1] if node is not None else None
@@ -384,8 +408,7 @@ def _register_builtins():
     register_layer(L.SpatialDropout1D, channels=ELEMENTWISE)
     register_layer(L.SpatialDropout2D, channels=ELEMENTWISE)
     register_layer(L.Rescaling, channels=ELEMENTWISE)
-    register_layer(L.Normalization, channels=lambda l: PER_CHANNEL if tuple(l.axis) == (-1,)
-                   else Unsupported(f"it normalizes axes {l.axis}"))
+    register_layer(L.Normalization, channels=_normalization_channels)
     register_layer(L.Reshape, channels=_reshape_channels)
     for cls in (L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
                 L.AveragePooling2D, L.AveragePooling3D):
@@ -399,8 +422,7 @@ def _register_builtins():
     register_layer(L.Flatten, channels=_channels_last(FLATTEN))
     for cls in (L.Add, L.Subtract, L.Multiply, L.Maximum, L.Minimum, L.Average):
         register_layer(cls, channels=MERGE)
-    register_layer(L.Concatenate, channels=lambda l: CONCAT if l.axis in (-1,) else Unsupported(
-        f"it concatenates on axis {l.axis}, not the channel axis"))
+    register_layer(L.Concatenate, channels=_concat_channels)
 
 
 _register_builtins()

@@ -255,19 +255,56 @@ def _shrink_chain(model, layers, multiple=1):
             new = type(layer).from_config(config)
             x = new(x)
             new.set_weights([kernel] + ([bias] if bias is not None else []))
-            current_keep = keep_out[i]
+            current_keep, current_channels = keep_out[i], int(weights[i][0].shape[-1])
         else:
+            keep = None
+            if current_keep is not None:
+                keep = np.zeros(current_channels, bool)
+                keep[current_keep] = True
+            if kind == table.PER_CHANNEL and keep is not None:
+                config = _per_channel_config(config, keep)
             new = type(layer).from_config(config)
             x = new(x)
             if layer.weights:
                 if kind != table.PER_CHANNEL:
                     _fail(layer, "it has weights but is not per-channel")
                 values = [np.asarray(v.numpy()) for v in layer.weights]
-                if current_keep is not None:
-                    values = [v[current_keep] for v in values]
-                new.set_weights(values)
+                if keep is not None:
+                    values = [_per_channel_value(v, keep) for v in values]
+                _set_weights(new, values)
         new_layers.append(new)
     return keras.Model(inputs, x, name=model.name), units
+
+
+def _set_weights(layer, values):
+    layer.set_weights(values)
+    # An adapted preprocessing layer (Normalization) computes its statistics from
+    # these weights when it is loaded; `set_weights` alone leaves the old ones.
+    finalize = getattr(layer, "finalize_state", None)
+    if callable(finalize):
+        finalize()
+
+
+def _per_channel_value(value, keep):
+    """A per-channel layer's weight with the removed channels' entries dropped: its
+    last axis if that has one entry per channel (a vector, or Normalization's
+    broadcast shape), else unchanged (a scalar such as Normalization's count)."""
+    if value.ndim >= 1 and value.shape[-1] == keep.size:
+        return value[..., keep]
+    return value
+
+
+def _per_channel_config(config, keep):
+    """A per-channel layer's config with the removed channels' entries dropped from
+    every list of one number per channel (a Normalization built with `mean=` and
+    `variance=` holds them there, not in weights)."""
+    config = dict(config)
+    for key, value in config.items():
+        if (key != "axis" and isinstance(value, (list, tuple, np.ndarray))
+                and len(value) == keep.size > 1
+                and all(isinstance(v, (int, float, np.number)) for v in value)):
+            config[key] = [float(v) for v, k in zip(value, keep) if k]
+    return config
 
 
 # ------------------------------------------------------------------ graphs
@@ -417,6 +454,8 @@ def _shrink_graph(model, multiple=1):
         drop = out_drop.get(id(layer))
         if drop is not None and table.channel_kind(layer) == table.PRODUCER:
             config["units" if "units" in config else "filters"] = int((~drop).sum())
+        if drop is not None and table.channel_kind(layer) == table.PER_CHANNEL:
+            config = _per_channel_config(config, ~drop)
         if isinstance(layer, keras.layers.Reshape) and -1 not in config["target_shape"]:
             config["target_shape"] = tuple(config["target_shape"][:-1]) + (-1,)  # channels
         new = type(layer).from_config(config)
@@ -444,9 +483,11 @@ def _shrink_graph(model, multiple=1):
                     value = np.compress(keep_out, value, axis=kernel.channel_in)
             elif keep_out is not None and value.ndim == 1 and value.shape[0] == keep_out.size:
                 value = value[keep_out]  # biases and per-channel weights
+            elif keep_out is not None and kind == table.PER_CHANNEL:
+                value = _per_channel_value(value, keep_out)
             values.append(value)
         if values:
-            new.set_weights(values)
+            _set_weights(new, values)
     return shrunk, units, unprunable
 
 

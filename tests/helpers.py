@@ -329,6 +329,25 @@ def se_concat_flatten():
     return keras.Model(inputs, outputs)
 
 
+def dense_block():
+    """A DenseNet block as `keras.applications.DenseNet121` builds it: each layer's
+    output concatenated to its input on `axis=3` (the channel axis, named by index),
+    then BatchNormalization, ReLU and a 1x1 convolution; and a concatenation on a
+    spatial axis (1), which does not keep channels apart."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", name="stem")(inputs)
+    for i in range(2):
+        y = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        y = keras.layers.ReLU()(y)
+        y = keras.layers.Conv2D(4, 3, padding="same", name=f"grow{i}")(y)
+        x = keras.layers.Concatenate(axis=3, name=f"cat{i}")([x, y])
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Conv2D(5, 1, name="transition")(keras.layers.ReLU()(x))
+    tall = keras.layers.Concatenate(axis=1, name="tall")([x, x])
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling2D()(tall))
+    return keras.Model(inputs, outputs)
+
+
 def separable_transposed_merges():
     """Separable (depth multiplier 2) and transposed convolutions coupled by a `Subtract`,
     two producers tied by `Maximum`, `Minimum` and `Average`, a GroupNormalization (whose

@@ -59,6 +59,19 @@ def test_concat_offsets_se_coupling_and_flatten_rows():
     assert not _group_of(groups, "out").prunable
 
 
+def test_a_concatenation_on_the_channel_axis_by_index_keeps_its_offsets():
+    groups = keras_stg.channel_groups(helpers.dense_block())
+    stem, grow0, grow1 = (_group_of(groups, n) for n in ("stem", "grow0", "grow1"))
+    assert all(g.prunable for g in (stem, grow0, grow1))
+    # cat0 = [stem 0-5, grow0 6-9]; cat1 = [cat0 0-9, grow1 10-13].
+    assert {("bn1", "per_channel", 0, 1, 0), ("bn", "per_channel", 0, 1, 0),
+            ("transition", "consumer", 0, 1, 0)} <= _roles(stem)
+    assert {("bn1", "per_channel", 6, 1, 0), ("bn", "per_channel", 6, 1, 0)} <= _roles(grow0)
+    assert ("transition", "consumer", 10, 1, 0) in _roles(grow1)
+    tall = _group_of(groups, "transition")  # concatenated on a spatial axis
+    assert not tall.prunable and "concatenates on axis 1" in tall.reason
+
+
 def test_unknown_ops_outputs_and_shared_layers_are_unprunable_with_the_reason():
     inputs = keras.Input((6,))
     x = L.Dense(4, name="d1")(inputs)

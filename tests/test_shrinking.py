@@ -126,8 +126,8 @@ def test_an_unknown_layer_makes_its_channels_unprunable_and_says_so():
 
 
 @pytest.mark.parametrize("build", [helpers.tiny_resnet50, helpers.tiny_mobilenet_v2,
-                                   helpers.se_concat_flatten],
-                         ids=["resnet", "mobilenet_v2", "se_concat_flatten"])
+                                   helpers.se_concat_flatten, helpers.dense_block],
+                         ids=["resnet", "mobilenet_v2", "se_concat_flatten", "dense_block"])
 def test_graph_shrink_removes_coupled_zero_channels_exactly(build, tmp_path):
     model = build()
     rng = np.random.default_rng(0)
@@ -237,3 +237,40 @@ def test_shrink_rounds_kept_channels_up_to_a_multiple(multiple):
     assert [l.units % multiple for l in dense[:2]] == [0, 0] and dense[2].units == 10
     with pytest.raises(ValueError, match="`channel_multiple` must be an integer >= 1"):
         shrink(model, channel_multiple=0)
+
+
+@pytest.mark.parametrize("axis,in_config,graph", [(-1, True, False), (3, True, False),
+                                                  (3, False, False), (3, True, True),
+                                                  (-1, False, True)])
+def test_shrink_through_a_preprocessing_normalization_on_the_channel_axis(axis, in_config,
+                                                                         graph):
+    # Built with `mean=`/`variance=` the layer keeps them in its config, else in weights.
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(-1, 1, 8)
+    mean[:3] = 0.0  # channels 0-2 then map zero to zero
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="a")(inputs)
+    norm = keras.layers.Normalization(axis=axis, mean=mean if in_config else None,
+                                      variance=rng.uniform(0.5, 2, 8) if in_config else None,
+                                      name="norm")
+    if not in_config:
+        norm.adapt(rng.normal(size=(16, 6, 6, 8)).astype("float32"))
+        norm.adapt_mean.assign(mean.astype("float32"))
+        norm.finalize_state()
+    x = norm(x)
+    x = keras.layers.Conv2D(4, 1, name="b")(x)
+    pooled = keras.layers.GlobalAveragePooling2D()(x)
+    if graph:  # a branch: the graph path, which keeps a channel a shift makes non-zero
+        pooled = keras.layers.Concatenate()([pooled, keras.layers.Dense(3)(pooled)])
+    outputs = keras.layers.Dense(2, name="out")(pooled)
+    model = keras.Model(inputs, outputs)
+    (group,) = [g for g in keras_stg.channel_groups(model) if g.producers[0].name == "a"]
+    assert group.prunable and "norm" in {m.layer.name for m in group.members}
+    kernel = model.get_layer("a").kernel.numpy()
+    kernel[..., :4] = 0.0  # channel 3 is a non-zero constant after the shift
+    model.get_layer("a").kernel.assign(kernel)
+    model.get_layer("a").bias.assign(np.zeros(8, "float32"))
+    small, info = shrink(model, return_info=True)  # checks the outputs itself
+    kept = 5 if graph else 4  # a chain folds the constant into b's bias
+    assert small.get_layer("a").filters == kept and small.get_layer("b").kernel.shape[2] == kept
+    assert info["max_abs_diff"] <= 1e-5
