@@ -14,16 +14,96 @@ def _positions(layer):
         return None
 
 
+def _chain_steps(gated):
+    """The gated model as a chain of steps for `effective_kept`, or None: per layer
+    with a kernel `("kernel", depthwise?, mask (..., inputs, outputs), target index or
+    None)`, per Flatten `("flatten", positions)`; channel-keeping layers drop out."""
+    from keras_stg import shrinking
+
+    try:
+        layers = shrinking._chain(gated.base_model)
+    except shrinking.ShrinkError:
+        return None
+    if not layers:
+        return None
+    masks = {id(t.variable): (i, m) for i, (t, m) in enumerate(zip(gated.targets,
+                                                                 gated.masks()))}
+    steps = []
+    for layer in layers:
+        kind = layer_table.channel_kind(layer)
+        kernels = layer_table.channel_kernels(layer)
+        if kernels:
+            if len(kernels) != 1 or getattr(layer, "groups", 1) != 1:
+                return None  # separable convolutions, grouped convolutions
+            _, variable = kernels[0]
+            index, mask = masks.get(id(variable), (None, np.ones(variable.shape, bool)))
+            mask = np.asarray(mask, bool)
+            steps.append(("kernel", kind == layer_table.DEPTHWISE,
+                          mask.reshape((-1,) + mask.shape[-2:]), index))
+        elif kind == layer_table.FLATTEN:
+            steps.append(("flatten", int(np.prod(layer.input.shape[1:-1]))))
+        elif kind not in (layer_table.ELEMENTWISE, layer_table.PER_CHANNEL,
+                          layer_table.SPATIAL, layer_table.GLOBAL_POOL):
+            return None
+    return steps if steps and steps[0][0] == "kernel" else None
+
+
+def effective_kept(gated):
+    """Per gated kernel, how many kept weights lie on a path of kept weights from
+    the model's input to its output. A kept weight off every such path adds a
+    constant or nothing (its input unit is reached by no kept path, or its output
+    unit leads nowhere): the "effective sparsity" of Vysogorets and Kempe (2023).
+
+    Returns a list of counts (None for a kernel that is not gated), or None when the
+    model is not a chain of Dense / convolution / depthwise layers and layers that
+    keep channels apart (activations, normalization, pooling, Flatten): the paths
+    are not followed through branches yet.
+    """
+    steps = _chain_steps(gated)
+    if steps is None:
+        return None
+    # Forward: the units some kept path from the input reaches.
+    alive = np.ones(steps[0][2].shape[1], bool)
+    alive_in = []
+    for step in steps:
+        if step[0] == "flatten":
+            alive = np.tile(alive, step[1])  # channels last: index = position * C + c
+            continue
+        _, depthwise, mask, _ = step
+        if mask.shape[1] != alive.size:
+            return None
+        alive_in.append(alive)
+        reach = mask.any(0) & alive[:, None]  # (inputs, outputs or multiplier)
+        alive = reach.reshape(-1) if depthwise else reach.any(0)
+    # Backward: the units from which some kept path reaches the output.
+    used = np.ones(alive.shape, bool)
+    counts = [None] * len(gated.targets)
+    for step in reversed(steps):
+        if step[0] == "flatten":
+            used = used.reshape(step[1], -1).any(0)
+            continue
+        _, depthwise, mask, index = step
+        live = alive_in.pop()
+        out_used = used.reshape(mask.shape[1:]) if depthwise else used[None, :]
+        on_path = mask & live[None, :, None] & out_used[None]
+        if index is not None:
+            counts[index] = int(on_path.sum())
+        used = (mask & out_used[None]).any(0).any(1)
+    return counts
+
+
 def layer_stats(gated):
     """One dict per gated kernel: name, class, params, kept, sparsity, fractional,
     macs and kept_macs (multiply-adds per example; None where the layer's output
-    shape is unknown).
+    shape is unknown), and effective (kept weights on an input-output path, see
+    `effective_kept`; None where it is not followed).
 
     `fractional` is the share of the kernel's gates whose noise-free value
     `clip(mu + 0.5, 0, 1)` is strictly between 0 and 1; the binary mask rounds
     them, so a high share means training has not settled.
     """
     rows = []
+    effective = effective_kept(gated) or [None] * len(gated.targets)
     for i, (target, mask) in enumerate(zip(gated.targets, gated.masks())):
         gate = gated.target_gate(i)
         mu = ops.convert_to_numpy(gate.mu) if gate is not None else np.zeros((0,))
@@ -41,6 +121,7 @@ def layer_stats(gated):
                 "fractional": float(gate_math.fractional_count(mu)) / max(1, mu.size),
                 "macs": None if positions is None else params * positions,
                 "kept_macs": None if positions is None else kept * positions,
+                "effective": effective[i],
             }
         )
     return rows
@@ -91,6 +172,12 @@ def summary(gated):
         f"{'total':<{width}}  {'':<16} {total:>10,} {kept:>10,} "
         f"{1 - kept / max(1, total):>8.2%} {frac:>10.2%} {count(macs)} {count(kept_macs)}"
     )
+    if kept and all(r["effective"] is not None for r in rows):
+        on_path = sum(r["effective"] for r in rows)
+        lines.append(
+            f"On an input-output path: {on_path:,} of the {kept:,} kept weights "
+            f"(effective sparsity {1 - on_path / max(1, total):.2%}); the others add a "
+            "constant or nothing.")
     if gated.skipped:
         lines.append("Not gated:")
         lines.extend(f"  {s.path} ({s.class_name}): {s.reason}" for s in gated.skipped)

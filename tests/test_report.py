@@ -32,3 +32,45 @@ def test_summary_counts_multiply_adds_per_layer():
     assert rows["d"]["macs"] == 144 * 2
     text = keras_stg.summary(gated)
     assert "kept MACs" in text and f"{108 * 36 + 288:,}" in text and "cost=params" in text
+
+
+def test_effective_kept_counts_only_weights_on_an_input_output_path():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="a"),
+                              keras.layers.ReLU(), keras.layers.Dense(2, name="b")])
+    gated = keras_stg.wrap(model, seed=0)
+    mu_a = np.full((3, 4), 0.5, "float32")
+    mu_a[:, 3] = -0.5    # unit 3 of a: no kept input, so b's weights from it are off path
+    mu_b = np.full((4, 2), 0.5, "float32")
+    mu_b[0, :] = -0.5    # unit 0 of a: no kept output, so a's weights into it are off path
+    gated.gates[0].mu.assign(mu_a)
+    gated.gates[1].mu.assign(mu_b)
+    assert keras_stg.report.effective_kept(gated) == [6, 4]  # of 9 and 6 kept
+    rows = keras_stg.layer_stats(gated)
+    assert [r["effective"] for r in rows] == [6, 4] and [r["kept"] for r in rows] == [9, 6]
+    assert "On an input-output path: 10 of the 15 kept weights (effective sparsity 50.00%)" \
+        in keras_stg.summary(gated)  # of 20
+
+
+def test_effective_kept_follows_flatten_and_depthwise_channels():
+    model = keras.Sequential([
+        keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 3, name="c"),             # 2x2x3
+        keras.layers.DepthwiseConv2D(1, depth_multiplier=2, name="dw"),          # 2x2x6
+        keras.layers.BatchNormalization(), keras.layers.Flatten(),               # 24
+        keras.layers.Dense(2, name="d")])
+    gated = keras_stg.wrap(model, seed=0)
+    gates = {t.name.split("/")[-1]: g for t, g in zip(gated.targets, gated.gates)}
+    mu_c = np.full((3, 3, 2, 3), 0.5, "float32")
+    mu_c[..., 0] = -0.5                 # channel 0 of c is dead
+    gates["c"].mu.assign(mu_c)
+    gates["dw"].mu.assign(np.full((1, 1, 3, 2), 0.5, "float32"))
+    mu_d = np.full((24, 2), 0.5, "float32")
+    mu_d[np.arange(24) % 6 == 5] = -0.5  # depthwise output 5 (channel 2, copy 1) unread
+    gates["d"].mu.assign(mu_d)
+    counts = dict(zip([t.name.split("/")[-1] for t in gated.targets],
+                      keras_stg.report.effective_kept(gated)))
+    assert counts["c"] == 36              # channels 1 and 2 (channel 2 still feeds copy 0)
+    assert counts["dw"] == 3              # outputs 2-4 (channel 0's 0-1 dead, 5 unread)
+    assert counts["d"] == 4 * 3 * 2       # 4 positions x live, read channels 2-4 x 2 units
+    assert keras_stg.report.effective_kept(keras_stg.wrap(
+        keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35,
+                                       classes=2), seed=0)) is None  # branches: not followed
