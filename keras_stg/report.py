@@ -45,7 +45,7 @@ def _chain_steps(gated):
         elif kind not in (layer_table.ELEMENTWISE, layer_table.PER_CHANNEL,
                           layer_table.SPATIAL, layer_table.GLOBAL_POOL):
             return None
-    return steps if steps and steps[0][0] == "kernel" else None
+    return steps if any(step[0] == "kernel" for step in steps) else None
 
 
 def effective_kept(gated):
@@ -63,7 +63,7 @@ def effective_kept(gated):
     if steps is None:
         return None
     # Forward: the units some kept path from the input reaches.
-    alive = np.ones(steps[0][2].shape[1], bool)
+    alive = np.ones(int(gated.base_model.inputs[0].shape[-1]), bool)
     alive_in = []
     for step in steps:
         if step[0] == "flatten":

@@ -74,3 +74,14 @@ def test_effective_kept_follows_flatten_and_depthwise_channels():
     assert keras_stg.report.effective_kept(keras_stg.wrap(
         keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35,
                                        classes=2), seed=0)) is None  # branches: not followed
+
+
+def test_effective_kept_starts_from_the_input_through_a_flatten():
+    model = keras.Sequential([keras.Input((2, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(2, name="a"), keras.layers.Dense(1, name="b")])
+    gated = keras_stg.wrap(model, seed=0)
+    mu_a = np.full((6, 2), 0.5, "float32")
+    mu_a[:, 1] = -0.5  # unit 1 of a gets nothing
+    gated.gates[0].mu.assign(mu_a)
+    gated.gates[1].mu.assign(np.full((2, 1), 0.5, "float32"))
+    assert keras_stg.report.effective_kept(gated) == [6, 1]
