@@ -35,7 +35,11 @@ def _chain_steps(gated):
         if kernels:
             if len(kernels) != 1 or getattr(layer, "groups", 1) != 1:
                 return None  # separable convolutions, grouped convolutions
-            _, variable = kernels[0]
+            spec, variable = kernels[0]
+            rank = len(variable.shape)
+            if spec.channel_in != rank - 2 or spec.channel_out not in (
+                    rank - 1, None if kind == layer_table.DEPTHWISE else rank - 1):
+                return None  # another kernel layout (transposed convolutions)
             index, mask = masks.get(id(variable), (None, np.ones(variable.shape, bool)))
             mask = np.asarray(mask, bool)
             steps.append(("kernel", kind == layer_table.DEPTHWISE,

@@ -74,6 +74,9 @@ def test_effective_kept_follows_flatten_and_depthwise_channels():
     assert keras_stg.report.effective_kept(keras_stg.wrap(
         keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35,
                                        classes=2), seed=0)) is None  # branches: not followed
+    transposed = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2DTranspose(3, 3),
+                                   keras.layers.Flatten(), keras.layers.Dense(2)])
+    assert keras_stg.report.effective_kept(keras_stg.wrap(transposed, seed=0)) is None
 
 
 def test_effective_kept_starts_from_the_input_through_a_flatten():
