@@ -330,25 +330,6 @@ def channel_kernels(layer):
     return out
 
 
-def _batch_norm_channels(layer):
-    axis = layer.axis
-    rank = len(layer.input.shape) if axis != -1 else None
-    if axis != -1 and axis != rank - 1:
-        return Unsupported(f"it normalizes axis {axis}, not the channel axis")
-    return PER_CHANNEL
-
-
-def _norm_over_channels(layer):
-    axis = getattr(layer, "axis", -1)
-    axes = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
-    rank = len(layer.input.shape) if _compat.inbound_nodes(layer) else None
-    if rank is not None and all(a not in (-1, rank - 1) for a in axes):
-        return Unsupported(f"it normalizes axes {axes}, not the channel axis, and its "
-                           "channel handling is not in the layer table")
-    return Unsupported(f"{type(layer).__name__} computes its statistics over the channels, "
-                       "so removing one (even a zero one) changes the others")
-
-
 def _input_rank(layer):
     """The rank of the first input of `layer`'s first call, or None if never called."""
     nodes = _compat.inbound_nodes(layer)
@@ -357,18 +338,38 @@ def _input_rank(layer):
     return len(nodes[0].input_tensors[0].shape)
 
 
-def _concat_channels(layer):
-    # Keras names the channel axis -1 or by its index (DenseNet's `axis=3` on 4-D
-    # feature maps): both are the last axis.
+def _is_last_axis(layer, axis):
+    """Is `axis` the last (channel) axis of `layer`'s input? Keras names it -1 or by
+    its index (DenseNet's `Concatenate(axis=3)` on 4-D feature maps)."""
     rank = _input_rank(layer)
-    if layer.axis == -1 or (rank is not None and layer.axis == rank - 1):
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def _batch_norm_channels(layer):
+    if not _is_last_axis(layer, layer.axis):
+        return Unsupported(f"it normalizes axis {layer.axis}, not the channel axis")
+    return PER_CHANNEL
+
+
+def _norm_over_channels(layer):
+    axis = getattr(layer, "axis", -1)
+    axes = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+    if _input_rank(layer) is not None and not any(_is_last_axis(layer, a) for a in axes):
+        return Unsupported(f"it normalizes axes {axes}, not the channel axis, and its "
+                           "channel handling is not in the layer table")
+    return Unsupported(f"{type(layer).__name__} computes its statistics over the channels, "
+                       "so removing one (even a zero one) changes the others")
+
+
+def _concat_channels(layer):
+    if _is_last_axis(layer, layer.axis):
         return CONCAT
     return Unsupported(f"it concatenates on axis {layer.axis}, not the channel axis")
 
 
 def _normalization_channels(layer):
-    rank = _input_rank(layer)
-    if tuple(layer.axis) == (-1,) or (rank is not None and tuple(layer.axis) == (rank - 1,)):
+    axes = tuple(layer.axis)
+    if len(axes) == 1 and _is_last_axis(layer, axes[0]):
         return PER_CHANNEL
     return Unsupported(f"it normalizes axes {layer.axis}")
 
