@@ -2,6 +2,7 @@
 
 Keras 3 has no public API for a few things this library needs: the direct
 sublayers of a layer, the inbound nodes of an operation in a Functional graph,
+the classes of its operations and the arguments each was called with,
 the loss computation and loss tracker of `train_step`, the optimizer's slots
 of one variable, and the step function's reduction across workers. Each is
 reached through one function here, so that a Keras release that moves one of
@@ -32,6 +33,34 @@ def all_layers(model):
 def inbound_nodes(operation):
     """The graph nodes at which `operation` is called in the Functional models it is in."""
     return operation._inbound_nodes
+
+
+def operation_classes(names):
+    """Keras' operation classes of `names` (what `x + 3.0` or `keras.ops.relu(x)` puts in a
+    Functional graph: not layers), from its private op modules; names it lacks are left out."""
+    from keras.src.ops import core, nn, numpy
+
+    found = []
+    for name in names:
+        for module in (numpy, nn, core):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and issubclass(cls, keras.Operation):
+                found.append(cls)
+                break
+    return found
+
+
+def node_arguments(node):
+    """`(args, kwargs)` of one call of an operation in a Functional graph (KerasTensors in
+    place of its tensor inputs, the constants as given)."""
+    return node.arguments.args, node.arguments.kwargs
+
+
+def call_node(node, values):
+    """Calls `node`'s operation again on its arguments, each input tensor replaced by
+    `values[id(tensor)]`."""
+    args, kwargs = node.arguments.fill_in(values)
+    return node.operation(*args, **kwargs)
 
 
 def compute_loss(model, x, y, y_pred, sample_weight, training=True):

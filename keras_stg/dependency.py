@@ -10,7 +10,8 @@ consumers' input axes (at an offset after a `Concatenate`, and once per
 position after a `Flatten`).
 
 `channel_groups(model)` walks the layer graph (Sequential, Functional, nested
-sub-models) and applies to every layer its channel behaviour from
+sub-models) and applies to every layer, and every operation that is not a layer
+(`x + 3.0`, `x * y`, `keras.ops.relu(x)`), its channel behaviour from
 `keras_stg.layer_table`. A group that reaches a model input or output, an op
 the table does not know, or a shared layer is *unprunable*, and says why.
 
@@ -222,7 +223,7 @@ class _Walker:
         """Output views of one call of `layer` on inputs of `views`."""
         if isinstance(layer, keras.Model):
             return self.model(layer, views)
-        if layer.weights and len(_compat.inbound_nodes(layer)) > 1:
+        if getattr(layer, "weights", None) and len(_compat.inbound_nodes(layer)) > 1:
             # Its weights serve several calls: a channel cannot be removed from one alone.
             return self.unknown(views, outputs, f"{layer.name!r} is a shared layer")
         kind = table.channel_kind(layer)
@@ -328,11 +329,7 @@ class _Walker:
                     continue  # a call of this layer in another model
                 views = [known[id(t)] for t in inputs]
                 outputs = list(node.output_tensors)
-                if not isinstance(op, keras.layers.Layer):
-                    new = self.unknown(views, outputs, f"op {op.name!r} ({type(op).__name__}) "
-                                       "is not a layer of the table")
-                else:
-                    new = self.layer(op, views, outputs)
+                new = self.layer(op, views, outputs)
                 for t, v in zip(outputs, new):
                     known[id(t)] = v
         return [known[id(t)] for t in model.outputs]

@@ -4,7 +4,8 @@ Every part of the library that needs layer knowledge reads it here: finding
 the kernels to gate (`keras_stg.targets`), their fan-in for the
 initialisations (`keras_stg.initializers`), the summary, the export stage's
 weight statistics, and how channels flow through a layer for `shrink`. A new
-layer type is one `register_layer` call.
+layer type is one `register_layer` call; a graph operation that is not a layer
+(`x + 3.0`, `keras.ops.relu(x)` in a Functional model) one `register_op` call.
 
 A `LayerSpec` says two things about a layer type:
 
@@ -145,6 +146,36 @@ def register_layer(layer_type, kernels=None, channels=None, never_gated=False,
                                    positions=positions)
 
 
+_OP_TABLE = {}
+
+
+def register_op(op_type, channels):
+    """Adds (or replaces) the channel behaviour of an operation type that is not a
+    layer: what `x + 3.0`, `x * y` or `keras.ops.relu(x)` puts in a Functional graph.
+
+    Args:
+        op_type: a `keras.Operation` subclass that is not a `keras.layers.Layer`.
+        channels: a channel kind, or `op -> kind | Unsupported(reason)` (the op's
+            calls are `keras_stg._compat.inbound_nodes(op)`).
+    """
+    if not (isinstance(op_type, type) and issubclass(op_type, keras.Operation)) or issubclass(
+            op_type, keras.layers.Layer):
+        raise TypeError(f"register_op takes a keras.Operation subclass that is not a layer "
+                        f"(register_layer takes layers), got {op_type!r}.")
+    if isinstance(channels, str) and channels not in CHANNEL_KINDS:
+        raise ValueError(f"Unknown channel kind {channels!r}; use one of {CHANNEL_KINDS}.")
+    _OP_TABLE[op_type] = channels
+
+
+def _op_kind(op):
+    for cls in type(op).__mro__:
+        if cls in _OP_TABLE:
+            entry = _OP_TABLE[cls]
+            return entry(op) if callable(entry) else entry
+    return Unsupported(f"the operation {type(op).__name__} is not in keras_stg's layer table "
+                       "(keras_stg.layer_table.register_op adds it)")
+
+
 def spec(layer):
     """The `LayerSpec` of `layer`'s most specific registered class (empty if none)."""
     for cls in type(layer).__mro__:
@@ -208,8 +239,16 @@ def table_kernel_out_size(layer):
 
 
 def channel_kind(layer):
-    """How `layer` treats its input's channels: a kind from `CHANNEL_KINDS` or `Unsupported`."""
+    """How `layer` (or a graph operation that is not a layer) treats its input's
+    channels: a kind from `CHANNEL_KINDS` or `Unsupported`."""
+    if not isinstance(layer, keras.layers.Layer) and isinstance(layer, keras.Operation):
+        return _op_kind(layer)
     return spec(layer).channel_kind(layer)
+
+
+def absorbs_zero(layer):
+    """Is `layer` a merge whose output is zero where any input is (a product)?"""
+    return isinstance(layer, (keras.layers.Multiply,) + tuple(_PRODUCT_OPS))
 
 
 # ------------------------------------------------------------------ built in
@@ -382,6 +421,60 @@ def _reshape_channels(layer):
     return SPATIAL  # the last axis is unchanged, so every entry keeps its channel
 
 
+#: Graph operations (not layers) that act on every entry alone.
+_UNARY_OPS = ("Negative", "Abs", "Absolute", "Square", "Clip", "Tanh", "Cast", "Relu",
+              "Relu6", "Sigmoid", "HardSigmoid", "Silu", "HardSilu", "Gelu", "Elu", "Selu",
+              "LeakyRelu", "Softplus", "Softsign", "Celu", "SparsePlus", "Squareplus",
+              "TanhShrink", "HardTanh", "SoftShrink", "HardShrink", "LogSigmoid")
+#: Graph operations combining two operands entry by entry: with a scalar constant
+#: they act on every entry alone, with two tensors they merge them.
+_BINARY_OPS = ("Add", "Subtract", "Multiply", "Maximum", "Minimum")
+_PRODUCT_OPS = []
+
+
+def _constant_shape(value):
+    shape = getattr(value, "shape", None)
+    if shape is None and isinstance(value, (list, tuple)):
+        shape = (len(value),)
+    return tuple(shape) if shape is not None else ()
+
+
+def _entrywise_op(merges, numerator_only=False):
+    """Channel kind of an element-wise operation from its calls: ELEMENTWISE with one
+    tensor and scalar constants, MERGE with several tensors (if `merges`)."""
+    def channels(op):
+        kinds = set()
+        for node in _compat.inbound_nodes(op):
+            args, kwargs = _compat.node_arguments(node)
+            leaves = keras.tree.flatten((args, kwargs))
+            tensors = [v for v in leaves if isinstance(v, keras.KerasTensor)]
+            for v in leaves:
+                if not isinstance(v, keras.KerasTensor) and math.prod(_constant_shape(v)) > 1:
+                    return Unsupported(f"it combines the channels with a constant of shape "
+                                       f"{_constant_shape(v)}")
+            if numerator_only and not (args and isinstance(args[0], keras.KerasTensor)
+                                       and len(tensors) == 1):
+                return Unsupported("it divides by a tensor (a removed channel would divide "
+                                   "by zero)")
+            if len(tensors) > 1 and not merges:
+                return Unsupported(f"it takes {len(tensors)} tensors")
+            kinds.add(ELEMENTWISE if len(tensors) == 1 else MERGE)
+        if len(kinds) != 1:
+            return Unsupported("its calls take different numbers of tensors")
+        return kinds.pop()
+    return channels
+
+
+def _register_builtin_ops():
+    for cls in _compat.operation_classes(_UNARY_OPS):
+        register_op(cls, _entrywise_op(merges=False))
+    for cls in _compat.operation_classes(_BINARY_OPS):
+        register_op(cls, _entrywise_op(merges=True))
+    for cls in _compat.operation_classes(("Divide", "TrueDivide")):
+        register_op(cls, _entrywise_op(merges=False, numerator_only=True))
+    _PRODUCT_OPS.extend(_compat.operation_classes(("Multiply",)))
+
+
 def _register_builtins():
     L = keras.layers
     register_layer(L.Dense, kernels=_dense_kernels, channels=PRODUCER)
@@ -427,3 +520,4 @@ def _register_builtins():
 
 
 _register_builtins()
+_register_builtin_ops()

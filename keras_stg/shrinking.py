@@ -119,11 +119,7 @@ def _chain(model):
         if isinstance(op, keras.layers.InputLayer):
             continue
         if not isinstance(op, keras.layers.Layer):
-            raise ShrinkError(
-                f"Cannot shrink {model.name!r}: operation {op.name!r} "
-                f"({type(op).__name__}) is not a layer; --shrink supports chains of "
-                "Dense and convolution layers."
-            )
+            return None  # an operation (`x + 3.0`): the graph path follows it
         nodes = [n for n in _compat.inbound_nodes(op) if n.operation is op]
         if len(_compat.inbound_nodes(op)) != 1 or isinstance(op, keras.Model):
             return None
@@ -346,11 +342,17 @@ def _resizable(layer, role):
 
 
 def _zero_maps_to_zero(layer, channels):
-    """Per channel: does `layer` (inference) map an all-zero input to zero?"""
+    """Per channel: does `layer` (inference), or a graph operation on its constants, map
+    an all-zero input to zero?"""
     import keras
 
     shape = tuple(d if d is not None else 1 for d in _input_shape(layer)[1:])
-    out = layer(keras.ops.zeros((1,) + shape), training=False)
+    zeros = keras.ops.zeros((1,) + shape)
+    if isinstance(layer, keras.layers.Layer):
+        out = layer(zeros, training=False)
+    else:
+        node = _compat.inbound_nodes(layer)[0]
+        out = _compat.call_node(node, {id(node.input_tensors[0]): zeros})
     out = np.asarray(keras.ops.convert_to_numpy(out)).reshape(-1, channels)
     return ~np.any(out != 0, axis=0)
 
@@ -393,7 +395,7 @@ def _removable(group):
             channels = int(_input_shape(m.layer)[-1])
             value = inputs[0] & _zero_maps_to_zero(m.layer, channels)[idx]
         elif m.role == "merge":
-            combine = np.any if isinstance(m.layer, keras.layers.Multiply) else np.all
+            combine = np.any if table.absorbs_zero(m.layer) else np.all
             value = combine(np.stack(inputs), axis=0)
         elif m.role == "consumer":
             removable &= inputs[0]
@@ -450,6 +452,8 @@ def _shrink_graph(model, multiple=1):
     new_layers = {}
 
     def clone(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a graph operation (`x + 3.0`): no weights, any channel count
         config = layer.get_config()
         drop = out_drop.get(id(layer))
         if drop is not None and table.channel_kind(layer) == table.PRODUCER:

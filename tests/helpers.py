@@ -348,6 +348,28 @@ def dense_block():
     return keras.Model(inputs, outputs)
 
 
+def graph_ops():
+    """Channels through graph operations that are not layers, as MobileNetV3 and ConvNeXt
+    build them: a hard swish (`x * relu6(x + 3.0) * (1 / 6)`), a hard-sigmoid
+    squeeze-and-excitation, a residual `x + y` of two tensors, `keras.ops` activations;
+    and two the channels cannot pass: a division by a tensor and a per-channel constant."""
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(6, 3, padding="same", name="stem")(inputs))
+    x = x * L.ReLU(6.0, name="hs_relu6")(x + 3.0) * (1.0 / 6.0)
+    se = L.GlobalAveragePooling2D(keepdims=True, name="squeeze")(x)
+    se = L.Conv2D(3, 1, activation="relu", name="se1")(se)
+    se = L.Conv2D(6, 1, name="se2")(se)
+    se = L.ReLU(6.0, name="hsig_relu6")(se + 3.0) * (1.0 / 6.0)
+    x = L.Multiply(name="excite")([x, se])
+    x = keras.ops.relu(x + L.Conv2D(6, 1, name="branch")(x))
+    ratio = L.Conv2D(4, 1, name="num")(x) / (keras.ops.abs(L.Conv2D(4, 1, name="den")(x)) + 1.0)
+    shifted = L.Conv2D(4, 1, name="offset")(x) + np.arange(4, dtype="float32")
+    x = L.Concatenate(name="cat")([ratio, shifted, keras.ops.sigmoid(L.Conv2D(5, 1, name="gate")(x))])
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(L.Conv2D(3, 1, name="mix")(x)))
+    return keras.Model(inputs, outputs, name="graph_ops")
+
+
 def separable_transposed_merges():
     """Separable (depth multiplier 2) and transposed convolutions coupled by a `Subtract`,
     two producers tied by `Maximum`, `Minimum` and `Average`, a GroupNormalization (whose
@@ -371,6 +393,24 @@ def separable_transposed_merges():
 def keras_efficientnet_b0():
     """The real keras.applications.EfficientNetB0 (32x32): Rescaling, Normalization, SE blocks."""
     return keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+
+
+def keras_mobilenet_v3_small():
+    """The real keras.applications.MobileNetV3Small (alpha 0.75, 32x32, logits): hard
+    swish and hard-sigmoid excitation built from graph operations (`x + 3.0`), not
+    layers. Its fresh BatchNormalization statistics make outputs of about 1e-12, so
+    they are drawn at random here (outputs in the hundreds): an output check means
+    something."""
+    model = keras.applications.MobileNetV3Small(
+        weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.75,
+        classifier_activation=None)
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+            layer.beta.assign(rng.uniform(-0.5, 0.5, layer.beta.shape))
+            layer.moving_variance.assign(rng.uniform(0.01, 0.1, layer.moving_variance.shape))
+    return model
 
 
 def random_channel_masks(gated, keep=0.6, seed=0):

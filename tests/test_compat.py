@@ -39,6 +39,20 @@ def test_layers_and_nodes():
     assert len(nodes) == 1 and nodes[0].operation is model.get_layer("top")
 
 
+def test_graph_operations_their_classes_and_arguments():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.ops.relu(inputs * 2.0))
+    ops = [op for op in model.operations if not isinstance(op, keras.layers.Layer)]
+    multiply, relu = _compat.operation_classes(["Multiply", "Relu"])
+    assert [type(op) for op in ops] == [multiply, relu]
+    assert _compat.operation_classes(["NoSuchOperation"]) == []
+    node = _compat.inbound_nodes(ops[0])[0]
+    args, kwargs = _compat.node_arguments(node)
+    assert args[0] is inputs and args[1] == 2.0 and kwargs == {}
+    out = _compat.call_node(node, {id(inputs): np.full((1, 3), 1.5, "float32")})
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), 3.0)
+
+
 def test_loss_and_tracker():
     model = mlp()
     model.compile(optimizer="adam", loss="mse")

@@ -81,10 +81,40 @@ def test_unknown_ops_outputs_and_shared_layers_are_unprunable_with_the_reason():
     z = shared(z)
     outputs = L.Dense(2, name="out")(L.Concatenate()([y, z]))
     groups = keras_stg.channel_groups(keras.Model(inputs, outputs))
-    assert "op 'flip'" in _group_of(groups, "d1").reason
+    assert "'flip' (Flip): the operation Flip is not in keras_stg's layer table" in _group_of(
+        groups, "d1").reason
     assert "shared layer" in _group_of(groups, "d2").reason
     assert _group_of(groups, "out").reason == "reaches a model output"
     assert "channel group of 4: unprunable" in str(_group_of(groups, "d1"))
+
+
+def test_graph_operations_that_are_not_layers_carry_and_couple_channels():
+    """`x + 3.0`, `x * y`, `keras.ops.relu(x)` in a Functional graph (MobileNetV3's hard
+    swish and hard-sigmoid excitation, ConvNeXt's residual `x + y`) are operations, not
+    layers: entry-wise with a scalar, a merge with two tensors."""
+    groups = keras_stg.channel_groups(helpers.graph_ops())
+    trunk = _group_of(groups, "stem")
+    assert {l.name for l in trunk.producers} == {"stem", "se2", "branch"}
+    assert trunk.prunable
+    roles = {(type(m.layer).__name__, m.role) for m in trunk.members}
+    assert {("Add", "elementwise"), ("Multiply", "elementwise"), ("Multiply", "merge"),
+            ("Add", "merge"), ("Relu", "elementwise"), ("BatchNormalization", "per_channel"),
+            ("Conv2D", "consumer")} <= roles
+    assert _group_of(groups, "se1").prunable and _group_of(groups, "gate").prunable
+    for name in ("num", "den"):
+        assert "divides by a tensor" in _group_of(groups, name).reason
+    assert "a constant of shape (4,)" in _group_of(groups, "offset").reason
+
+
+def test_register_op_takes_operations_that_are_not_layers():
+    from keras_stg import _compat
+    from keras_stg import layer_table
+
+    with pytest.raises(TypeError, match="register_layer takes layers"):
+        layer_table.register_op(keras.layers.ReLU, layer_table.ELEMENTWISE)
+    (flip,) = _compat.operation_classes(["Flip"])
+    with pytest.raises(ValueError, match="Unknown channel kind"):
+        layer_table.register_op(flip, "sideways")
 
 
 def test_channels_are_followed_into_nested_models():

@@ -126,8 +126,10 @@ def test_an_unknown_layer_makes_its_channels_unprunable_and_says_so():
 
 
 @pytest.mark.parametrize("build", [helpers.tiny_resnet50, helpers.tiny_mobilenet_v2,
-                                   helpers.se_concat_flatten, helpers.dense_block],
-                         ids=["resnet", "mobilenet_v2", "se_concat_flatten", "dense_block"])
+                                   helpers.se_concat_flatten, helpers.dense_block,
+                                   helpers.graph_ops],
+                         ids=["resnet", "mobilenet_v2", "se_concat_flatten", "dense_block",
+                              "graph_ops"])
 def test_graph_shrink_removes_coupled_zero_channels_exactly(build, tmp_path):
     model = build()
     rng = np.random.default_rng(0)
