@@ -2,19 +2,20 @@
 
 Usage:
     python -m benchmarks.structured [--quick] [--only PART [PART ...]]
-        [--nets resnet20 mobilenet_v2] [--methods dense ours l1 slimming]
+        [--nets resnet20 mobilenet_v2 mobilenet_v3_small] [--methods dense ours l1 slimming uniform]
         [--targets 0.5 0.75] [--limit N] [--test-limit N] [--epochs E]
         [--init-mu M] [--sigma S] [--finetune F] [--gate-lr G] [--channel-multiple N]
         [--validation] [--data-dir D] [--out DIR] [--results PATH]
 
 Networks (`benchmarks.structured_methods.NETS`): ResNet-20 on Fashion-MNIST at
-28x28, and keras.applications' MobileNetV2 (alpha 0.35) on Fashion-MNIST
-padded to 32x32. Methods (`benchmarks.structured_methods`, same epochs, data,
+28x28, and keras.applications' MobileNetV2 (alpha 0.35) and MobileNetV3Small
+(alpha 0.75) on Fashion-MNIST padded to 32x32. Methods (`benchmarks.structured_methods`, same epochs, data,
 initial weights and cosine learning-rate schedule for all): `dense`, `ours`
 (channel gates, joint, `cost="flops"`), `ours-latency` (the same with
-`cost="latency"`), `l1` (L1-norm filter pruning) and `slimming` (Network
-Slimming), at each target share of multiply-adds removed (of LiteRT latency
-for `ours-latency`).
+`cost="latency"`), `l1` (L1-norm filter pruning), `slimming` (Network
+Slimming) and `uniform` (every group cut by the same share, the smaller network
+trained from scratch: the control of Liu et al. 2019), at each target share of
+multiply-adds removed (of LiteRT latency for `ours-latency`).
 
 Parts, each resumable (a finished model is not trained again):
 
@@ -57,10 +58,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN = "<!-- benchmarks.structured:begin -->"
 END = "<!-- benchmarks.structured:end -->"
 PARTS = ("train", "latency", "unstructured", "report")
-METHODS = ("dense", "ours", "ours-latency", "l1", "slimming")
+METHODS = ("dense", "ours", "ours-latency", "l1", "slimming", "uniform")
 LABELS = {"dense": "dense", "ours": "ours (channel, flops)",
           "ours-latency": "ours (channel, latency)", "l1": "L1 filter",
-          "slimming": "network slimming"}
+          "slimming": "network slimming", "uniform": "uniform width, from scratch"}
 RUNTIMES = ("litert_f32", "litert_int8", "ort_f32", "ort_int8")
 RUNTIME_TITLES = {"litert_f32": "LiteRT f32", "litert_int8": "LiteRT int8",
                   "ort_f32": "ORT f32", "ort_int8": "ORT int8"}
@@ -150,6 +151,8 @@ def part_train(args):
                 extra["recipe"] = dataclasses.asdict(recipe)
             elif method == "l1":
                 model = sm.train_l1(net, target, x, y, budget, steps=args.bisection)
+            elif method == "uniform":
+                model = sm.train_uniform(net, target, x, y, budget, steps=args.bisection)
             else:
                 model = sm.train_slimming(net, target, x, y, budget, steps=args.bisection)
             wall = time.time() - start

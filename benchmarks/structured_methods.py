@@ -63,9 +63,20 @@ def _mobilenet_v2():
         classifier_activation=None)
 
 
+def _mobilenet_v3_small():
+    import keras
+
+    return keras.applications.MobileNetV3Small(
+        weights=None, input_shape=(32, 32, 1), alpha=0.75, classes=10,
+        classifier_activation=None, include_preprocessing=False)
+
+
 NETS = {
     "resnet20": Net("ResNet-20", (28, 28, 1), 0, _resnet20, 0.9),
     "mobilenet_v2": Net("MobileNetV2 (alpha 0.35, 32x32)", (32, 32, 1), 2, _mobilenet_v2, 0.8),
+    # Its finetune is MobileNetV2's, not chosen on its own validation images.
+    "mobilenet_v3_small": Net("MobileNetV3Small (alpha 0.75, 32x32)", (32, 32, 1), 2,
+                              _mobilenet_v3_small, 0.8),
 }
 
 
@@ -426,6 +437,34 @@ def _prune_and_finetune(model, x, y, budget, target, scores_fn, uniform, steps):
 def train_l1(net, target, x, y, budget, steps=8):
     return _prune_and_finetune(fresh(net, budget.seed), x, y, budget, target, l1_scores,
                                uniform=True, steps=steps)
+
+
+def random_scores(seed):
+    """`scores_fn` drawing one random score per channel of every prunable group."""
+    import keras_stg
+
+    def scores(model):
+        rng = np.random.default_rng(seed)
+        return [(group, rng.random(group.size)) for group in keras_stg.channel_groups(model)
+                if group.prunable]
+
+    return scores
+
+
+def train_uniform(net, target, x, y, budget, steps=8):
+    """The uniform-width control (Liu et al. 2019, "Rethinking the Value of Network
+    Pruning"): every prunable channel group cut by the same share so that the network
+    keeps about `1 - target` of the multiply-adds, then that smaller network trained
+    from a fresh initialization for every epoch of the budget. Its channel counts are
+    not rounded to the budget's `channel_multiple`: multiples of 8 would leave a
+    16-channel group at 8 or 16 and the uniform share far from the target."""
+    import keras
+
+    small = prune_to_macs(fresh(net, budget.seed), random_scores(budget.seed), target,
+                          uniform=True, steps=steps)
+    keras.utils.set_random_seed(budget.seed)
+    small = keras.models.clone_model(small)  # fresh initial weights in the smaller shapes
+    return _fit(small, x, y, budget, budget.epochs)
 
 
 def train_slimming(net, target, x, y, budget, lam=1e-4, steps=8):
