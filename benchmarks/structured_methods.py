@@ -344,8 +344,10 @@ def l1_scores(model):
     out = []
     for group in keras_stg.channel_groups(model):
         if group.prunable:
-            out.append((group, sum(np.abs(layer.kernel.numpy()).reshape(-1, group.size).sum(0)
-                                   for layer in group.producers)))
+            out.append((group, sum(
+                np.abs(m.layer.kernel.numpy()[..., m.offset:m.offset + group.size])
+                .reshape(-1, group.size).sum(0)
+                for m in group.members if m.role == "producer")))
     return out
 
 

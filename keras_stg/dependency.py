@@ -12,7 +12,10 @@ position after a `Flatten`).
 `channel_groups(model)` walks the layer graph (Sequential, Functional, nested
 sub-models) and applies to every layer, and every operation that is not a layer
 (`x + 3.0`, `x * y`, `keras.ops.relu(x)`), its channel behaviour from
-`keras_stg.layer_table`. A group that reaches a model input or output, an op
+`keras_stg.layer_table`. Where an element-wise merge adds tensors cut into
+different channel spaces (a convolution's output and a concatenation), the
+spaces are split at every input's boundaries, so one producer may own several
+groups, each at its offset. A group that reaches a model input or output, an op
 the table does not know, or a shared layer is *unprunable*, and says why.
 
 Example:
@@ -45,7 +48,7 @@ class Member:
             `"merge"` (an element-wise merge of coupled inputs) or
             `"consumer"` (input axis of its kernel).
         offset: where the group's channel 0 sits on the member's channel axis
-            (after a `Concatenate`).
+            (after a `Concatenate`, or in a producer whose channels were split).
         repeat, period: a consumer after a `Flatten` sees channel `c` at the
             rows `offset + c + k * period` for `k < repeat`.
         src, dst: the tensors (walker ids) the member reads and writes, in the
@@ -70,6 +73,8 @@ class _Slot:
         self.parent = self
         self.members = []
         self.reasons = []
+        #: After a split: `[(child slot, start)]`, the parts that replace this space.
+        self.children = None
 
     def root(self):
         slot = self
@@ -144,10 +149,10 @@ class ChannelGroup:
                 for kernel, variable in table.channel_kernels(layer):
                     if kernel.channel_out is not None:
                         value = np.array(variable.numpy())
-                        np.moveaxis(value, kernel.channel_out, -1)[..., channels] = 0
+                        np.moveaxis(value, kernel.channel_out, -1)[..., channels + m.offset] = 0
                         variable.assign(value)
                 variables = [layer.bias] if layer.use_bias else []
-                index = channels
+                index = channels + m.offset
             elif m.role == "per_channel":
                 variables = [v for v in (getattr(layer, "gamma", None),
                                          getattr(layer, "beta", None)) if v is not None]
@@ -214,6 +219,50 @@ class _Walker:
             segments.append((slot, offset, new))
         return _View(segments, view.repeat)
 
+    def resolve(self, view):
+        """`view` with every segment whose channel space was split replaced by its parts."""
+        segments, changed = [], False
+        for slot, offset, tid in view.segments:
+            parts = self._parts(slot.root(), offset)
+            changed |= len(parts) != 1 or parts[0][0] is not slot
+            segments.extend((part, start, tid) for part, start in parts)
+        return _View(segments, view.repeat) if changed else view
+
+    def _parts(self, root, offset):
+        if root.children is None:
+            return [(root, offset)]
+        return [part for child, start in root.children
+                for part in self._parts(child.root(), offset + start)]
+
+    def split(self, root, cuts):
+        """Splits the channel space `root` (and everything coupled to it) at the channel
+        indices `cuts`: each part gets every member, at its offset, and the reasons."""
+        bounds = [0] + sorted(cuts) + [root.size]
+        root.children = []
+        for start, end in zip(bounds, bounds[1:]):
+            child = _Slot(end - start)
+            child.reasons = list(root.reasons)
+            child.members = [dataclasses.replace(m, offset=m.offset + start)
+                             for m in root.members]
+            self.slots.append(child)
+            root.children.append((child, start))
+        root.members = []
+
+    def align(self, views):
+        """`views` (tensors whose channel c is the same channel) with their channel spaces
+        split until every view has its boundaries at the same channels."""
+        while True:
+            views = [self.resolve(v) for v in views]
+            bounds = [{offset for _, offset, _ in v.segments} for v in views]
+            cuts = set().union(*bounds)
+            if all(b == cuts for b in bounds):
+                return views
+            for v in views:
+                for slot, offset, _ in self.resolve(v).segments:
+                    inner = [c - offset for c in cuts if offset < c < offset + slot.size]
+                    if inner:
+                        self.split(slot.root(), inner)
+
     def unknown(self, views, outputs, reason):
         for v in views:
             _mark(v, reason)
@@ -221,6 +270,7 @@ class _Walker:
 
     def layer(self, layer, views, outputs):
         """Output views of one call of `layer` on inputs of `views`."""
+        views = [self.resolve(v) for v in views]
         if isinstance(layer, keras.Model):
             return self.model(layer, views)
         if getattr(layer, "weights", None) and len(_compat.inbound_nodes(layer)) > 1:
@@ -281,12 +331,16 @@ class _Walker:
         full = [v for v in views if v.channels == out_channels]
         if any(v.repeat != 1 for v in views) or not full:
             return self._merge_unknown(layer, views, out_channels)
+        for v in views:  # broadcast inputs (one channel) do not couple
+            if v not in full and v.channels != 1:
+                return self._merge_unknown(layer, views, out_channels)
+        # Channel c of every input is the same channel: where the inputs are cut into
+        # different channel spaces (a convolution's output added to a concatenation),
+        # every space is split at every input's boundaries.
+        full = self.align(full)
         first = full[0]
         for v in full[1:]:
             if [s.size for s, _, _ in v.segments] != [s.size for s, _, _ in first.segments]:
-                return self._merge_unknown(layer, views, out_channels)
-        for v in views:  # broadcast inputs (one channel) do not couple
-            if v not in full and v.channels != 1:
                 return self._merge_unknown(layer, views, out_channels)
         for v in full[1:]:
             for (a, _, _), (b, _, _) in zip(first.segments, v.segments):
@@ -354,13 +408,13 @@ def channel_groups(model):
     input_views = [walker.new(_channels(t), "reaches a model input") for t in model.inputs]
     outputs = walker.model(model, input_views)
     for v in outputs:
-        _mark(v, "reaches a model output")
+        _mark(walker.resolve(v), "reaches a model output")
     order = {id(layer): i for i, layer in enumerate(_compat.all_layers(model))}
     groups, seen = [], set()
     roots = []
     for slot in walker.slots:
         root = slot.root()
-        if id(root) in seen:
+        if id(root) in seen or root.children is not None:
             continue
         seen.add(id(root))
         roots.append(root)

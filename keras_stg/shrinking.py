@@ -446,8 +446,9 @@ def _shrink_graph(model, multiple=1):
                         int(_input_shape(layer)[-1]))
                 drop = out_drop.setdefault(id(layer), np.zeros(size, bool))
                 drop[m.offset:m.offset + group.size] |= dead
-        for layer in group.producers:
-            units[layer.name] = (group.size, int((~dead).sum()))
+        for layer in group.producers:  # a producer split over groups sums its parts
+            before, after = units.get(layer.name, (0, 0))
+            units[layer.name] = (before + group.size, after + int((~dead).sum()))
 
     new_layers = {}
 

@@ -370,6 +370,23 @@ def graph_ops():
     return keras.Model(inputs, outputs, name="graph_ops")
 
 
+def split_adds():
+    """Residual adds of a convolution's output and concatenations (NASNet's cells):
+    `a` (8 channels) + [b (4), c (4)] makes channels 0-3 of `a` the same channels as
+    `b`'s and 4-7 as `c`'s; that sum + [g (2), h (6)] cuts them again at 2."""
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    a = L.Conv2D(8, 3, padding="same", name="a")(inputs)
+    bc = L.Concatenate(name="cat")([L.Conv2D(4, 1, name="b")(inputs),
+                                    L.Conv2D(4, 3, padding="same", name="c")(inputs)])
+    x = L.Add(name="add")([a, L.BatchNormalization(name="bn_cat")(bc)])
+    x = L.ReLU()(L.BatchNormalization(name="bn")(x))
+    gh = L.Concatenate(name="cat2")([L.Conv2D(2, 1, name="g")(x), L.Conv2D(6, 1, name="h")(x)])
+    x = L.Add(name="add2")([gh, x])
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(L.Conv2D(5, 1, name="d")(x)))
+    return keras.Model(inputs, outputs, name="split_adds")
+
+
 def separable_transposed_merges():
     """Separable (depth multiplier 2) and transposed convolutions coupled by a `Subtract`,
     two producers tied by `Maximum`, `Minimum` and `Average`, a GroupNormalization (whose
@@ -439,12 +456,14 @@ def check_structured(gated, x, tmp_path, export=True):
     if str(gated.granularity) == "channel":
         for group, gate in zip(gated.groups, gated.gates):
             closed = np.asarray(gate.mu.numpy()) <= 0
-            for layer in group.producers:
-                t = next(i for i, t in enumerate(gated.targets) if t.layer is layer
+            for m in group.members:
+                if m.role != "producer":
+                    continue
+                t = next(i for i, t in enumerate(gated.targets) if t.layer is m.layer
                          and t.kernel.channel_out is not None)
                 out = np.moveaxis(masks[t], gated.targets[t].kernel.channel_out, -1)
-                dead = ~out.reshape(-1, out.shape[-1]).any(0)
-                np.testing.assert_array_equal(dead, closed, err_msg=layer.name)
+                dead = ~out.reshape(-1, out.shape[-1]).any(0)[m.offset:m.offset + group.size]
+                np.testing.assert_array_equal(dead, closed, err_msg=m.layer.name)
     pruned = gated.strip()
     assert type(pruned) in (keras.Model, keras.Sequential) or not isinstance(
         pruned, keras_stg.GatedModel)

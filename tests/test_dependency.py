@@ -106,6 +106,22 @@ def test_graph_operations_that_are_not_layers_carry_and_couple_channels():
     assert "a constant of shape (4,)" in _group_of(groups, "offset").reason
 
 
+def test_an_add_of_a_convolution_and_a_concatenation_splits_its_channels():
+    groups = keras_stg.channel_groups(helpers.split_adds())
+    by_producers = {tuple(sorted((m.layer.name, m.offset) for m in g.members
+                                 if m.role == "producer")): g for g in groups}
+    first, second, third = (by_producers[k] for k in (
+        (("a", 0), ("b", 0), ("g", 0)), (("a", 2), ("b", 2), ("h", 0)),
+        (("a", 4), ("c", 0), ("h", 2))))
+    assert (first.size, second.size, third.size) == (2, 2, 4)
+    assert all(g.prunable for g in (first, second, third))
+    assert ("bn_cat", "per_channel", 4, 1, 0) in _roles(third)  # after the concat
+    assert ("bn", "per_channel", 2, 1, 0) in _roles(second)  # after the add
+    assert ("d", "consumer", 4, 1, 0) in _roles(third)
+    assert ("g", "consumer", 0, 1, 0) in _roles(first)
+    assert sum("a" in [layer.name for layer in g.producers] for g in groups) == 3
+
+
 def test_register_op_takes_operations_that_are_not_layers():
     from keras_stg import _compat
     from keras_stg import layer_table
