@@ -460,7 +460,8 @@ def _entrywise_op(merges, numerator_only=False):
                 return Unsupported(f"it takes {len(tensors)} tensors")
             kinds.add(ELEMENTWISE if len(tensors) == 1 else MERGE)
         if len(kinds) != 1:
-            return Unsupported("its calls take different numbers of tensors")
+            return Unsupported("its calls take different numbers of tensors" if kinds
+                               else "it is not called in a graph")
         return kinds.pop()
     return channels
 
