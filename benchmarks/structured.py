@@ -365,10 +365,9 @@ def _plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 * len(results), figsize=(5.5 * 2 * len(results), 4))
-    axes = np.atleast_1d(axes)
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
     for i, (net, rows) in enumerate(results.items()):
-        acc, lat = axes[2 * i], axes[2 * i + 1]
+        acc, lat = axes[i]
         for method in METHODS:
             mine = [r for r in rows if r["method"] == method and "unreachable" not in r]
             if not mine:
