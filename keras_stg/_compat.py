@@ -2,7 +2,8 @@
 
 Keras 3 has no public API for a few things this library needs: the direct
 sublayers of a layer, the inbound nodes of an operation in a Functional graph,
-the classes of its operations and the arguments each was called with,
+the classes of its operations and the arguments each was called with, the layers
+a `keras.applications` model defines for itself,
 the loss computation and loss tracker of `train_step`, the optimizer's slots
 of one variable, and the step function's reduction across workers. Each is
 reached through one function here, so that a Keras release that moves one of
@@ -48,6 +49,18 @@ def operation_classes(names):
                 found.append(cls)
                 break
     return found
+
+
+def application_layer(module, name):
+    """A layer class that a `keras.applications` model defines for itself (private to
+    its module, e.g. InceptionResNetV2's `CustomScaleLayer`), or None."""
+    import importlib
+
+    try:
+        found = getattr(importlib.import_module(f"keras.src.applications.{module}"), name)
+    except (ImportError, AttributeError):
+        return None
+    return found if isinstance(found, type) and issubclass(found, keras.layers.Layer) else None
 
 
 def node_arguments(node):

@@ -518,6 +518,10 @@ def _register_builtins():
     for cls in (L.Add, L.Subtract, L.Multiply, L.Maximum, L.Minimum, L.Average):
         register_layer(cls, channels=MERGE)
     register_layer(L.Concatenate, channels=_concat_channels)
+    # InceptionResNetV2's residual: `inputs[0] + inputs[1] * scale`, zero where both are.
+    scale_sum = _compat.application_layer("inception_resnet_v2", "CustomScaleLayer")
+    if scale_sum is not None:
+        register_layer(scale_sum, channels=MERGE)
 
 
 _register_builtins()

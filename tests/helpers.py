@@ -387,6 +387,20 @@ def split_adds():
     return keras.Model(inputs, outputs, name="split_adds")
 
 
+def scale_residual():
+    """InceptionResNetV2's residual, its own `CustomScaleLayer` (`x + branch * scale`)."""
+    from keras_stg import _compat
+
+    L = keras.layers
+    scale_sum = _compat.application_layer("inception_resnet_v2", "CustomScaleLayer")
+    inputs = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(6, 3, padding="same", name="x")(inputs)))
+    branch = L.Conv2D(6, 1, name="up")(L.Conv2D(4, 1, activation="relu", name="down")(x))
+    x = scale_sum(scale=0.17, name="scaled_sum")([x, branch])
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(L.Conv2D(5, 1, name="d")(x)))
+    return keras.Model(inputs, outputs, name="scale_residual")
+
+
 def separable_transposed_merges():
     """Separable (depth multiplier 2) and transposed convolutions coupled by a `Subtract`,
     two producers tied by `Maximum`, `Minimum` and `Average`, a GroupNormalization (whose

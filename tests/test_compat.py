@@ -46,6 +46,10 @@ def test_graph_operations_their_classes_and_arguments():
     multiply, relu = _compat.operation_classes(["Multiply", "Relu"])
     assert [type(op) for op in ops] == [multiply, relu]
     assert _compat.operation_classes(["NoSuchOperation"]) == []
+    scale_sum = _compat.application_layer("inception_resnet_v2", "CustomScaleLayer")
+    assert issubclass(scale_sum, keras.layers.Layer)
+    assert _compat.application_layer("inception_resnet_v2", "NoSuchLayer") is None
+    assert _compat.application_layer("no_such_application", "CustomScaleLayer") is None
     node = _compat.inbound_nodes(ops[0])[0]
     args, kwargs = _compat.node_arguments(node)
     assert args[0] is inputs and args[1] == 2.0 and kwargs == {}

@@ -122,6 +122,14 @@ def test_an_add_of_a_convolution_and_a_concatenation_splits_its_channels():
     assert sum("a" in [layer.name for layer in g.producers] for g in groups) == 3
 
 
+def test_inception_resnet_v2s_own_scaled_residual_couples_its_inputs():
+    groups = keras_stg.channel_groups(helpers.scale_residual())
+    trunk = _group_of(groups, "x")
+    assert {l.name for l in trunk.producers} == {"x", "up"} and trunk.prunable
+    assert ("scaled_sum", "merge", 0, 1, 0) in _roles(trunk)
+    assert _group_of(groups, "down").prunable
+
+
 def test_register_op_takes_operations_that_are_not_layers():
     from keras_stg import _compat
     from keras_stg import layer_table
