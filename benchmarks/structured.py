@@ -2,15 +2,17 @@
 
 Usage:
     python -m benchmarks.structured [--quick] [--only PART [PART ...]]
-        [--nets resnet20 mobilenet_v2 mobilenet_v3_small] [--methods dense ours l1 slimming uniform]
+        [--nets resnet20 mobilenet_v2 mobilenet_v3_small]
+        [--methods dense ours ours-latency l1 slimming uniform]
         [--targets 0.5 0.75] [--limit N] [--test-limit N] [--epochs E]
         [--init-mu M] [--sigma S] [--finetune F] [--gate-lr G] [--channel-multiple N]
         [--validation] [--data-dir D] [--out DIR] [--results PATH]
 
 Networks (`benchmarks.structured_methods.NETS`): ResNet-20 on Fashion-MNIST at
 28x28, and keras.applications' MobileNetV2 (alpha 0.35) and MobileNetV3Small
-(alpha 0.75) on Fashion-MNIST padded to 32x32. Methods (`benchmarks.structured_methods`, same epochs, data,
-initial weights and cosine learning-rate schedule for all): `dense`, `ours`
+(alpha 0.75) on Fashion-MNIST padded to 32x32. Methods
+(`benchmarks.structured_methods`, same epochs, data, initial weights and cosine
+learning-rate schedule for all): `dense`, `ours`
 (channel gates, joint, `cost="flops"`), `ours-latency` (the same with
 `cost="latency"`), `l1` (L1-norm filter pruning), `slimming` (Network
 Slimming) and `uniform` (every group cut by the same share, the smaller network
