@@ -248,7 +248,7 @@ def channel_kind(layer):
 
 def absorbs_zero(layer):
     """Is `layer` a merge whose output is zero where any input is (a product)?"""
-    return isinstance(layer, (keras.layers.Multiply,) + tuple(_PRODUCT_OPS))
+    return isinstance(layer, (keras.layers.Multiply,) + _PRODUCT_OPS)
 
 
 # ------------------------------------------------------------------ built in
@@ -429,7 +429,8 @@ _UNARY_OPS = ("Negative", "Abs", "Absolute", "Square", "Clip", "Tanh", "Cast", "
 #: Graph operations combining two operands entry by entry: with a scalar constant
 #: they act on every entry alone, with two tensors they merge them.
 _BINARY_OPS = ("Add", "Subtract", "Multiply", "Maximum", "Minimum")
-_PRODUCT_OPS = []
+#: Graph operations whose product is zero where any operand is.
+_PRODUCT_OPS = tuple(_compat.operation_classes(("Multiply",)))
 
 
 def _constant_shape(value):
@@ -473,7 +474,6 @@ def _register_builtin_ops():
         register_op(cls, _entrywise_op(merges=True))
     for cls in _compat.operation_classes(("Divide", "TrueDivide")):
         register_op(cls, _entrywise_op(merges=False, numerator_only=True))
-    _PRODUCT_OPS.extend(_compat.operation_classes(("Multiply",)))
 
 
 def _register_builtins():
