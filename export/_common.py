@@ -504,6 +504,10 @@ def shrink_model(keras_model, gated, result, channel_multiple=None):
               "which 'unit' and 'channel' gates produce.", file=sys.stderr)
     if channel_multiple is None:
         channel_multiple = gated.config.channel_multiple if gated is not None else 1
+    if channel_multiple == "auto":
+        from keras_stg import latency
+
+        channel_multiple = latency.channel_tile()
     try:
         target, info = shrink(keras_model, return_info=True, channel_multiple=channel_multiple)
     except ShrinkError as e:
@@ -518,8 +522,13 @@ def check_channel_multiple(value, shrink):
     """Refuses a bad `--channel-multiple` before any work."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ExportError(f"--channel-multiple must be an integer >= 1, got {value!r}.")
+    if value == "auto":
+        pass
+    elif isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ExportError(f"--channel-multiple must be an integer >= 1 or 'auto' (LiteRT's "
+                          f"channel tile on this machine), got {value!r}.")
     if not shrink:
         raise ExportError("--channel-multiple rounds the channels --shrink keeps; add --shrink.")
     return value
@@ -529,10 +538,10 @@ def add_shrink_args(parser):
     parser.add_argument("--shrink", action="store_true",
                         help="physically remove pruned units and channels (unit and channel "
                              "gates)")
-    parser.add_argument("--channel-multiple", type=int, default=None, metavar="N",
-                        help="with --shrink: keep each layer's channels in multiples of N "
-                             "(default: the gated model's channel_multiple, else 1; 8 suits "
-                             "XNNPACK and onnxruntime on x86)")
+    parser.add_argument("--channel-multiple", default=None, metavar="N",
+                        help="with --shrink: keep each layer's channels in multiples of N, "
+                             "or 'auto': LiteRT's output-channel tile on this machine "
+                             "(default: the gated model's channel_multiple, else 1)")
 
 
 def evaluate(result, keras_model, run, samples, data, baseline):

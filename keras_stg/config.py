@@ -18,6 +18,8 @@ The automatic choices, all made in `resolve`:
 - `polish="auto"`: 0.25 (the last quarter of the gate phase trains through the
   binary mask) in `slt` mode with per-weight gates, else 0.
 - `sigma="auto"`: 0.25 in `slt` mode with per-weight gates, else 0.5 (the paper's).
+- `channel_multiple="auto"`: LiteRT's output-channel tile on this machine
+  (`keras_stg.latency.channel_tile`, measured once and cached).
 - `TargetSparsity(ramp=None)`: no ramp when the gates start random (the mask is
   at the target from the first step), else a ramp over 40% of the gate phase
   (the steps before the mask freezes with `finetune`, else all of `fit`).
@@ -119,7 +121,10 @@ class GateConfig:
         channel_multiple: `granularity="channel"`: `freeze_mask` (the `finetune`
             phase) keeps each group's channels in multiples of this many (8 suits
             the 8-float vectors of XNNPACK and onnxruntime on AVX2: a shrunk layer
-            of 9 channels can run slower than one of 16).
+            of 9 channels can run slower than one of 16), or `"auto"`: the
+            output-channel tile LiteRT computes in on this machine, measured once
+            and cached (`keras_stg.latency.channel_tile`; a layer keeping 24 of 32
+            channels runs as slowly as one keeping 32 when the tile is 16).
         cost_table: `cost="latency"`: the measured costs (`keras_stg.latency.measure`);
             None measures them when the model is wrapped. Saved with the model.
     """
@@ -142,7 +147,7 @@ class GateConfig:
     gate_lr: float = 1.0
     cost: str = "params"
     cost_table: Optional[dict] = None
-    channel_multiple: int = 1
+    channel_multiple: object = 1
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -200,13 +205,14 @@ class GateConfig:
                 "kernels run as dense compute in LiteRT on x86 and on the Edge TPU, so they "
                 "save no time. Use granularity='channel' (or 'unit'), whose closed channels "
                 "shrink removes, or cost='flops'.")
-        if isinstance(self.channel_multiple, bool) or not (
-                isinstance(self.channel_multiple, int) and self.channel_multiple >= 1):
-            raise ValueError(f"`channel_multiple` must be an integer >= 1, got "
+        if self.channel_multiple != "auto" and (isinstance(self.channel_multiple, bool) or not (
+                isinstance(self.channel_multiple, int) and self.channel_multiple >= 1)):
+            raise ValueError(f"`channel_multiple` must be an integer >= 1 or 'auto' (the "
+                             f"runtime's channel tile on this machine), got "
                              f"{self.channel_multiple!r}.")
-        if self.channel_multiple > 1 and self.granularity.name != "channel":
+        if self.channel_multiple != 1 and self.granularity.name != "channel":
             raise ValueError(
-                f"`channel_multiple={self.channel_multiple}` rounds the channels a channel "
+                f"`channel_multiple={self.channel_multiple!r}` rounds the channels a channel "
                 f"group keeps; it needs granularity='channel', not "
                 f"{self.granularity.name!r}. keras_stg.shrink(model, channel_multiple=...) "
                 "rounds any other ticket's kept channels up.")
@@ -267,10 +273,15 @@ class GateConfig:
             penalty = (penalty_lib.TargetSparsity(target) if target is not None
                        else penalty_lib.FixedPenalty(1.0))
         penalty = penalty.resolve(random_start=init_mu == "random")
+        channel_multiple = self.channel_multiple
+        if channel_multiple == "auto":
+            from keras_stg import latency
+
+            channel_multiple = latency.channel_tile()
         return dataclasses.replace(
             self, penalty=penalty, init=init, init_density=init_density, init_mu=init_mu,
             sigma=float(sigma), finetune=float(self.finetune), polish=float(polish),
-            gate_lr=float(self.gate_lr),
+            gate_lr=float(self.gate_lr), channel_multiple=channel_multiple,
             mu_bound=None if self.mu_bound is None else float(self.mu_bound))
 
     # ------------------------------------------------------------ serialize

@@ -19,6 +19,12 @@ measurements of each layer configuration are cached in
 CPU and the LiteRT version, so a model is measured once per machine; the
 costs a model was trained with are saved with it (`GateConfig.cost_table`).
 Measuring needs `ai-edge-litert` (`pip install "keras-stg[export]"`).
+
+`channel_tile()` measures the runtime's output-channel tile on this machine:
+vector kernels compute a layer's output channels in blocks, so a layer that
+keeps 24 of 32 channels can run as slowly as one that keeps 32. A mask whose
+groups keep whole tiles (`channel_multiple="auto"`) turns every removed channel
+into saved time; the per-layer costs above are exact at those widths.
 """
 
 import hashlib
@@ -150,7 +156,9 @@ def _micro(layer, half):
     return model, weights
 
 
-def _time(data_list, rounds=ROUNDS, runs=RUNS):
+def _time(data_list, rounds=ROUNDS, runs=RUNS, reduce=statistics.median):
+    """Each model's latency (ms): `reduce` over `rounds` of every model's median of `runs`
+    runs in turn."""
     from export import tflite
 
     runners = [tflite.Runner(d) for d in data_list]
@@ -158,7 +166,7 @@ def _time(data_list, rounds=ROUNDS, runs=RUNS):
     for _ in range(rounds):
         for r, t in zip(runners, times):
             t.append(r.latency_ms(runs))
-    return [statistics.median(t) for t in times]
+    return [reduce(t) for t in times]
 
 
 def layer_slope(layer):
@@ -170,6 +178,94 @@ def layer_slope(layer):
     if w_full <= w_half:
         return 0.0
     return max(0.0, (t_full - t_half) / (w_full - w_half))
+
+
+#: Output widths the channel-tile probe times (multiples of 4 up to 64).
+TILE_WIDTHS = tuple(range(4, 65, 4))
+#: The tiles the probe can report (each a multiple of the one before).
+TILES = (4, 8, 16, 32)
+#: Two widths of one tile run within this share of each other's time.
+TILE_TOLERANCE = 0.08
+
+
+#: The share of a tile's widths that may stray from its block's speed (a timing spike).
+TILE_OUTLIERS = 0.15
+
+
+def tile_from_times(times, tiles=TILES, tolerance=TILE_TOLERANCE, outliers=TILE_OUTLIERS):
+    """The output-channel tile that `times` (`{output width: ms}` of one layer) show: the
+    largest of `tiles` whose blocks each run at one speed: the widths within `tolerance`
+    of the width that ends their block (`ceil(width / tile) * tile`, where that width was
+    timed), all but at most `outliers` of them (a spike of a busy machine; a wrong tile
+    puts about half of the widths a step away from their block's end). The smallest of
+    `tiles` is the floor: the widths probed are its multiples, so a runtime without
+    tiling reads as it."""
+    tiles = sorted(tiles)
+    best = tiles[0]
+    for tile in tiles[1:]:
+        ends = {width: -(-width // tile) * tile for width in times}
+        checked = [abs(ms - times[ends[width]]) > tolerance * times[ends[width]]
+                   for width, ms in times.items() if ends[width] in times]
+        if not checked or sum(checked) > outliers * len(checked):
+            return best
+        best = tile
+    return best
+
+
+def _tile_probes():
+    """`(label, layer factory)` of the probe layers: 3x3 and 1x1 convolutions on a
+    16x16x32 input (the layers whose output tiles most models' time is spent in)."""
+    import keras
+
+    return [(f"conv{k}x{k}", lambda width, k=k: keras.layers.Conv2D(width, k, padding="same"))
+            for k in (3, 1)]
+
+
+def measure_tiles(verbose=True):
+    """`{probe: {runtime: tile}}`: the tile of each probe layer in LiteRT float and int8
+    (XNNPACK, one thread), timed at every width of `TILE_WIDTHS`."""
+    import keras
+    import numpy as np
+
+    from export import tflite
+
+    _require_litert()
+    shape = (16, 16, 32)
+    calibration = np.random.default_rng(0).standard_normal((16,) + shape).astype("float32")
+    probes = _tile_probes()
+    bar = keras.utils.Progbar(len(probes) * 2, verbose=1 if verbose else 0, unit_name="probe")
+    tiles = {}
+    for label, make in probes:
+        models = []
+        for width in TILE_WIDTHS:
+            inputs = keras.Input(shape, batch_size=1)
+            models.append(keras.Model(inputs, make(width)(inputs)))
+        for runtime, convert in (
+                ("f32", tflite.convert),
+                ("int8", lambda m: tflite.convert(m, int8=True, representative=calibration))):
+            # The fastest round: another process slows a round down, never up.
+            times = _time([convert(m) for m in models], reduce=min)
+            tiles.setdefault(label, {})[runtime] = tile_from_times(dict(zip(TILE_WIDTHS, times)))
+            bar.add(1)
+    return tiles
+
+
+def channel_tile(verbose=True):
+    """The output-channel tile of LiteRT (XNNPACK, one thread, float and int8) on this
+    machine: the largest tile every probe (`measure_tiles`) agrees with. Measured once
+    per machine and runtime version, cached (`$KERAS_STG_CACHE/latency.json`); measure
+    it on an idle machine, as the per-layer costs. `channel_multiple="auto"` keeps each
+    channel group's channels in multiples of it."""
+    cache = _Cache()
+    if "tile" not in cache:
+        if verbose:
+            print("keras_stg: measuring the LiteRT output-channel tile of this machine "
+                  f"(cached in {cache.path})")
+        tiles = measure_tiles(verbose)
+        cache["tile"] = {"tile": min(t for probe in tiles.values() for t in probe.values()),
+                         "probes": tiles}
+        cache.save()
+    return int(cache["tile"]["tile"])
 
 
 def model_latency(model):

@@ -510,7 +510,9 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
             "parameters_before", "parameters_after", "max_abs_diff"}`.
         channel_multiple: keep each layer's (channel group's) units in multiples
             of this many, keeping some removable zero ones where needed: runtimes
-            vectorize channels by 4 to 16, and 9 channels can run slower than 16.
+            vectorize channels by 4 to 16, and 9 channels can run slower than 16;
+            `"auto"`: LiteRT's output-channel tile on this machine
+            (`keras_stg.latency.channel_tile`, measured once and cached).
 
     A chain (Sequential, or Functional without branches) also loses the units
     that are a constant after a normalization shift, folded into the next
@@ -527,9 +529,14 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
         ShrinkCheckError: (a `ShrinkError`) the output check failed.
     """
 
+    if channel_multiple == "auto":
+        from keras_stg import latency
+
+        channel_multiple = latency.channel_tile()
     if isinstance(channel_multiple, bool) or not (
             isinstance(channel_multiple, int) and channel_multiple >= 1):
-        raise ValueError(f"`channel_multiple` must be an integer >= 1, got {channel_multiple!r}.")
+        raise ValueError(f"`channel_multiple` must be an integer >= 1 or 'auto' (the runtime's "
+                         f"channel tile on this machine), got {channel_multiple!r}.")
     layers = _chain(model)
     unprunable = []
     if layers is not None and all(_chain_layer(l) for l in layers):

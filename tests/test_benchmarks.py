@@ -416,3 +416,19 @@ def test_tickets_benchmark_settings_and_table():
         "| LeNet-300-100, 90% | 90.02% | 16,700 | 15,650 | 1,020 | 15,660 | 1.0006 | 1.0671 "
         "| 166,492 | 41,926 | 1,066,420 | 10.0x | 0.123 | 0.088 | 97.79% |")
     assert lines[3].endswith("97.79% (differs from the stripped model!) |")
+
+
+def test_channel_tiles_times_every_width_in_every_runtime(capsys):
+    from benchmarks import channel_tiles
+
+    out = channel_tiles.main(["--widths", "8", "16", "24", "32", "--rounds", "1", "--runs", "2"])
+    assert set(out) == {3, 1}
+    for times in out.values():
+        assert set(times) == {"LiteRT f32", "LiteRT int8", "ORT f32", "ORT int8"}
+        assert all(len(column) == 4 and min(column) > 0 for column in times.values())
+    text = capsys.readouterr().out
+    assert "| 3x3 conv, output channels | LiteRT f32 (us) |" in text
+    assert text.count("| tile read |") == 2
+    # The tile read from a column is the library's reading of those times.
+    staircase = {"LiteRT f32": [1.0, 1.0, 2.0, 2.0]}
+    assert channel_tiles.table(3, [8, 16, 24, 32], staircase).endswith("| tile read | 16 |")

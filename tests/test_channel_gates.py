@@ -119,7 +119,7 @@ def test_channel_multiple_needs_channel_gates():
     with pytest.raises(ValueError, match="channel_multiple=8.*needs granularity='channel', not "
                                          "'unit'.*shrink\\(model, channel_multiple"):
         keras_stg.wrap(helpers.lenet(), granularity="unit", channel_multiple=8)
-    with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="must be an integer >= 1 or 'auto'.*got 0"):
         keras_stg.wrap(helpers.lenet(), granularity="channel", channel_multiple=0)
 
 

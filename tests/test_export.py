@@ -173,12 +173,21 @@ def test_onnx_int8_top1_agreement(tmp_path, shared_data):
     (["--channel-multiple", "8"], "--channel-multiple rounds the channels --shrink keeps; add "
                                   "--shrink"),
     (["--shrink", "--channel-multiple", "0"], "--channel-multiple must be an integer >= 1"),
+    (["--shrink", "--channel-multiple", "fast"], "must be an integer >= 1 or 'auto'"),
 ])
 def test_onnx_int8_cli_errors(argv, message, lenet_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         onnx.main(["--model", lenet_file, "--out", str(tmp_path / "m.onnx")] + argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_channel_multiple_option_takes_a_number_or_auto():
+    from export import _common
+
+    assert _common.check_channel_multiple("16", shrink=True) == 16
+    assert _common.check_channel_multiple("auto", shrink=True) == "auto"
+    assert _common.check_channel_multiple(None, shrink=False) is None
 
 
 def test_int8_sparse_runs_without_default_delegates():

@@ -121,3 +121,82 @@ def test_the_cache_key_tells_cpus_with_and_without_avx512_apart():
             has_avx2 = " avx2" in f.read()
         if has_avx2:
             assert ", AVX" in latency.machine().split(";")[0]
+
+
+# ------------------------------------------------------------ the channel tile
+
+
+def test_tile_is_the_largest_block_that_runs_at_one_speed():
+    # LiteRT float 3x3 convolutions on an AVX-512 machine (microseconds, measured):
+    # 8 and 16 output channels run alike, 24 and 32, then 40 to 64.
+    staircase = {8: 18.5, 16: 18.5, 24: 35.5, 32: 35.8, 40: 69.9, 48: 70.0, 56: 70.0,
+                 64: 69.8}
+    assert latency.tile_from_times(staircase) == 16
+    # Every width its own speed: no tiling seen, the floor (the probe's width step).
+    assert latency.tile_from_times({w: float(w) for w in range(4, 65, 4)}) == 4
+    # Blocks of 32: 4 to 32 alike, 36 to 64 alike.
+    assert latency.tile_from_times({w: 1.0 if w <= 32 else 2.0 for w in range(4, 65, 4)}) == 32
+    # Noise within the tolerance does not split a block, nor does one spike (a busy
+    # machine); a step every 8 channels does.
+    tile16 = {w: float(-(-w // 16)) for w in range(4, 65, 4)}
+    assert latency.tile_from_times({w: t * (1.05 if w % 8 else 1.0)
+                                    for w, t in tile16.items()}) == 16
+    assert latency.tile_from_times({**tile16, 20: 1.9, 36: 5.0}) == 16
+    assert latency.tile_from_times({w: float(-(-w // 8)) for w in range(4, 65, 4)}) == 8
+
+
+def _cached_tile(tmp_path, monkeypatch, tile):
+    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
+    cache = latency._Cache()
+    cache["tile"] = {"tile": tile, "probes": {}}
+    cache.save()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(latency, "measure_tiles", no_timing)
+
+
+def test_channel_multiple_auto_is_the_cached_tile(tmp_path, monkeypatch):
+    _cached_tile(tmp_path, monkeypatch, 4)
+    gated = keras_stg.wrap(_chain(), mode="joint", granularity="channel", channel_multiple="auto",
+                           target_sparsity=0.5, seed=0)
+    assert gated.config.channel_multiple == 4
+    gated.freeze_mask()
+    kept = [int(np.sum(np.asarray(g.mu) > 0)) for g in gated.gates]
+    sizes = [int(np.prod(g.mu.shape)) for g in gated.gates]
+    assert all(k % 4 == 0 or k == n for k, n in zip(kept, sizes)), (kept, sizes)
+    assert sum(kept) < sum(sizes), "nothing closed"
+    # The resolved multiple is saved: loading measures nothing, even without the cache.
+    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "empty"))
+    path = str(tmp_path / "gated.keras")
+    gated.save(path)
+    assert keras.models.load_model(path).config.channel_multiple == 4
+    # shrink(channel_multiple="auto") rounds to the same tile.
+    _cached_tile(tmp_path, monkeypatch, 8)
+    stripped = gated.strip()
+    assert (keras_stg.shrink(stripped, channel_multiple="auto").count_params()
+            == keras_stg.shrink(stripped, channel_multiple=8).count_params())
+
+
+def test_channel_multiple_auto_needs_channel_gates_and_bad_values_say_so():
+    with pytest.raises(ValueError, match="channel_multiple='auto'.*needs granularity='channel'"):
+        keras_stg.wrap(_chain(), granularity="unit", channel_multiple="auto")
+    with pytest.raises(ValueError, match="integer >= 1 or 'auto'"):
+        keras_stg.wrap(_chain(), granularity="channel", channel_multiple="fast")
+    with pytest.raises(ValueError, match="integer >= 1 or 'auto'"):
+        keras_stg.shrink(_chain(), channel_multiple="fast")
+
+
+def test_the_tile_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
+    tile = latency.channel_tile(verbose=False)
+    assert tile in latency.TILES
+    cache = json.loads((tmp_path / "cache" / "latency.json").read_text())
+    (entry,) = [v for k, v in cache.items() if k.endswith("|tile")]
+    assert entry["tile"] == tile
+    assert set(entry["probes"]) == {"conv3x3", "conv1x1"}
+    assert all(set(p) == {"f32", "int8"} and tile <= min(p.values())
+               for p in entry["probes"].values())
+    monkeypatch.setattr(latency, "measure_tiles", lambda *a, **k: pytest.fail("measured again"))
+    assert latency.channel_tile(verbose=False) == tile
