@@ -3,7 +3,7 @@
 Usage:
     python -m benchmarks.structured [--quick] [--only PART [PART ...]]
         [--nets resnet20 mobilenet_v2 mobilenet_v3_small]
-        [--methods dense ours ours-latency l1 slimming uniform]
+        [--methods dense ours ours-latency ours-tile ours-latency-tile l1 slimming uniform]
         [--targets 0.5 0.75] [--limit N] [--test-limit N] [--epochs E]
         [--init-mu M] [--sigma S] [--finetune F] [--gate-lr G] [--channel-multiple N]
         [--validation] [--data-dir D] [--out DIR] [--results PATH]
@@ -14,7 +14,10 @@ Networks (`benchmarks.structured_methods.NETS`): ResNet-20 on Fashion-MNIST at
 (`benchmarks.structured_methods`, same epochs, data, initial weights and cosine
 learning-rate schedule for all): `dense`, `ours`
 (channel gates, joint, `cost="flops"`), `ours-latency` (the same with
-`cost="latency"`), `l1` (L1-norm filter pruning), `slimming` (Network
+`cost="latency"`), `ours-tile` and `ours-latency-tile` (the same two with
+`channel_multiple="auto"`: channels kept in multiples of LiteRT's output-channel
+tile measured on this machine, `keras_stg.latency.channel_tile`, instead of
+`--channel-multiple`), `l1` (L1-norm filter pruning), `slimming` (Network
 Slimming) and `uniform` (every group cut by the same share, the smaller network
 trained from scratch: the control of Liu et al. 2019), at each target share of
 multiply-adds removed (of LiteRT latency for `ours-latency`).
@@ -60,9 +63,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN = "<!-- benchmarks.structured:begin -->"
 END = "<!-- benchmarks.structured:end -->"
 PARTS = ("train", "latency", "unstructured", "report")
-METHODS = ("dense", "ours", "ours-latency", "l1", "slimming", "uniform")
+METHODS = ("dense", "ours", "ours-latency", "ours-tile", "ours-latency-tile", "l1", "slimming",
+           "uniform")
+#: Our methods: method -> (cost, keeps channels in multiples of the runtime's tile).
+OURS = {"ours": ("flops", False), "ours-latency": ("latency", False),
+        "ours-tile": ("flops", True), "ours-latency-tile": ("latency", True)}
 LABELS = {"dense": "dense", "ours": "ours (channel, flops)",
-          "ours-latency": "ours (channel, latency)", "l1": "L1 filter",
+          "ours-latency": "ours (channel, latency)",
+          "ours-tile": "ours (channel, flops, runtime tile)",
+          "ours-latency-tile": "ours (channel, latency, runtime tile)", "l1": "L1 filter",
           "slimming": "network slimming", "uniform": "uniform width, from scratch"}
 RUNTIMES = ("litert_f32", "litert_int8", "ort_f32", "ort_int8")
 RUNTIME_TITLES = {"litert_f32": "LiteRT f32", "litert_int8": "LiteRT int8",
@@ -137,16 +146,22 @@ def part_train(args):
             extra = {}
             if method == "dense":
                 model = sm.train_dense(net, x, y, budget)
-            elif method in ("ours", "ours-latency"):
+            elif method in OURS:
+                cost, tile = OURS[method]
+                mine = budget
+                if tile:
+                    from keras_stg import latency
+
+                    mine = dataclasses.replace(budget, channel_multiple="auto")
+                    extra["channel_multiple"] = latency.channel_tile()
                 try:
-                    model, sparsity = sm.train_ours(
-                        net, target, x, y, budget,
-                        cost="latency" if method == "ours-latency" else "flops", recipe=recipe)
+                    model, sparsity = sm.train_ours(net, target, x, y, mine, cost=cost,
+                                                    recipe=recipe)
                 except keras_stg.UnreachableTargetError as e:
                     _write_json(path + ".json", {"net": net, "method": method, "target": target,
                                                  "unreachable": str(e),
                                                  "reachable": e.reachable, **setting,
-                                                 **_stamp(args)})
+                                                 **extra, **_stamp(args)})
                     log(f"{net} {key}: {e}")
                     continue
                 extra["gated_sparsity"] = sparsity
@@ -325,6 +340,14 @@ def _ms(row, name):
     return "" if ms is None else f"{ms:.3f} ({row[f'{name}_ratio']:.2f}x)"
 
 
+def _label(row):
+    """The table's name of a row's method (a runtime-tile row names its tile)."""
+    label = LABELS.get(row["method"], row["method"])
+    if OURS.get(row["method"], (None, False))[1]:
+        label = label.replace("runtime tile", f"runtime tile {row['channel_multiple']}")
+    return label
+
+
 def net_table(rows):
     """The markdown table of one network's models."""
     header = ("method", "target", "params", "MACs", "MACs removed", "TFLite KB",
@@ -336,7 +359,7 @@ def net_table(rows):
         if "unreachable" in r:
             why = (f"target unreachable: at most {r['reachable']:.1%} removable with every "
                    "group kept")
-            cells = [LABELS.get(r["method"], r["method"]), target, why]
+            cells = [_label(r), target, why]
             lines.append("| " + " | ".join(cells + [""] * (len(header) - 3)) + " |")
             continue
         size = f"{r['tflite_bytes'] / 1024:.0f}" if "tflite_bytes" in r else ""
@@ -344,7 +367,7 @@ def net_table(rows):
         edgetpu = ("" if "edgetpu_problems" not in r else
                    "ready" if not r["edgetpu_problems"] else
                    f"{len(r['edgetpu_problems'])} problems")
-        cells = [LABELS.get(r["method"], r["method"]), target, f"{r['params']:,}",
+        cells = [_label(r), target, f"{r['params']:,}",
                  f"{r['macs']:,}", f"{r['macs_removed']:.1%}", size, f"{r['accuracy']:.2%}",
                  int8] + [_ms(r, name) for name in RUNTIMES] + [edgetpu]
         lines.append("| " + " | ".join(cells) + " |")
@@ -478,7 +501,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--nets", nargs="+", choices=sorted(sm.NETS), default=list(sm.NETS))
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   default=[m for m in METHODS if m != "ours-latency-tile"],
+                   help="default: all but ours-latency-tile")
     p.add_argument("--data-dir", default=os.environ.get("KERAS_STG_DATA") or os.path.join(
         REPO, "..", "shared", "data"))
     p.add_argument("--limit", type=int, default=None, help="training images (default all)")

@@ -242,7 +242,7 @@ def train_ours(net, target, x, y, budget, cost="flops", recipe=Recipe()):
     keras.utils.set_random_seed(budget.seed + 1)
     gated.fit(x, y, batch_size=budget.batch_size, epochs=budget.epochs, verbose=budget.verbose,
               shuffle=True)
-    small = keras_stg.shrink(gated.strip(), channel_multiple=budget.channel_multiple)
+    small = keras_stg.shrink(gated.strip(), channel_multiple=gated.config.channel_multiple)
     return small, gated.sparsity()
 
 

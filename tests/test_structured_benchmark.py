@@ -62,7 +62,7 @@ def test_uniform_control_cuts_every_group_by_about_one_share():
     assert all(0.5 < s < 0.9 for s in shares)
 
 
-QUICK_METHODS = ["dense", "ours", "l1", "slimming", "uniform"]
+QUICK_METHODS = ["dense", "ours", "ours-tile", "l1", "slimming", "uniform"]
 QUICK = ["--quick", "--nets", "resnet20", "--methods"] + QUICK_METHODS
 
 
@@ -74,7 +74,16 @@ def quick_out(tmp_path_factory):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", QUICK_METHODS)
-def test_quick_train_part_saves_each_method(method, quick_out, shared_data):
+def test_quick_train_part_saves_each_method(method, quick_out, shared_data, tmp_path,
+                                            monkeypatch):
+    if method == "ours-tile":  # the runtime's tile, as if measured before: 4 channels
+        from keras_stg import latency
+
+        monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
+        cache = latency._Cache()
+        cache["tile"] = {"tile": 4, "probes": {}}
+        cache.save()
+        monkeypatch.setattr(latency, "measure_tiles", lambda *a, **k: pytest.fail("measured"))
     structured.main(QUICK[:-len(QUICK_METHODS)] + [method, "--only", "train", "--data-dir",
                                                    shared_data, "--out", quick_out])
     folder = os.path.join(quick_out, "structured", "resnet20")
@@ -91,8 +100,17 @@ def test_quick_train_part_saves_each_method(method, quick_out, shared_data):
         # (the uniform control's counts are not rounded to blocks, so it comes closer).
         tolerance = 0.1 if method == "uniform" else 0.25
         assert row["macs_removed"] == pytest.approx(0.5, abs=tolerance)
-    if method == "ours":
+    if method.startswith("ours"):
         assert row["gated_sparsity"] == pytest.approx(0.5, abs=0.02)
+    if method == "ours-tile":
+        import keras
+
+        assert row["channel_multiple"] == 4
+        small = keras.models.load_model(os.path.join(folder, f"{key}.keras"), compile=False)
+        widths = [layer.filters for layer in small.layers
+                  if isinstance(layer, keras.layers.Conv2D)]
+        assert all(w % 4 == 0 for w in widths) and any(w % 8 for w in widths), widths
+        assert structured._label(row) == "ours (channel, flops, runtime tile 4)"
 
 
 @pytest.mark.e2e
