@@ -48,7 +48,7 @@ MISSED_TARGET = 0.005
 TARGET_METHODS = (DEFAULT_METHOD, "ours_polish", "ours_rate", "ours")
 #: Columns and plot order: the library default first.
 METHODS = ("ours_psigma", "edge_popup", "ours_polish", "ours_erk", "ours_rate", "ours_sigma",
-           "ours_ratio", "ours", "ours_layer", "ours_sgd", "ours_time")
+           "ours_ratio", "ours", "ours_layer", "ours_sgd", "ours_time", "ours_phalf")
 LABELS = dict({k: v[0] for k, v in VARIANTS.items()}, edge_popup="edge-popup")
 
 
