@@ -515,3 +515,20 @@ def check_structured(gated, x, tmp_path, export=True):
         ort = onnx.Runner(onnx.convert(small))(x[:2])
         assert max_diff(ort, reference[:2]) <= 1e-4 * scale
     return small
+
+
+def seed_channel_tile(tmp_path, monkeypatch, tile):
+    """A latency cache under `tmp_path` holding `tile` as this machine's channel tile
+    (`keras_stg.latency.channel_tile`), and no measuring: `channel_multiple="auto"` reads
+    `tile` without timing anything."""
+    from keras_stg import latency
+
+    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
+    cache = latency._Cache()
+    cache["tile"] = {"tile": tile, "probes": {}}
+    cache.save()
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the channel tile was measured, not read from the cache")
+
+    monkeypatch.setattr(latency, "measure_tiles", no_timing)

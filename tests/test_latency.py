@@ -145,20 +145,8 @@ def test_tile_is_the_largest_block_that_runs_at_one_speed():
     assert latency.tile_from_times({w: float(-(-w // 8)) for w in range(4, 65, 4)}) == 8
 
 
-def _cached_tile(tmp_path, monkeypatch, tile):
-    monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
-    cache = latency._Cache()
-    cache["tile"] = {"tile": tile, "probes": {}}
-    cache.save()
-
-    def no_timing(*args, **kwargs):
-        raise AssertionError("measured again")
-
-    monkeypatch.setattr(latency, "measure_tiles", no_timing)
-
-
 def test_channel_multiple_auto_is_the_cached_tile(tmp_path, monkeypatch):
-    _cached_tile(tmp_path, monkeypatch, 4)
+    helpers.seed_channel_tile(tmp_path, monkeypatch, 4)
     gated = keras_stg.wrap(_chain(), mode="joint", granularity="channel", channel_multiple="auto",
                            target_sparsity=0.5, seed=0)
     assert gated.config.channel_multiple == 4
@@ -173,7 +161,7 @@ def test_channel_multiple_auto_is_the_cached_tile(tmp_path, monkeypatch):
     gated.save(path)
     assert keras.models.load_model(path).config.channel_multiple == 4
     # shrink(channel_multiple="auto") rounds to the same tile.
-    _cached_tile(tmp_path, monkeypatch, 8)
+    helpers.seed_channel_tile(tmp_path, monkeypatch, 8)
     stripped = gated.strip()
     assert (keras_stg.shrink(stripped, channel_multiple="auto").count_params()
             == keras_stg.shrink(stripped, channel_multiple=8).count_params())

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import structured
 from benchmarks import structured_methods as sm
 from keras_stg.experiments import models
+from tests import helpers
 
 
 class _Group:
@@ -77,13 +78,7 @@ def quick_out(tmp_path_factory):
 def test_quick_train_part_saves_each_method(method, quick_out, shared_data, tmp_path,
                                             monkeypatch):
     if method == "ours-tile":  # the runtime's tile, as if measured before: 4 channels
-        from keras_stg import latency
-
-        monkeypatch.setenv("KERAS_STG_CACHE", str(tmp_path / "cache"))
-        cache = latency._Cache()
-        cache["tile"] = {"tile": 4, "probes": {}}
-        cache.save()
-        monkeypatch.setattr(latency, "measure_tiles", lambda *a, **k: pytest.fail("measured"))
+        helpers.seed_channel_tile(tmp_path, monkeypatch, 4)
     structured.main(QUICK[:-len(QUICK_METHODS)] + [method, "--only", "train", "--data-dir",
                                                    shared_data, "--out", quick_out])
     folder = os.path.join(quick_out, "structured", "resnet20")
