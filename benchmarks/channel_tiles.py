@@ -32,37 +32,22 @@ def _models(kernel, widths):
     return out
 
 
-def _runners(models):
-    """`{runtime: [callable timing one model in ms]}` for the four runtimes."""
-    from export import onnx, tflite
+def measure(kernel, widths=WIDTHS, rounds=5, runs=40):
+    """`{runtime title: [ms per width]}` of a `kernel`x`kernel` convolution, the fastest
+    of `rounds` interleaved rounds (another process only slows a round down)."""
+    from benchmarks import structured
 
     calibration = np.random.default_rng(0).standard_normal((16,) + SHAPE).astype("float32")
-    runners = {"LiteRT f32": [], "LiteRT int8": [], "ORT f32": [], "ORT int8": []}
-    for m in models:
-        runners["LiteRT f32"].append(tflite.Runner(tflite.convert(m)))
-        runners["LiteRT int8"].append(tflite.Runner(
-            tflite.convert(m, int8=True, representative=calibration)))
-        data = onnx.convert(m)
-        runners["ORT f32"].append(onnx.Runner(data))
-        runners["ORT int8"].append(onnx.Runner(onnx.quantize_int8(data, calibration)))
-    return runners
-
-
-def _latency(runner, runs):
-    if hasattr(runner, "interpreter"):
-        return runner.latency_ms(runs)
-    return runner.latency_ms(SHAPE, runs)
-
-
-def measure(kernel, widths=WIDTHS, rounds=5, runs=40):
-    """`{runtime: [ms per width]}` of a `kernel`x`kernel` convolution."""
-    runners = _runners(_models(kernel, widths))
-    times = {name: [[] for _ in widths] for name in runners}
-    for _ in range(rounds):
-        for name, column in runners.items():
-            for r, t in zip(column, times[name]):
-                t.append(_latency(r, runs))
-    return {name: [min(t) for t in column] for name, column in times.items()}
+    timers = {name: [] for name in structured.RUNTIMES}
+    for model in _models(kernel, widths):
+        runners = structured._runners(structured.runtime_files(model, calibration), SHAPE)
+        for name in structured.RUNTIMES:
+            timers[name].append(runners[name])
+    flat = [t for name in structured.RUNTIMES for t in timers[name]]
+    times = structured._interleaved(flat, rounds, runs, reduce=min)
+    n = len(widths)
+    return {structured.RUNTIME_TITLES[name]: times[i * n:(i + 1) * n]
+            for i, name in enumerate(structured.RUNTIMES)}
 
 
 def table(kernel, widths, times):

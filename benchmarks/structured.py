@@ -200,16 +200,22 @@ def _saved(args, net):
 # ----------------------------------------------------------------- latency
 
 
-def _converted(model, representative):
-    from export import edgetpu, onnx, tflite
+def runtime_files(model, representative):
+    """`{runtime: file bytes}` of `model` for each of `RUNTIMES` (float and int8 TFLite,
+    float and static-QDQ int8 ONNX; `representative` calibrates the int8 ones)."""
+    from export import onnx, tflite
 
-    f32 = tflite.convert(model)
-    int8 = tflite.convert(model, int8=True, representative=representative)
     onnx_f32 = onnx.convert(model)
-    onnx_int8 = onnx.quantize_int8(onnx_f32, representative)
-    problems = edgetpu.check(int8)
-    return {"litert_f32": f32, "litert_int8": int8, "ort_f32": onnx_f32,
-            "ort_int8": onnx_int8}, [str(p) for p in problems]
+    return {"litert_f32": tflite.convert(model),
+            "litert_int8": tflite.convert(model, int8=True, representative=representative),
+            "ort_f32": onnx_f32, "ort_int8": onnx.quantize_int8(onnx_f32, representative)}
+
+
+def _converted(model, representative):
+    from export import edgetpu
+
+    files = runtime_files(model, representative)
+    return files, [str(p) for p in edgetpu.check(files["litert_int8"])]
 
 
 def _runners(files, shape):
@@ -226,13 +232,14 @@ def _runners(files, shape):
     return out
 
 
-def _interleaved(timers, rounds, runs):
-    """Median latency of every timer, the timers interleaved in `rounds`."""
+def _interleaved(timers, rounds, runs, reduce=statistics.median):
+    """Latency of every timer (`reduce` over `rounds`, the median by default), the timers
+    interleaved in rounds."""
     times = [[] for _ in timers]
     for _ in range(rounds):
         for t, timer in zip(times, timers):
             t.append(timer(runs))
-    return [statistics.median(t) for t in times]
+    return [reduce(t) for t in times]
 
 
 def part_latency(args):

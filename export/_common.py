@@ -504,10 +504,9 @@ def shrink_model(keras_model, gated, result, channel_multiple=None):
               "which 'unit' and 'channel' gates produce.", file=sys.stderr)
     if channel_multiple is None:
         channel_multiple = gated.config.channel_multiple if gated is not None else 1
-    if channel_multiple == "auto":
-        from keras_stg import latency
+    from keras_stg import latency
 
-        channel_multiple = latency.channel_tile()
+    channel_multiple = latency.resolve_multiple(channel_multiple)
     try:
         target, info = shrink(keras_model, return_info=True, channel_multiple=channel_multiple)
     except ShrinkError as e:

@@ -273,11 +273,9 @@ class GateConfig:
             penalty = (penalty_lib.TargetSparsity(target) if target is not None
                        else penalty_lib.FixedPenalty(1.0))
         penalty = penalty.resolve(random_start=init_mu == "random")
-        channel_multiple = self.channel_multiple
-        if channel_multiple == "auto":
-            from keras_stg import latency
+        from keras_stg import latency
 
-            channel_multiple = latency.channel_tile()
+        channel_multiple = latency.resolve_multiple(self.channel_multiple)
         return dataclasses.replace(
             self, penalty=penalty, init=init, init_density=init_density, init_mu=init_mu,
             sigma=float(sigma), finetune=float(self.finetune), polish=float(polish),

@@ -267,6 +267,11 @@ def channel_tile(verbose=True):
     return int(cache["tile"]["tile"])
 
 
+def resolve_multiple(channel_multiple):
+    """`channel_multiple` as a number: this machine's `channel_tile()` where it is "auto"."""
+    return channel_tile() if channel_multiple == "auto" else channel_multiple
+
+
 def model_latency(model):
     """The dense model's batch-1 LiteRT latency in milliseconds."""
     from export import tflite

@@ -529,10 +529,9 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
         ShrinkCheckError: (a `ShrinkError`) the output check failed.
     """
 
-    if channel_multiple == "auto":
-        from keras_stg import latency
+    from keras_stg import latency
 
-        channel_multiple = latency.channel_tile()
+    channel_multiple = latency.resolve_multiple(channel_multiple)
     if isinstance(channel_multiple, bool) or not (
             isinstance(channel_multiple, int) and channel_multiple >= 1):
         raise ValueError(f"`channel_multiple` must be an integer >= 1 or 'auto' (the runtime's "
