@@ -6,7 +6,7 @@ Usage:
         [--methods dense ours ours-latency ours-tile ours-latency-tile l1 slimming uniform]
         [--targets 0.5 0.75] [--limit N] [--test-limit N] [--epochs E]
         [--init-mu M] [--sigma S] [--finetune F] [--gate-lr G] [--channel-multiple N]
-        [--validation] [--data-dir D] [--out DIR] [--results PATH]
+        [--seed S] [--validation] [--data-dir D] [--out DIR] [--results PATH]
 
 Networks (`benchmarks.structured_methods.NETS`): ResNet-20 on Fashion-MNIST at
 28x28, and keras.applications' MobileNetV2 (alpha 0.35) and MobileNetV3Small
@@ -35,6 +35,14 @@ Parts, each resumable (a finished model is not trained again):
   XNNPACK, on ResNet-20 and LeNet-300-100.
 - `report`: the tables and a plot into `--results` (between
   `<!-- benchmarks.structured:begin -->` and `<!-- benchmarks.structured:end -->`).
+- `seeds`: every (net, method, target) trained with more than one seed: the
+  test accuracy per seed, mean and standard deviation, and the paired
+  difference to the dense model of the same seed, as tables and a plot with
+  error bars into `--results` (between the `benchmarks.structured-seeds`
+  markers). `--only train --seed S` with S other than 0 writes its rows
+  (without the models: the latency part times seed 0's) under
+  `OUT/structured/NET/seed_S/`; rows of another setting than seed 0's dense
+  model (training images, epochs, test images) are left out.
 
 `--validation --out DIR` measures accuracy on the last `--test-limit` training
 images instead of the test set, to choose our recipe (or any setting) without
@@ -62,7 +70,9 @@ from benchmarks import structured_methods as sm  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN = "<!-- benchmarks.structured:begin -->"
 END = "<!-- benchmarks.structured:end -->"
-PARTS = ("train", "latency", "unstructured", "report")
+PARTS = ("train", "latency", "unstructured", "report", "seeds")
+SEEDS_BEGIN = "<!-- benchmarks.structured-seeds:begin -->"
+SEEDS_END = "<!-- benchmarks.structured-seeds:end -->"
 METHODS = ("dense", "ours", "ours-latency", "ours-tile", "ours-latency-tile", "l1", "slimming",
            "uniform")
 #: Our methods: method -> (cost, keeps channels in multiples of the runtime's tile).
@@ -86,8 +96,11 @@ def _key(method, target):
     return method if method == "dense" else f"{method}_{target:.2f}"
 
 
-def _net_dir(args, net):
+def _net_dir(args, net, seed=0):
+    """The folder of `net`'s rows: seed 0 at the top, seed S in its `seed_S` folder."""
     path = os.path.join(args.out, "structured", net)
+    if seed:
+        path = os.path.join(path, f"seed_{seed}")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -127,18 +140,19 @@ def part_train(args):
                            args.verbose, args.seed, args.channel_multiple)
         finetune = sm.NETS[net].finetune if args.finetune is None else args.finetune
         recipe = sm.Recipe(args.init_mu, args.sigma, finetune, args.gate_lr, args.score)
-        folder = _net_dir(args, net)
+        folder = _net_dir(args, net, args.seed)
         jobs = [("dense", None)] if "dense" in args.methods else []
         jobs += [(m, t) for t in args.targets for m in args.methods if m != "dense"]
         dense_macs = sm.macs(sm.fresh(net, args.seed))[1]
         setting = {"limit": len(x), "test_limit": len(xt), "epochs": args.epochs,
                    "evaluated_on": "validation" if args.validation else "test",
-                   "channel_multiple": args.channel_multiple}
+                   "channel_multiple": args.channel_multiple, "seed": args.seed}
         for method, target in jobs:
             key = _key(method, target)
             path = os.path.join(folder, key)
             if os.path.exists(path + ".json") and (
-                    os.path.exists(path + ".keras") or "unreachable" in _read_json(path + ".json")):
+                    args.seed or os.path.exists(path + ".keras")
+                    or "unreachable" in _read_json(path + ".json")):
                 log(f"{net} {key}: done before, kept")
                 continue
             log(f"{net} {key}: training ({len(x)} images, {args.epochs} epochs) ...")
@@ -178,7 +192,8 @@ def part_train(args):
                    "macs": macs, "macs_removed": 1 - macs / dense_macs,
                    "accuracy": sm.accuracy(model, xt, yt), "train_s": round(wall, 1),
                    **setting, **extra, **_stamp(args)}
-            model.save(path + ".keras")
+            if not args.seed:  # the latency part times seed 0's models; other seeds keep rows
+                model.save(path + ".keras")
             _write_json(path + ".json", row)
             log(f"{net} {key}: {row['accuracy']:.2%} at {row['macs_removed']:.1%} of the "
                 f"MACs removed, {wall:.0f} s")
@@ -418,11 +433,32 @@ def _plot(results, path):
         for ax in (acc, lat):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _save_png(fig, path):
+    """Write the matplotlib figure `fig` to `path` as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     from keras_stg import _files
 
+    fig.tight_layout()
     _files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
+
+
+def _publish(args, sections, data, plot, png_name, alt, markers):
+    """Print the markdown `sections` with `plot(data, png)`'s figure under `--out`, and
+    put them between the `markers` of `--results`."""
+    if data:
+        png = os.path.join(args.out, png_name)
+        plot(data, png)
+        rel = os.path.relpath(png, os.path.dirname(os.path.abspath(args.results or png)))
+        sections.append(f"![{alt}]({rel})")
+    text = "\n\n".join(sections)
+    print(text)
+    if args.results and text:
+        _write_block(args.results, *markers, text)
 
 
 def _recipe(rows):
@@ -479,24 +515,160 @@ def part_report(args):
             "### Unstructured tickets at 90% (random masks of each pattern, sparse TFLite)\n\n"
             + unstructured_table(data["rows"])
             + f"\n\nMade by `{data['command']}` ({data['date']}, {data['machine']}).")
-    if results:
-        png = os.path.join(args.out, "structured.png")
-        _plot(results, png)
-        rel = os.path.relpath(png, os.path.dirname(os.path.abspath(args.results or png)))
-        sections.append(f"![structured pruning]({rel})")
-    text = "\n\n".join(sections)
-    print(text)
-    if args.results and text:
-        from keras_stg import _files
-
-        body = f"{BEGIN}\n{text}\n{END}"
-        old = open(args.results).read() if os.path.exists(args.results) else ""
-        if BEGIN in old and END in old:
-            new = old[:old.index(BEGIN)] + body + old[old.index(END) + len(END):]
-        else:
-            new = old.rstrip() + "\n\n" + body + "\n"
-        _files.atomic_write_text(args.results, new)
+    _publish(args, sections, results, _plot, "structured.png", "structured pruning",
+             (BEGIN, END))
     return results
+
+
+def _write_block(path, begin, end, text):
+    """Put `text` between the markers `begin` and `end` of the file `path` (appended with
+    them if the file has none), atomically."""
+    from keras_stg import _files
+
+    body = f"{begin}\n{text}\n{end}"
+    old = open(path).read() if os.path.exists(path) else ""
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + body + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + body + "\n"
+    _files.atomic_write_text(path, new)
+
+
+# ------------------------------------------------------------------- seeds
+
+
+_SETTING = ("limit", "test_limit", "epochs", "evaluated_on")
+
+
+def seed_rows(args, net):
+    """`{seed: {key: row}}` of every trained row of `net`: seed 0's in the network's
+    folder, seed S's in its `seed_S` folder (`--only train --seed S` writes there)."""
+    top = os.path.join(args.out, "structured", net)
+    out = {}
+    if not os.path.isdir(top):
+        return out
+    folders = [(0, top)] + sorted(
+        (int(name[5:]), os.path.join(top, name)) for name in os.listdir(top)
+        if name.startswith("seed_") and name[5:].isdigit())
+    for seed, folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".json") and name != "latency.json":
+                row = _read_json(os.path.join(folder, name))
+                if "method" in row:
+                    out.setdefault(seed, {})[_key(row["method"], row["target"])] = row
+    return out
+
+
+def _mean_std(values):
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def seeds_summary(by_seed):
+    """Per (method, target) trained with the seed-0 dense model's setting: the seeds,
+    their accuracies, mean and sample std, mean MACs removed, and the paired difference
+    to the dense model of the same seed (mean and std over the seeds that have both).
+    Rows of another setting (training images, epochs, test images) are left out."""
+    base = by_seed.get(0, {}).get("dense")
+    if base is None:
+        return []
+    setting = tuple(base.get(k) for k in _SETTING)
+    keys = ["dense"] + sorted({k for rows in by_seed.values() for k in rows if k != "dense"},
+                              key=lambda k: (k.rsplit("_", 1)[-1], _method_order(k)))
+    out = []
+    for key in keys:
+        runs = {s: rows[key] for s, rows in sorted(by_seed.items()) if key in rows
+                and "unreachable" not in rows[key]
+                and tuple(rows[key].get(k) for k in _SETTING) == setting}
+        if not runs:
+            continue
+        accs = [100 * r["accuracy"] for r in runs.values()]
+        first = next(iter(runs.values()))
+        entry = {"key": key, "method": first["method"], "target": first["target"],
+                 "label": _label(first), "seeds": list(runs),
+                 "accuracies": accs, "accuracy": _mean_std(accs),
+                 "macs_removed": statistics.fmean(100 * r["macs_removed"] for r in runs.values())}
+        dense = {s: by_seed[s]["dense"] for s in runs if "dense" in by_seed[s]}
+        if key != "dense" and dense:
+            entry["paired"] = _mean_std([100 * (runs[s]["accuracy"] - dense[s]["accuracy"])
+                                         for s in dense])
+            entry["paired_seeds"] = len(dense)
+        out.append(entry)
+    return out
+
+
+def _method_order(key):
+    method = key.rsplit("_", 1)[0] if key != "dense" else key
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def seeds_table(summary):
+    """The markdown table of `seeds_summary`."""
+    lines = ["| method | target | MACs removed | test acc per seed | mean ± std | "
+             "- dense, paired (seeds) |", "|---|---|---|---|---|---|"]
+    for e in summary:
+        per_seed = " / ".join(f"{a:.2f}" for a in e["accuracies"])
+        seeds = ", ".join(str(s) for s in e["seeds"])
+        mean, std = e["accuracy"]
+        paired = ""
+        if "paired" in e:
+            paired = f"{e['paired'][0]:+.2f} ± {e['paired'][1]:.2f} ({e['paired_seeds']})"
+        target = "" if e["target"] is None else f"{e['target']:.2f}"
+        lines.append(f"| {e['label']} | {target} | {e['macs_removed']:.1f}% | "
+                     f"{per_seed} (seeds {seeds}) | {mean:.2f} ± {std:.2f} | {paired} |")
+    return "\n".join(lines)
+
+
+def _seeds_plot(summaries, path):
+    """Per network: each method's accuracy minus the dense model's of the same seed (mean
+    and std over the seeds) against the MACs removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(6 * len(summaries), 4.5),
+                             squeeze=False)
+    for ax, (net, summary) in zip(axes[0], summaries.items()):
+        ax.axhline(0.0, color="k", lw=1, label="dense, same seed")
+        ax.axhline(-0.5, color="k", lw=1, ls=":", label="0.5 point below dense")
+        paired = [e for e in summary if "paired" in e]
+        for i, e in enumerate(paired):
+            mean, std = e["paired"]
+            ax.errorbar([i], [mean], yerr=[std], marker="o", capsize=4, ls="none")
+        ax.set_xticks(range(len(paired)))
+        ax.set_xticklabels([f"{e['label']}\n{e['macs_removed']:.1f}% removed, "
+                            f"n={e['paired_seeds']}" for e in paired], fontsize=7,
+                           rotation=20, ha="right")
+        ax.set(title=f"{sm.NETS[net].title}",
+               ylabel="test accuracy - dense (points), mean ± std")
+        ax.set_xlim(-0.5, len(paired) - 0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_png(fig, path)
+
+
+def part_seeds(args):
+    """Every (net, method, target) trained with more than one seed: tables, a plot with
+    error bars, and the block between the seeds markers of `--results`."""
+    sections, summaries = [], {}
+    for net in args.nets:
+        by_seed = seed_rows(args, net)
+        summary = [e for e in seeds_summary(by_seed) if len(e["seeds"]) > 1]
+        if not summary:
+            continue
+        summaries[net] = summary
+        base = by_seed[0]["dense"]
+        commands = _commands([by_seed[s][e["key"]] for e in summary for s in e["seeds"]])
+        sections.append(
+            f"#### {sm.NETS[net].title}: seeds\n\n{base['limit']} training / "
+            f"{base['test_limit']} test images, {base['epochs']} epochs; a seed sets the "
+            "initial weights, the data order and the gates' noise. Paired: each seed's "
+            "accuracy minus the dense model's of the same seed.\n\n"
+            + seeds_table(summary) + "\n\nMade by:\n" + "\n".join(f"- {c}" for c in commands))
+    _publish(args, sections, summaries, _seeds_plot, "structured_seeds.png",
+             "structured pruning over seeds", (SEEDS_BEGIN, SEEDS_END))
+    return summaries
 
 
 # -------------------------------------------------------------------- main

@@ -216,3 +216,58 @@ def test_taylor_gates_train_dense_then_keep_the_best_scored_blocks(rank):
             assert score[kept].min() >= score[~kept].max()
     if rank == "random":
         assert all(np.array_equal(a, b) for a, b in zip(first, scores))
+
+
+def _seed_row(folder, method, target, accuracy, macs_removed, **setting):
+    row = {"net": "resnet20", "method": method, "target": target, "accuracy": accuracy,
+           "macs_removed": macs_removed, "limit": 100, "test_limit": 50, "epochs": 2,
+           "evaluated_on": "test", "channel_multiple": 8, "command": "cmd", "date": "d",
+           "load": 1.0, **setting}
+    os.makedirs(folder, exist_ok=True)
+    name = method if target is None else f"{method}_{target:.2f}"
+    with open(os.path.join(folder, name + ".json"), "w") as f:
+        json.dump(row, f)
+
+
+def test_seeds_part_pairs_every_seed_with_its_own_dense_model(tmp_path, capsys):
+    top = tmp_path / "structured" / "resnet20"
+    for seed, dense, ours in ((0, 0.88, 0.87), (1, 0.89, 0.885), (2, 0.87, 0.86)):
+        folder = str(top if seed == 0 else top / f"seed_{seed}")
+        _seed_row(folder, "dense", None, dense, 0.0)
+        _seed_row(folder, "ours", 0.5, ours, 0.5 + seed / 100)
+    _seed_row(str(top), "l1", 0.5, 0.80, 0.4)  # one seed: not in the seeds table
+    _seed_row(str(top / "seed_3"), "ours", 0.5, 0.99, 0.5, limit=999)  # another setting
+    results = tmp_path / "R.md"
+    results.write_text("before\n")
+    summaries = structured.main(["--only", "seeds", "--nets", "resnet20", "--out",
+                                 str(tmp_path), "--results", str(results)])
+    entries = {e["key"]: e for e in summaries["resnet20"]}
+    assert set(entries) == {"dense", "ours_0.50"}
+    ours = entries["ours_0.50"]
+    assert ours["seeds"] == [0, 1, 2] and ours["paired_seeds"] == 3
+    assert ours["accuracy"][0] == pytest.approx((87.0 + 88.5 + 86.0) / 3)
+    assert ours["paired"][0] == pytest.approx(-2.5 / 3)
+    assert ours["paired"][1] == pytest.approx(np.std([-1.0, -0.5, -1.0], ddof=1))
+    assert ours["macs_removed"] == pytest.approx(51.0)
+    text = results.read_text()
+    assert text.startswith("before") and structured.SEEDS_BEGIN in text
+    assert "| ours (channel, flops) | 0.50 | 51.0% | 87.00 / 88.50 / 86.00 (seeds 0, 1, 2) | " \
+           "87.17 ± 1.26 | -0.83 ± 0.29 (3) |" in text
+    assert os.path.exists(tmp_path / "structured_seeds.png")
+    # Run again: the block is replaced, not appended.
+    structured.main(["--only", "seeds", "--nets", "resnet20", "--out", str(tmp_path),
+                     "--results", str(results)])
+    assert results.read_text().count(structured.SEEDS_BEGIN) == 1
+
+
+@pytest.mark.e2e
+def test_another_seed_trains_into_its_own_folder_without_models(tmp_path, shared_data, capsys):
+    command = ["--quick", "--nets", "resnet20", "--methods", "dense", "--seed", "1", "--only",
+               "train", "--data-dir", shared_data, "--out", str(tmp_path)]
+    structured.main(command)
+    folder = tmp_path / "structured" / "resnet20"
+    row = json.load(open(folder / "seed_1" / "dense.json"))
+    assert row["seed"] == 1 and not os.path.exists(folder / "seed_1" / "dense.keras")
+    assert not os.path.exists(folder / "dense.json")  # seed 0's place stays free
+    structured.main(command)  # resumes: the row is kept, nothing trains
+    assert "dense: done before, kept" in capsys.readouterr().out
