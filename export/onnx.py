@@ -52,10 +52,60 @@ def _erfc_handler(ctx, node, name, args):
     ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=outputs, name=node.name)
 
 
+def _grouped_as_depthwise(model):
+    """`model` with every grouped `Conv2D` of one input channel per group (a depthwise
+    convolution, `filters = m * groups` with depth multiplier m) replaced by the equal
+    `DepthwiseConv2D`, every other layer shared. Keras runs a grouped convolution as an
+    XLA-compiled function, which tf2onnx cannot read; other grouped convolutions are an
+    `ExportError` naming the layer."""
+    import keras
+
+    from keras_stg import _compat
+
+    grouped = [layer for layer in model._flatten_layers()
+               if isinstance(layer, keras.layers.Conv2D) and getattr(layer, "groups", 1) != 1]
+    if not grouped:
+        return model
+    odd = [layer for layer in grouped if int(layer.kernel.shape[-2]) != 1]
+    if odd:
+        layer = odd[0]
+        raise ExportError(
+            f"ONNX export cannot convert the grouped convolution {layer.name!r} "
+            f"(groups={layer.groups}, {int(layer.kernel.shape[-2])} input channels per "
+            "group): tf2onnx cannot read Keras' grouped convolutions, and only those with "
+            "one input channel per group (depthwise) are rewritten for it. Export TFLite "
+            "(python -m export.tflite) instead.")
+    replaced = []
+
+    def clone(layer):
+        if not any(layer is g for g in grouped):
+            return layer
+        config = layer.get_config()
+        new = keras.layers.DepthwiseConv2D(
+            kernel_size=config["kernel_size"], strides=config["strides"],
+            padding=config["padding"], depth_multiplier=config["filters"] // config["groups"],
+            data_format=config["data_format"], dilation_rate=config["dilation_rate"],
+            activation=config["activation"], use_bias=config["use_bias"],
+            name=config["name"], dtype=config.get("dtype"))
+        replaced.append((layer, new))
+        return new
+
+    lowered = _compat.clone_model(model, clone_function=clone, recursive=True)
+    for old, new in replaced:
+        kernel = np.asarray(old.kernel.numpy())  # (kh, kw, 1, C * m): output c * m + k
+        shape = kernel.shape[:-2] + (old.groups, kernel.shape[-1] // old.groups)
+        values = [kernel.reshape(shape)]
+        if old.use_bias:
+            values.append(np.asarray(old.bias.numpy()))
+        new.set_weights(values)
+    return lowered
+
+
 def _frozen_graph(model):
     """`(graph_def, input names, output names)` of the model's inference function."""
     import tensorflow as tf
 
+    model = _grouped_as_depthwise(model)
     concrete, frozen = _common.frozen_inference(
         model, lower_control_flow=False, aggressive_inlining=True)
     graph_def = frozen.graph.as_graph_def(add_shapes=True)
@@ -98,7 +148,10 @@ def convert(model, opset=DEFAULT_OPSET):
         )
     except Exception as e:
         raise ExportError(f"ONNX conversion of {model.name!r} failed: {e}") from e
-    unsupported = [n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
+    import onnx
+
+    unsupported = [n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")
+                   or not onnx.defs.has(n.op_type)]
     if unsupported:
         raise ExportError(
             f"ONNX conversion of {model.name!r} left ops tf2onnx could not map: "

@@ -291,11 +291,26 @@ def _channels_last(kind):
     return channels
 
 
+def depthwise_groups(layer):
+    """Is `layer` a grouped convolution with one input and one output channel per group
+    (`Conv2D(filters=C, groups=C)` on C channels, as ConvNeXt writes its depthwise
+    convolution)? Its kernel is `(*spatial, 1, C)`: output channel c reads input channel
+    c only."""
+    kernel = getattr(layer, "kernel", None)
+    groups = getattr(layer, "groups", 1)
+    return (groups != 1 and kernel is not None and int(kernel.shape[-2]) == 1
+            and getattr(layer, "filters", None) == groups)
+
+
 def _conv_channels(layer):
-    if getattr(layer, "groups", 1) != 1:
-        return Unsupported("grouped convolutions are not supported")
     if layer.data_format != "channels_last":
         return Unsupported("only the channels_last data format is supported")
+    if getattr(layer, "groups", 1) != 1:
+        if depthwise_groups(layer):
+            return _after_activation(DEPTHWISE)(layer)
+        return Unsupported("grouped convolutions are supported with one input and one "
+                           "output channel per group only (a depthwise convolution: "
+                           "filters == groups == input channels)")
     return PRODUCER
 
 
@@ -330,7 +345,9 @@ def _dense_kernels(layer):
 
 
 def _conv_kernels(layer):
-    r = len(layer.kernel.shape)  # (*spatial, in, out)
+    r = len(layer.kernel.shape)  # (*spatial, in / groups, out)
+    if depthwise_groups(layer):  # (*spatial, 1, channels): the channel axis is the last
+        return [Kernel("kernel", (r - 1,), tuple(range(r - 1)), channel_in=r - 1)]
     return [Kernel("kernel", (r - 1,), tuple(range(r - 1)), channel_in=r - 2, channel_out=r - 1)]
 
 

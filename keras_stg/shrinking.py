@@ -459,6 +459,8 @@ def _shrink_graph(model, multiple=1):
         drop = out_drop.get(id(layer))
         if drop is not None and table.channel_kind(layer) == table.PRODUCER:
             config["units" if "units" in config else "filters"] = int((~drop).sum())
+        if drop is not None and table.depthwise_groups(layer):  # one channel per group
+            config["filters"] = config["groups"] = int((~drop).sum())
         if drop is not None and table.channel_kind(layer) == table.PER_CHANNEL:
             config = _per_channel_config(config, ~drop)
         if isinstance(layer, keras.layers.Reshape) and -1 not in config["target_shape"]:

@@ -421,6 +421,27 @@ def separable_transposed_merges():
     return keras.Model(inputs, outputs, name="separable_transposed_merges")
 
 
+def grouped_depthwise(four_per_group=False):
+    """Depthwise convolutions written as `Conv2D(filters=C, groups=C)` (as ConvNeXt
+    writes them) in a residual block, one with a depth multiplier (`filters=2C`: its
+    input group cannot be cut) and, with `four_per_group`, a grouped convolution with 4
+    channels per group (nor can its)."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    y = keras.layers.Conv2D(8, 3, padding="same", groups=8, activation="relu", name="dw")(x)
+    y = keras.layers.BatchNormalization(name="bn")(y)
+    y = keras.layers.Conv2D(8, 1, name="pw")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.Conv2D(12, 1, name="expand")(x)
+    x = keras.layers.Conv2D(24, 3, padding="same", groups=12, name="dw_x2")(x)
+    x = keras.layers.Conv2D(8, 1, name="project")(x)
+    if four_per_group:
+        x = keras.layers.Conv2D(8, 3, padding="same", groups=2, name="grouped")(x)
+    x = keras.layers.Conv2D(6, 1, name="head")(x)
+    outputs = keras.layers.Dense(3, name="out")(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name="grouped_depthwise")
+
+
 def keras_efficientnet_b0():
     """The real keras.applications.EfficientNetB0 (32x32): Rescaling, Normalization, SE blocks."""
     return keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)

@@ -196,3 +196,23 @@ def test_1d_and_3d_producers_form_groups(layer, shape):
     model = keras.Model(inputs, L.Dense(2, name="out")(L.Flatten()(x)))
     group = _group_of(keras_stg.channel_groups(model), "p")
     assert group.prunable and ("q", "consumer", 0, 1, 0) in _roles(group)
+
+
+def test_a_depthwise_convolution_written_with_groups_passes_its_channels_through():
+    model = helpers.grouped_depthwise(four_per_group=True)
+    groups = keras_stg.channel_groups(model)
+    trunk = next(g for g in groups if "stem" in [m.layer.name for m in g.members])
+    roles = {}
+    for m in trunk.members:
+        roles.setdefault(m.layer.name, set()).add(m.role)
+    # The depthwise convolution passes the trunk's channels to `pw`, which reads and
+    # writes the trunk (the residual add).
+    assert trunk.prunable and roles["dw"] == {"depthwise"} and roles["stem"] == {"producer"}
+    assert roles["pw"] == {"consumer", "producer"} and roles["expand"] == {"consumer"}
+    assert roles["bn"] == {"per_channel"}
+    # A depth multiplier (two outputs per group) and four channels per group stop
+    # their input groups, with the reason.
+    reasons = {g.producers[0].name: g.reason for g in groups}
+    assert reasons["expand"].startswith("'dw_x2' (Conv2D): grouped convolutions are "
+                                        "supported with one input and one output channel")
+    assert reasons["project"].startswith("'grouped' (Conv2D): grouped convolutions")

@@ -215,6 +215,22 @@ def test_onnx_shrink_export_is_smaller_and_exact(tmp_path):
     assert small["options"] == {"opset": onnx.DEFAULT_OPSET, "shrink": True, "int8": False}
 
 
+def test_onnx_rewrites_grouped_depthwise_convolutions_and_names_other_groups(tmp_path):
+    # Keras runs `Conv2D(groups=...)` as an XLA function tf2onnx cannot read: one input
+    # channel per group (with a depth multiplier too) exports as DepthwiseConv2D.
+    model = helpers.grouped_depthwise()
+    x, _ = helpers.batch(model, n=4)
+    out = onnx.Runner(onnx.convert(model))(x)
+    assert helpers.max_diff(out, helpers.infer(model, x)) <= 1e-5
+    assert [type(layer).__name__ for layer in model.layers].count("DepthwiseConv2D") == 0
+    path = tmp_path / "g.onnx"
+    with pytest.raises(_common.ExportError, match="grouped convolution 'grouped' \\(groups=2, "
+                       "4 input channels per group\\).*export.tflite"):
+        onnx.export(helpers.grouped_depthwise(four_per_group=True), str(path), num_samples=4,
+                    latency_runs=0, verbose=False)
+    assert not path.exists()
+
+
 def test_shrink_export_of_a_residual_network(tmp_path):
     model = helpers.tiny_resnet50()
     helpers.zero_channel_groups(model, share=0.5, seed=0)

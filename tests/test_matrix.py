@@ -66,7 +66,8 @@ def test_full_size_keras_applications(build):
 STRUCTURED = [(build, gran) for build in ("keras_mobilenet_v2", "keras_efficientnet_b0",
                                           "keras_resnet50", "tiny_resnet50", "cnn_bn")
               for gran in ("channel", "unit")] + [("keras_mobilenet_v3_small", "channel"),
-                                                  ("split_adds", "channel")]
+                                                  ("split_adds", "channel"),
+                                                  ("grouped_depthwise", "channel")]
 
 
 @pytest.mark.parametrize("build,granularity", STRUCTURED)
