@@ -53,17 +53,19 @@ def _erfc_handler(ctx, node, name, args):
 
 
 def _grouped_as_depthwise(model):
-    """`model` with every grouped `Conv2D` of one input channel per group (a depthwise
-    convolution, `filters = m * groups` with depth multiplier m) replaced by the equal
-    `DepthwiseConv2D`, every other layer shared. Keras runs a grouped convolution as an
+    """`model` with every grouped `Conv1D`/`Conv2D` of one input channel per group (a
+    depthwise convolution, `filters = m * groups` with depth multiplier m) replaced by the
+    equal `DepthwiseConv1D`/`DepthwiseConv2D`, every other layer shared. Keras runs a grouped convolution as an
     XLA-compiled function, which tf2onnx cannot read; other grouped convolutions are an
     `ExportError` naming the layer."""
     import keras
 
     from keras_stg import _compat
 
+    depthwise = {keras.layers.Conv1D: keras.layers.DepthwiseConv1D,
+                 keras.layers.Conv2D: keras.layers.DepthwiseConv2D}
     grouped = [layer for layer in model._flatten_layers()
-               if isinstance(layer, keras.layers.Conv2D) and getattr(layer, "groups", 1) != 1]
+               if getattr(layer, "groups", 1) != 1 and isinstance(layer, tuple(depthwise))]
     if not grouped:
         return model
     odd = [layer for layer in grouped if int(layer.kernel.shape[-2]) != 1]
@@ -81,7 +83,8 @@ def _grouped_as_depthwise(model):
         if not any(layer is g for g in grouped):
             return layer
         config = layer.get_config()
-        new = keras.layers.DepthwiseConv2D(
+        cls = next(d for c, d in depthwise.items() if isinstance(layer, c))
+        new = cls(
             kernel_size=config["kernel_size"], strides=config["strides"],
             padding=config["padding"], depth_multiplier=config["filters"] // config["groups"],
             data_format=config["data_format"], dilation_rate=config["dilation_rate"],
@@ -92,7 +95,7 @@ def _grouped_as_depthwise(model):
 
     lowered = _compat.clone_model(model, clone_function=clone, recursive=True)
     for old, new in replaced:
-        kernel = np.asarray(old.kernel.numpy())  # (kh, kw, 1, C * m): output c * m + k
+        kernel = np.asarray(old.kernel.numpy())  # (*spatial, 1, C * m): output c * m + k
         shape = kernel.shape[:-2] + (old.groups, kernel.shape[-1] // old.groups)
         values = [kernel.reshape(shape)]
         if old.use_bias:

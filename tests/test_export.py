@@ -223,6 +223,12 @@ def test_onnx_rewrites_grouped_depthwise_convolutions_and_names_other_groups(tmp
     out = onnx.Runner(onnx.convert(model))(x)
     assert helpers.max_diff(out, helpers.infer(model, x)) <= 1e-5
     assert [type(layer).__name__ for layer in model.layers].count("DepthwiseConv2D") == 0
+    inputs = keras.Input((12, 4))  # the same in one dimension, with a depth multiplier
+    y = keras.layers.Conv1D(8, 3, groups=4, padding="same", activation="relu")(inputs)
+    sequence = keras.Model(inputs, keras.layers.Conv1D(8, 5, groups=8, use_bias=False)(y))
+    x1, _ = helpers.batch(sequence, n=4)
+    out = onnx.Runner(onnx.convert(sequence))(x1)
+    assert helpers.max_diff(out, helpers.infer(sequence, x1)) <= 1e-5
     path = tmp_path / "g.onnx"
     with pytest.raises(_common.ExportError, match="grouped convolution 'grouped' \\(groups=2, "
                        "4 input channels per group\\).*export.tflite"):
