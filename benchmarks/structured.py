@@ -620,8 +620,8 @@ def seeds_table(summary):
 
 
 def _seeds_plot(summaries, path):
-    """Per network: each method's accuracy minus the dense model's of the same seed (mean
-    and std over the seeds) against the MACs removed."""
+    """Per network, one point per (method, target): its accuracy minus the dense model's
+    of the same seed, mean and std over the seeds, labelled with its MACs removed."""
     import matplotlib
 
     matplotlib.use("Agg")

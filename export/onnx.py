@@ -55,9 +55,9 @@ def _erfc_handler(ctx, node, name, args):
 def _grouped_as_depthwise(model):
     """`model` with every grouped `Conv1D`/`Conv2D` of one input channel per group (a
     depthwise convolution, `filters = m * groups` with depth multiplier m) replaced by the
-    equal `DepthwiseConv1D`/`DepthwiseConv2D`, every other layer shared. Keras runs a grouped convolution as an
-    XLA-compiled function, which tf2onnx cannot read; other grouped convolutions are an
-    `ExportError` naming the layer."""
+    equal `DepthwiseConv1D`/`DepthwiseConv2D`, every other layer shared. Keras runs a
+    grouped convolution as an XLA-compiled function, which tf2onnx cannot read; other
+    grouped convolutions are an `ExportError` naming the layer."""
     import keras
 
     from keras_stg import _compat
