@@ -2,6 +2,7 @@
 
 Keras 3 has no public API for a few things this library needs: the direct
 sublayers of a layer, the inbound nodes of an operation in a Functional graph,
+the shapes a layer sees when another layer's `call` calls it,
 the classes of its operations and the arguments each was called with, the layers
 a `keras.applications` model defines for itself,
 the loss computation and loss tracker of `train_step`, the optimizer's slots
@@ -34,6 +35,45 @@ def all_layers(model):
 def inbound_nodes(operation):
     """The graph nodes at which `operation` is called in the Functional models it is in."""
     return operation._inbound_nodes
+
+
+def call_shapes(model, layers):
+    """`{layer: (input shape, output shape)}` of `layers` (layers of `model` called inside
+    another layer's `call`, which the Functional graph does not record: MultiHeadAttention's
+    projections, the Dense layers of a keras-hub block), from one forward pass of `model`
+    on zeros of batch 1 (dimensions the model leaves open are 1). Each layer's `call` is
+    wrapped through an instance attribute (Keras' `__call__` looks `call` up on the
+    instance) and restored after the pass. A layer the pass does not reach is left out;
+    so is every layer when the model cannot run on zeros."""
+    import numpy as np
+
+    found = {}
+    if not layers:
+        return found
+
+    def recorder(layer, original):
+        def call(*args, **kwargs):
+            outputs = original(*args, **kwargs)
+            first_in = keras.tree.flatten(args[0] if args else next(iter(kwargs.values())))[0]
+            first_out = keras.tree.flatten(outputs)[0]
+            found.setdefault(layer, (tuple(first_in.shape), tuple(first_out.shape)))
+            return outputs
+        return call
+
+    patched = []
+    try:
+        for layer in layers:
+            object.__setattr__(layer, "call", recorder(layer, layer.call))
+            patched.append(layer)
+        zeros = [np.zeros([1] + [d or 1 for d in tuple(t.shape)[1:]], dtype=t.dtype)
+                 for t in model.inputs]
+        model(zeros[0] if len(zeros) == 1 else zeros, training=False)
+    except Exception:  # noqa: BLE001 - a model that cannot run on zeros keeps no shapes
+        return {}
+    finally:
+        for layer in patched:
+            object.__delattr__(layer, "call")
+    return found
 
 
 def operation_classes(names):

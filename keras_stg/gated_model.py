@@ -110,7 +110,10 @@ class GatedModel(MaskedModel):
         self._n_weights = [math.prod(tuple(t.variable.shape)) for t in self.targets]
         # What one kernel weight of each target costs: 1 (params) or the
         # multiply-adds it takes part in per example (flops); the densities
-        # below are shares of the total cost.
+        # below are shares of the total cost. Layers called inside another layer
+        # (attention projections) get their shapes from one pass on zeros.
+        if config.cost == "flops":
+            layer_table.record_shapes(model)
         self._unit_cost = [float(layer_table.positions(t.layer)) if config.cost == "flops"
                            else 1.0 for t in self.targets]
         # The cost no gate removes (latency: the interpreter, ungated layers).

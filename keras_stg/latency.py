@@ -98,13 +98,13 @@ def _require_litert():
 
 
 def _input_shape(layer):
-    nodes = _compat.inbound_nodes(layer)
-    if not nodes:
+    shape = layer_table.called_shape(layer, "input")
+    if shape is None:
         raise ValueError(
             f"cost='latency' times every gated layer alone, but {layer.name!r} was never "
             "called on an input, so its input shape is unknown. Build the model from "
             "keras.Input(...) (Functional or Sequential), or use cost='flops'.")
-    return tuple(nodes[0].input_tensors[0].shape)
+    return shape
 
 
 def _width_key(config):
@@ -323,6 +323,7 @@ def measure(model, targets, verbose=True):
     import keras
 
     cache = _Cache()
+    layer_table.record_shapes(model)
     layers = {}
     for t in targets:
         layers.setdefault(id(t.layer), (t.layer, f"layer:{_signature(t.layer)}"))

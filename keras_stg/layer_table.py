@@ -36,6 +36,7 @@ keras_stg.register_layer(Affine, kernels=lambda layer: [Kernel("w", (1,), (0,))]
 
 import dataclasses
 import math
+import weakref
 from typing import Callable, Optional
 
 import keras
@@ -199,14 +200,46 @@ def kernel_layer_names():
                             if entry.kernels is not None and not entry.never_gated))
 
 
-def _shape(layer, which):
+#: Shapes of layers called inside another layer's `call` (no graph node records them),
+#: filled by `record_shapes`: `{layer: (input shape, output shape)}`.
+_CALLED_INSIDE = weakref.WeakKeyDictionary()
+_TRACED = weakref.WeakSet()
+
+
+def record_shapes(model):
+    """Find the input and output shapes of `model`'s layers that the Functional graph does
+    not show (called inside another layer, as MultiHeadAttention calls its projections)
+    by running `model` once on zeros, so that their multiply-adds and latency are known.
+    A model runs at most once (a layer the pass does not reach stays unknown)."""
+    if model in _TRACED:
+        return
+    todo = [layer for layer in _compat.all_layers(model)
+            if not _compat.inbound_nodes(layer) and layer not in _CALLED_INSIDE]
+    if todo:
+        _CALLED_INSIDE.update(_compat.call_shapes(model, todo))
+    _TRACED.add(model)
+
+
+def called_shape(layer, which):
+    """`layer`'s input (`which="input"`) or output shape, batch axis first, from its first
+    graph node or from `record_shapes`; None when neither knows it."""
     nodes = _compat.inbound_nodes(layer)
-    if not nodes:
+    if nodes:
+        tensors = nodes[0].output_tensors if which == "output" else nodes[0].input_tensors
+        return tuple(tensors[0].shape)
+    if layer in _CALLED_INSIDE:
+        return _CALLED_INSIDE[layer][1 if which == "output" else 0]
+    return None
+
+
+def _shape(layer, which):
+    shape = called_shape(layer, which)
+    if shape is None:
         raise ValueError(
             f"{layer.name!r} has not been called on an input, so its multiply-adds are "
-            "unknown; build the model from keras.Input(...) (a Functional or Sequential model).")
-    tensors = nodes[0].output_tensors if which == "output" else nodes[0].input_tensors
-    return tuple(tensors[0].shape)
+            "unknown; build the model from keras.Input(...) (a Functional or Sequential "
+            "model) with an input shape it can run on.")
+    return shape
 
 
 def _spatial(shape):

@@ -107,6 +107,7 @@ def layer_stats(gated):
     them, so a high share means training has not settled.
     """
     rows = []
+    layer_table.record_shapes(gated.base_model)
     effective = effective_kept(gated) or [None] * len(gated.targets)
     for i, (target, mask) in enumerate(zip(gated.targets, gated.masks())):
         gate = gated.target_gate(i)

@@ -39,6 +39,20 @@ def test_layers_and_nodes():
     assert len(nodes) == 1 and nodes[0].operation is model.get_layer("top")
 
 
+def test_call_shapes_of_layers_called_inside_another_layer():
+    inputs = keras.Input((16, 32))
+    attention = keras.layers.MultiHeadAttention(num_heads=4, key_dim=8)
+    model = keras.Model(inputs, attention(inputs, inputs))
+    inside = [attention._query_dense, attention._output_dense]
+    assert not any(_compat.inbound_nodes(l) for l in inside)  # the graph does not show them
+    shapes = _compat.call_shapes(model, inside)
+    assert shapes[inside[0]] == ((1, 16, 32), (1, 16, 4, 8))
+    assert shapes[inside[1]] == ((1, 16, 4, 8), (1, 16, 32))
+    assert not any("call" in vars(l) for l in inside)  # the instance wrappers are gone
+    out = model(np.ones((2, 16, 32), "float32"))
+    assert tuple(out.shape) == (2, 16, 32)
+
+
 def test_graph_operations_their_classes_and_arguments():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.ops.relu(inputs * 2.0))

@@ -259,6 +259,34 @@ def test_flops_cost_weighs_each_weight_by_its_multiply_adds():
         keras_stg.wrap(keras.models.clone_model(model), cost="macs")
 
 
+def _attention_model(tokens=16, dim=32):
+    inputs = keras.Input((tokens, dim))
+    x = keras.layers.Dense(dim, name="embed")(inputs)
+    x = keras.layers.Add()([x, keras.layers.MultiHeadAttention(4, dim // 4, name="mha")(x, x)])
+    outputs = keras.layers.Dense(2, name="fc")(keras.layers.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "unit"])
+def test_flops_cost_counts_layers_called_inside_another_layer(granularity):
+    # MultiHeadAttention calls its four projections inside its own call: the
+    # graph holds no node for them; one pass on zeros finds their shapes.
+    gated = keras_stg.wrap(_attention_model(), granularity=granularity, cost="flops", seed=0)
+    cost = dict(zip([t.name for t in gated.targets], gated._unit_cost))
+    assert len(cost) == 6 and cost["fc"] == 1
+    assert all(v == 16 for k, v in cost.items() if k != "fc")  # once per token
+    macs = {r["name"]: r["macs"] for r in keras_stg.report.layer_stats(gated)}
+    assert macs["mha/query"] == 32 * 32 * 16 and macs["embed"] == 32 * 32 * 16
+
+
+def test_summary_counts_the_multiply_adds_of_a_keras_hub_vit():
+    gated = keras_stg.wrap(helpers.vit(), seed=0)
+    macs = [r["macs"] for r in keras_stg.report.layer_stats(gated)]
+    # Hand count: 4x4x3x16 patch kernel at 16 patches; per block, q/k/v/output 16x16
+    # and the MLP 16x32 and 32x16 at 17 tokens; the 16x10 head once.
+    assert sum(macs) == 768 * 16 + 2 * 17 * (4 * 256 + 2 * 512) + 160
+
+
 def test_flops_cost_with_channel_gates_lands_the_controller_on_multiply_adds():
     gated = keras_stg.wrap(helpers.tiny_mobilenet_v2(), mode="joint", granularity="channel",
                            target_sparsity=0.4, cost="flops", init_mu="random", seed=0,

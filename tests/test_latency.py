@@ -188,3 +188,20 @@ def test_the_tile_is_measured_once_and_cached(tmp_path, monkeypatch):
                for p in entry["probes"].values())
     monkeypatch.setattr(latency, "measure_tiles", lambda *a, **k: pytest.fail("measured again"))
     assert latency.channel_tile(verbose=False) == tile
+
+
+def test_a_layer_called_inside_another_is_timed_at_the_shape_it_sees():
+    from keras_stg import layer_table
+
+    inputs = keras.Input((16, 32))
+    attention = keras.layers.MultiHeadAttention(num_heads=4, key_dim=8)
+    model = keras.Model(inputs, attention(inputs, inputs))
+    with pytest.raises(ValueError, match="'query' was never called on an input"):
+        latency._micro(attention._query_dense, half=False)
+    layer_table.record_shapes(model)
+    micro, weights = latency._micro(attention._query_dense, half=False)
+    assert tuple(micro.input_shape) == (1, 16, 32)
+    assert tuple(micro(np.zeros((1, 16, 32), "float32")).shape) == (1, 16, 4, 8)
+    # Its kernel has no channel axis that shrink removes: no modelled slope, its time
+    # stays in the fixed cost.
+    assert weights == 0
