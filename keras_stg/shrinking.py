@@ -57,8 +57,10 @@ _CHAIN_KINDS = {table.PRODUCER, table.PER_CHANNEL, table.ELEMENTWISE, table.SPAT
                 table.GLOBAL_POOL, table.FLATTEN}
 
 
-def _kind(layer):
-    """The layer's channel kind from the layer table; fails unless shrink handles it."""
+def _kind(layer, outputs_kept=False):
+    """The layer's channel kind from the layer table; fails unless shrink handles it.
+    `outputs_kept`: the chain's last producer, whose outputs all stay, so its own
+    activation (the classifier's softmax) does not matter."""
     import keras
 
     if isinstance(layer, keras.Model):
@@ -71,7 +73,8 @@ def _kind(layer):
     if kind == table.PRODUCER and not (
             isinstance(layer, keras.layers.Dense) or _is_conv(layer)):
         _fail(layer, "only Dense and plain convolution producers can be shrunk")
-    if kind in (table.PRODUCER, table.DEPTHWISE) and table.activation_reason(layer):
+    if (kind in (table.PRODUCER, table.DEPTHWISE) and table.activation_reason(layer)
+            and not outputs_kept):
         _fail(layer, table.activation_reason(layer))
     return kind
 
@@ -166,7 +169,9 @@ def _shrink_chain(model, layers, multiple=1):
     """`(shrunk model, units)` of a chain, with removed constants folded where exact."""
     import keras
 
-    kinds = [_kind(layer) for layer in layers]
+    last = max((i for i, layer in enumerate(layers)
+                if table.channel_kind(layer) == table.PRODUCER), default=-1)
+    kinds = [_kind(layer, outputs_kept=i == last) for i, layer in enumerate(layers)]
     producers = [i for i, k in enumerate(kinds) if k == table.PRODUCER]
     for i in producers:
         if isinstance(layers[i], keras.layers.Dense) and len(layers[i].input.shape) != 2:

@@ -112,6 +112,18 @@ def test_shrink_conv1d_chain_and_returns_a_plain_model(tmp_path):
     assert helpers.max_diff(helpers.infer(loaded, x), helpers.infer(small, x)) == 0
 
 
+def test_a_chain_classifier_with_a_softmax_output_shrinks():
+    # The output layer keeps every unit, so its softmax (which mixes them) is no obstacle.
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3, activation="relu", name="c"),
+        keras.layers.Flatten(), keras.layers.Dense(16, activation="relu", name="d"),
+        keras.layers.Dense(10, activation="softmax", name="out")])
+    small, info = _check_exact(model)
+    assert info["units"]["c"][1] < 8 and info["units"]["d"][1] < 16
+    assert small.get_layer("out").units == 10
+    assert small.get_layer("out").get_config()["activation"] == "softmax"
+
+
 def test_an_unknown_layer_makes_its_channels_unprunable_and_says_so():
     class Odd(keras.layers.Layer):
         def call(self, x):
