@@ -2,7 +2,8 @@
 
 Keras 3 has no public API for a few things this library needs: the direct
 sublayers of a layer, the inbound nodes of an operation in a Functional graph,
-the shapes a layer sees when another layer's `call` calls it,
+the shapes a layer sees when another layer's `call` calls it, the projections
+of a MultiHeadAttention,
 the classes of its operations and the arguments each was called with, the layers
 a `keras.applications` model defines for itself,
 the loss computation and loss tracker of `train_step`, the optimizer's slots
@@ -74,6 +75,13 @@ def call_shapes(model, layers):
         for layer in patched:
             object.__delattr__(layer, "call")
     return found
+
+
+def attention_projections(layer):
+    """`{"query", "key", "value", "output": EinsumDense}` of a built MultiHeadAttention
+    (Keras keeps them in private attributes)."""
+    return {"query": layer._query_dense, "key": layer._key_dense,
+            "value": layer._value_dense, "output": layer._output_dense}
 
 
 def operation_classes(names):

@@ -55,6 +55,14 @@ class _Axis:
         return ops.tile(vector, (self.repeat,)) if self.repeat > 1 else vector
 
 
+def _bias(layer):
+    """The layer's bias variable, or None (`use_bias=False`; an EinsumDense without
+    `bias_axes`, which has no `use_bias`)."""
+    if not getattr(layer, "use_bias", True):
+        return None
+    return getattr(layer, "bias", None)
+
+
 @dataclasses.dataclass
 class _Target:
     """How the gates act on one gated kernel."""
@@ -65,6 +73,8 @@ class _Target:
     in_axis: int = None
     inputs: _Axis = None
     depthwise: bool = False
+    #: The bias axis of `out_axis` (the bias spans the kernel's last axes).
+    bias_axis: int = -1
 
 
 class ChannelPlan:
@@ -74,15 +84,23 @@ class ChannelPlan:
         self.groups = []
         by_layer = {}
         for i, t in enumerate(targets):
-            if t.kernel is not None and (t.kernel.channel_in is not None
-                                         or t.kernel.channel_out is not None):
+            if t.kernel is not None:
                 by_layer.setdefault(id(t.layer), []).append(i)
+
+        def axis_of(m, i):
+            """The axis of target i's kernel that holds member m's channels, or None."""
+            if m.axis is not None:  # an attention projection
+                return m.axis if targets[i].kernel.role == "kernel" else None
+            table = targets[i].kernel
+            return table.channel_out if m.role in ("producer", "depthwise") else table.channel_in
+
         self.skipped = []
         for group in channel_groups(model):
             if not group.prunable:
                 self.skipped.append(group)
                 continue
-            if any(id(layer) not in by_layer for layer in group.producers):
+            if any(all(axis_of(m, i) is None for i in by_layer.get(id(m.layer), []))
+                   for m in group.members if m.role == "producer"):
                 self.skipped.append(group)  # a producer is not gated (exclude / include)
                 continue
             self.groups.append(group)
@@ -102,13 +120,14 @@ class ChannelPlan:
                 for i in by_layer.get(id(m.layer), []):
                     table = targets[i].kernel
                     shape = tuple(targets[i].variable.shape)
-                    axis = table.channel_out if m.role == "producer" else table.channel_in
+                    axis = axis_of(m, i) if m.role != "depthwise" else table.channel_in
                     if axis is None:
                         continue  # e.g. the depthwise half of a separable convolution
                     spec = self.targets.setdefault(i, _Target(i))
                     if m.role in ("producer", "depthwise"):
                         spec.depthwise = m.role == "depthwise"
                         spec.out_axis = axis
+                        spec.bias_axis = axis - len(shape)
                         spec.out = spec.out or _Axis(int(shape[axis]))
                         spec.out.segments.append((g, m.offset))
                     else:
@@ -140,10 +159,11 @@ class ChannelPlan:
             if spec.out is not None:
                 vector = spec.out.vector(values, self.sizes)
                 value = value * ops.cast(self._shaped(vector, rank, spec.out_axis), value.dtype)
-                bias = getattr(t.layer, "bias", None) if getattr(t.layer, "use_bias", False) \
-                    else None
+                bias = _bias(t.layer)
                 if bias is not None:
-                    mapping.append((bias, bias.value * ops.cast(vector, bias.dtype)))
+                    shaped = self._shaped(vector, len(bias.shape),
+                                          spec.bias_axis % len(bias.shape))
+                    mapping.append((bias, bias.value * ops.cast(shaped, bias.dtype)))
             if spec.inputs is not None and binary_inputs is not None:
                 vector = spec.inputs.vector(binary_inputs, self.sizes)
                 value = value * ops.cast(self._shaped(vector, rank, spec.in_axis), value.dtype)
@@ -161,7 +181,7 @@ class ChannelPlan:
         for i, spec in self.targets.items():
             t = targets[i]
             ids.add(id(t.variable))
-            if spec.out is not None and getattr(t.layer, "use_bias", False):
+            if spec.out is not None and _bias(t.layer) is not None:
                 ids.add(id(t.layer.bias))
         for layer, _ in self.norms.values():
             ids |= {id(v) for v in (layer.gamma, layer.beta) if v is not None}

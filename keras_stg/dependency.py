@@ -53,6 +53,10 @@ class Member:
             rows `offset + c + k * period` for `k < repeat`.
         src, dst: the tensors (walker ids) the member reads and writes, in the
             order of the walk (`step`): `shrink` follows a zero channel along them.
+        axis: for a projection inside a multi-head attention layer (`layer` is the
+            projection, see `layer_table.attention_parts`), the kernel axis that
+            holds the group's channels; None: the axis the layer table gives.
+        owner: that attention layer (None elsewhere).
     """
 
     layer: keras.layers.Layer
@@ -63,6 +67,8 @@ class Member:
     src: tuple = ()
     dst: int = -1
     step: int = 0
+    axis: object = None
+    owner: object = None
 
 
 class _Slot:
@@ -145,6 +151,14 @@ class ChannelGroup:
         channels = np.asarray(channels, int)
         for m in self.members:
             layer = m.layer
+            if m.role == "producer" and m.axis is not None:  # an attention projection
+                for variable, axis in ((layer.kernel, m.axis),) + (
+                        ((layer.bias, table.bias_axis(layer, m.axis)),)
+                        if getattr(layer, "bias", None) is not None else ()):
+                    value = np.array(variable.numpy())
+                    np.moveaxis(value, axis, -1)[..., channels + m.offset] = 0
+                    variable.assign(value)
+                continue
             if m.role == "producer":
                 for kernel, variable in table.channel_kernels(layer):
                     if kernel.channel_out is not None:
@@ -167,9 +181,17 @@ class ChannelGroup:
                 v.assign(value)
 
     def __str__(self):
-        names = ", ".join(f"{m.layer.name}:{m.role}" for m in self.members)
+        names = ", ".join(f"{member_name(m)}:{m.role}" for m in self.members)
         state = "prunable" if self.prunable else f"unprunable ({self.reason})"
         return f"<channel group of {self.size}: {state}; {names}>"
+
+
+def member_name(member):
+    """The member's layer name; `attention/query` for a projection inside an attention
+    layer."""
+    if member.owner is not None:
+        return f"{member.owner.name}/{member.layer.name}"
+    return member.layer.name
 
 
 def _mark(view, reason):
@@ -268,8 +290,9 @@ class _Walker:
             _mark(v, reason)
         return [self.new(_channels(t), reason) for t in outputs]
 
-    def layer(self, layer, views, outputs):
-        """Output views of one call of `layer` on inputs of `views`."""
+    def layer(self, layer, views, outputs, arguments=None):
+        """Output views of one call of `layer` on inputs of `views`; `arguments`:
+        `(args, kwargs, {id(input tensor): view})` of that call, where known."""
         views = [self.resolve(v) for v in views]
         if isinstance(layer, keras.Model):
             return self.model(layer, views)
@@ -283,6 +306,8 @@ class _Walker:
         if len(outputs) != 1:
             return self.unknown(views, outputs, f"{name} has {len(outputs)} outputs")
         out_channels = _channels(outputs[0])
+        if kind == table.ATTENTION:
+            return [self.attention(layer, views, arguments, out_channels, name)]
         if kind == table.MERGE:
             return [self.merge(layer, views, out_channels)]
         if kind == table.CONCAT:
@@ -327,6 +352,42 @@ class _Walker:
             return [_View(view.segments, repeat=max(1, out_channels // view.channels))]
         return self.unknown(views, outputs, f"{name}: unknown channel kind {kind!r}")
 
+    def attention(self, layer, views, arguments, out_channels, name):
+        """A multi-head attention call: the query, key and value projections read their
+        inputs, the heads make a channel space of their own (head h is zero after the
+        attention when its value slice is), the output projection makes the output."""
+        if arguments is None:
+            return self._stopped(views, out_channels, f"{name}: its query and value are not known")
+        args, kwargs, by_id = arguments
+        query = kwargs.get("query", args[0] if args else None)
+        value = kwargs.get("value", args[1] if len(args) > 1 else None)
+        key = kwargs.get("key", args[2] if len(args) > 2 else None)
+        key = value if key is None else key
+        inputs = {"query": query, "key": key, "value": value}
+        if any(id(t) not in by_id for t in inputs.values()):
+            return self._stopped(views, out_channels, f"{name}: its query and value are not known")
+        parts = table.attention_parts(layer)
+        for role_name, tensor in inputs.items():
+            view = self.resolve(by_id[id(tensor)])
+            if view.repeat != 1:
+                return self._stopped(views, out_channels, f"{name} reads a flattened tensor")
+            for slot, offset, tid in view.segments:
+                self.add(slot, parts[role_name].layer, "consumer", offset, src=(tid,),
+                         axis=parts[role_name].input, owner=layer)
+        heads = self.new(int(parts["value"].layer.kernel.shape[parts["value"].heads]))
+        slot, _, values = heads.segments[0]
+        for role_name in ("query", "key", "value"):
+            dst = values if role_name == "value" else self.tid()
+            self.add(slot, parts[role_name].layer, "producer", dst=dst,
+                     axis=parts[role_name].heads, owner=layer)
+        self.add(slot, parts["output"].layer, "consumer", src=(values,),
+                 axis=parts["output"].heads, owner=layer)
+        out = self.new(out_channels)
+        slot, _, tid = out.segments[0]
+        self.add(slot, parts["output"].layer, "producer", dst=tid, axis=parts["output"].output,
+                 owner=layer)
+        return out
+
     def merge(self, layer, views, out_channels):
         full = [v for v in views if v.channels == out_channels]
         if any(v.repeat != 1 for v in views) or not full:
@@ -354,7 +415,10 @@ class _Walker:
         return _View(segments)
 
     def _merge_unknown(self, layer, views, out_channels):
-        reason = f"{layer.name!r} ({type(layer).__name__}) merges tensors it cannot align"
+        return self._stopped(views, out_channels, f"{layer.name!r} ({type(layer).__name__}) "
+                                                  "merges tensors it cannot align")
+
+    def _stopped(self, views, out_channels, reason):
         for v in views:
             _mark(v, reason)
         return self.new(out_channels, reason)
@@ -383,7 +447,9 @@ class _Walker:
                     continue  # a call of this layer in another model
                 views = [known[id(t)] for t in inputs]
                 outputs = list(node.output_tensors)
-                new = self.layer(op, views, outputs)
+                args, kwargs = _compat.node_arguments(node)
+                new = self.layer(op, views, outputs,
+                                 (args, kwargs, {id(t): known[id(t)] for t in inputs}))
                 for t, v in zip(outputs, new):
                     known[id(t)] = v
         return [known[id(t)] for t in model.outputs]

@@ -67,8 +67,13 @@ MERGE = "merge"
 #: Inputs concatenated on the channel axis.
 CONCAT = "concat"
 
+#: Multi-head attention: projections read its query, key and value inputs (their
+#: kernels' input axis), its heads are a channel space of their own, and its output
+#: is its output projection's (see `attention_parts`).
+ATTENTION = "attention"
+
 CHANNEL_KINDS = (PRODUCER, DEPTHWISE, PER_CHANNEL, ELEMENTWISE, SPATIAL, GLOBAL_POOL,
-                 FLATTEN, MERGE, CONCAT)
+                 FLATTEN, MERGE, CONCAT, ATTENTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +378,48 @@ def _einsum_kernels(layer):
     return [Kernel("kernel", out_axes, in_axes)]
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionPart:
+    """One projection of a multi-head attention layer and its kernel's axes: `input`
+    (the channels of the tensor it reads), `heads` and `output` (the layer's output
+    channels), each None where the projection has none."""
+
+    layer: keras.layers.Layer
+    input: Optional[int]
+    heads: int
+    output: Optional[int] = None
+
+
+def attention_parts(layer):
+    """`{"query", "key", "value", "output": AttentionPart}` of a MultiHeadAttention.
+
+    Head h of the query, key and value projections is their kernel's axis-1 slice h
+    (and bias row h); the output projection reads head h at its kernel's axis 0. A
+    head whose value slice and bias are zero adds nothing to the output (its
+    attention weights mix zero rows), so the head can be removed from all four."""
+    sub = _compat.attention_projections(layer)
+    parts = {name: AttentionPart(sub[name], 0, 1) for name in ("query", "key", "value")}
+    parts["output"] = AttentionPart(sub["output"], None, 0, 2)
+    return parts
+
+
+def bias_axis(layer, axis):
+    """The axis of `layer.bias` that matches its kernel's `axis` (the bias spans the
+    kernel's last axes)."""
+    return axis - (len(layer.kernel.shape) - len(layer.bias.shape))
+
+
+def _attention_channels(layer):
+    if not layer.built:
+        return Unsupported("it is not built, so its projections do not exist yet")
+    if getattr(layer, "_use_gate", False):
+        return Unsupported("gated attention (use_gate=True) is not followed")
+    sub = _compat.attention_projections(layer)
+    if any(len(sub[name].kernel.shape) != 3 for name in sub):
+        return Unsupported("an output_shape of more than one axis is not followed")
+    return ATTENTION
+
+
 def _dense_kernels(layer):
     return [Kernel("kernel", (1,), (0,), channel_in=0, channel_out=1)]
 
@@ -568,6 +615,8 @@ def _register_builtins():
     for cls in (L.Add, L.Subtract, L.Multiply, L.Maximum, L.Minimum, L.Average):
         register_layer(cls, channels=MERGE)
     register_layer(L.Concatenate, channels=_concat_channels)
+    # Its kernels are its projections' (EinsumDense layers, gated as such).
+    register_layer(L.MultiHeadAttention, channels=_attention_channels)
     # InceptionResNetV2's residual: `inputs[0] + inputs[1] * scale`, zero where both are.
     scale_sum = _compat.application_layer("inception_resnet_v2", "CustomScaleLayer")
     if scale_sum is not None:

@@ -336,6 +336,17 @@ def _dead_outputs(layer):
     return dead
 
 
+def _dead_along(layer, axis):
+    """Per entry of `axis` of an attention projection's kernel: are its kernel slice and
+    bias row all zero?"""
+    kernel = np.moveaxis(np.asarray(layer.kernel.numpy()), axis, 0)
+    dead = ~kernel.reshape(kernel.shape[0], -1).any(1)
+    if getattr(layer, "bias", None) is not None:
+        bias = np.moveaxis(np.asarray(layer.bias.numpy()), table.bias_axis(layer, axis), 0)
+        dead &= ~bias.reshape(bias.shape[0], -1).any(1)
+    return dead
+
+
 def _resizable(layer, role):
     """Can shrink cut `role` channels of `layer` (its table kernels name the axes)?"""
     kernels = table.channel_kernels(layer)
@@ -390,7 +401,9 @@ def _removable(group):
     for m in sorted(group.members, key=lambda m: m.step):
         idx = slice(m.offset, m.offset + group.size)
         inputs = [zero.get(t, none) for t in m.src]
-        if m.role == "producer":
+        if m.role == "producer" and m.axis is not None:  # an attention projection
+            value = _dead_along(m.layer, m.axis)[idx]
+        elif m.role == "producer":
             value = _dead_outputs(m.layer)[idx] & _activation_keeps_zero(m.layer, group.size)
         elif m.role == "depthwise":
             value = inputs[0] & _activation_keeps_zero(m.layer, group.size)
@@ -411,11 +424,50 @@ def _removable(group):
     return removable
 
 
+def _attention_config(layer, out_drop):
+    """A MultiHeadAttention's config with its removed heads and output channels gone."""
+    parts = table.attention_parts(layer)
+    heads = out_drop.get(id(parts["value"].layer))
+    output = out_drop.get(id(parts["output"].layer))
+    out = parts["output"]
+    width = int(out.layer.kernel.shape[out.output])
+    # Explicit: a smaller query input would otherwise set the output width.
+    config = {"output_shape": width - (0 if output is None else int(output.sum()))}
+    if heads is not None:
+        config["num_heads"] = int((~heads).sum())
+    return config
+
+
+def _attention_weights(layer, out_drop, in_drop):
+    """A MultiHeadAttention's weights without its removed inputs, heads and outputs."""
+    parts = table.attention_parts(layer)
+    heads = out_drop.get(id(parts["value"].layer))
+    values = []
+    for name in ("query", "key", "value", "output"):
+        part = parts[name]
+        cuts = [(part.heads, heads)]
+        if part.input is not None:
+            cuts.append((part.input, in_drop.get(id(part.layer))))
+        if part.output is not None:
+            cuts.append((part.output, out_drop.get(id(part.layer))))
+        variables = [(part.layer.kernel, 0)]
+        if getattr(part.layer, "bias", None) is not None:
+            variables.append((part.layer.bias, len(part.layer.kernel.shape)
+                              - len(part.layer.bias.shape)))
+        for variable, skip in variables:
+            value = np.asarray(variable.numpy())
+            for axis, drop in cuts:
+                if drop is not None and axis - skip >= 0:
+                    value = np.compress(~drop, value, axis=axis - skip)
+            values.append(value)
+    return values
+
+
 def _shrink_graph(model, multiple=1):
     """`(shrunk model, units)`: the channels of each group that are zero everywhere removed."""
     import keras
 
-    from keras_stg.dependency import channel_groups
+    from keras_stg.dependency import channel_groups, member_name
 
     try:
         groups = channel_groups(model)
@@ -425,12 +477,13 @@ def _shrink_graph(model, multiple=1):
     # per-channel) and of its kernel's input axis (consumers) are removed.
     out_drop, in_drop, units, unprunable = {}, {}, {}, []
     for group in groups:
-        names = "/".join(layer.name for layer in group.producers)
+        names = "/".join(member_name(m) for m in group.members if m.role == "producer")
         if not group.prunable:
             unprunable.append(f"{names}: {group.reason}")
             continue
+        # Attention projections (an explicit axis) are resized with their attention layer.
         odd = [m.layer for m in group.members if m.role in ("producer", "consumer")
-               and not _resizable(m.layer, m.role)]
+               and m.axis is None and not _resizable(m.layer, m.role)]
         if odd:
             unprunable.append(f"{names}: the layer table gives {odd[0].name!r} "
                               f"({type(odd[0]).__name__}) no channel axes to cut")
@@ -440,6 +493,12 @@ def _shrink_graph(model, multiple=1):
             continue
         for m in group.members:
             layer = m.layer
+            if m.axis is not None:  # an attention projection: its kernel axis
+                drops = out_drop if m.role == "producer" else in_drop
+                drop = drops.setdefault(id(layer), np.zeros(int(layer.kernel.shape[m.axis]),
+                                                            bool))
+                drop[m.offset:m.offset + group.size] |= dead
+                continue
             if m.role == "consumer":
                 size = int(_input_shape(layer)[-1])
                 drop = in_drop.setdefault(id(layer), np.zeros(size, bool))
@@ -451,9 +510,10 @@ def _shrink_graph(model, multiple=1):
                         int(_input_shape(layer)[-1]))
                 drop = out_drop.setdefault(id(layer), np.zeros(size, bool))
                 drop[m.offset:m.offset + group.size] |= dead
-        for layer in group.producers:  # a producer split over groups sums its parts
-            before, after = units.get(layer.name, (0, 0))
-            units[layer.name] = (before + group.size, after + int((~dead).sum()))
+        for m in group.members:  # a producer split over groups sums its parts
+            if m.role == "producer":
+                before, after = units.get(member_name(m), (0, 0))
+                units[member_name(m)] = (before + group.size, after + int((~dead).sum()))
 
     new_layers = {}
 
@@ -461,6 +521,8 @@ def _shrink_graph(model, multiple=1):
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a graph operation (`x + 3.0`): no weights, any channel count
         config = layer.get_config()
+        if table.channel_kind(layer) == table.ATTENTION:
+            config.update(_attention_config(layer, out_drop))
         drop = out_drop.get(id(layer))
         if drop is not None and table.channel_kind(layer) == table.PRODUCER:
             config["units" if "units" in config else "filters"] = int((~drop).sum())
@@ -480,6 +542,9 @@ def _shrink_graph(model, multiple=1):
         keep_out = None if id(old) not in out_drop else ~out_drop[id(old)]
         keep_in = None if id(old) not in in_drop else ~in_drop[id(old)]
         kind = table.channel_kind(old)
+        if kind == table.ATTENTION:
+            _set_weights(new, _attention_weights(old, out_drop, in_drop))
+            continue
         kernels = {id(v): k for k, v in table.channel_kernels(old)}
         for v in old.weights:
             value = np.asarray(v.numpy())

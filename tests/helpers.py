@@ -442,6 +442,32 @@ def grouped_depthwise(four_per_group=False):
     return keras.Model(inputs, outputs, name="grouped_depthwise")
 
 
+def tiny_transformer():
+    """A Functional vision transformer (the keras.io ViT example's blocks, small):
+    patches, two pre-norm blocks of MultiHeadAttention (4 heads; the second attends
+    from the tokens to a projected copy, key and value apart) and a GELU MLP, mean
+    over the tokens."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(16, 2, strides=2, name="patches")(inputs)
+    x = keras.layers.Reshape((16, 16), name="tokens")(x)
+    for i in range(2):
+        h = keras.layers.LayerNormalization(name=f"ln{i}a")(x)
+        if i == 0:
+            a = keras.layers.MultiHeadAttention(4, 4, name=f"mha{i}")(h, h)
+        else:
+            memory = keras.layers.Dense(12, name="memory")(h)
+            a = keras.layers.MultiHeadAttention(4, 3, value_dim=5, name=f"mha{i}")(
+                h, memory, key=memory)
+        x = keras.layers.Add(name=f"res{i}a")([x, a])
+        h = keras.layers.LayerNormalization(name=f"ln{i}b")(x)
+        h = keras.layers.Dense(32, activation="gelu", name=f"mlp{i}a")(h)
+        h = keras.layers.Dense(16, name=f"mlp{i}b")(h)
+        x = keras.layers.Add(name=f"res{i}b")([x, h])
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = keras.layers.Dense(3, name="out")(x)
+    return keras.Model(inputs, outputs, name="tiny_transformer")
+
+
 def keras_efficientnet_b0():
     """The real keras.applications.EfficientNetB0 (32x32): Rescaling, Normalization, SE blocks."""
     return keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
@@ -495,8 +521,9 @@ def check_structured(gated, x, tmp_path, export=True):
                 if m.role != "producer":
                     continue
                 t = next(i for i, t in enumerate(gated.targets) if t.layer is m.layer
-                         and t.kernel.channel_out is not None)
-                out = np.moveaxis(masks[t], gated.targets[t].kernel.channel_out, -1)
+                         and (m.axis is not None or t.kernel.channel_out is not None))
+                axis = m.axis if m.axis is not None else gated.targets[t].kernel.channel_out
+                out = np.moveaxis(masks[t], axis, -1)
                 dead = ~out.reshape(-1, out.shape[-1]).any(0)[m.offset:m.offset + group.size]
                 np.testing.assert_array_equal(dead, closed, err_msg=m.layer.name)
     pruned = gated.strip()
@@ -507,11 +534,12 @@ def check_structured(gated, x, tmp_path, export=True):
     assert max_diff(infer(small, x), reference) <= 1e-5 * scale
     assert info["parameters_after"] < info["parameters_before"]
 
-    def counts(model, layer_of=None):
+    def counts(model):
+        layer_table.record_shapes(model)  # attention projections have no graph node
         weights = macs = 0
         for layer in model._flatten_layers():
-            for kernel, v in layer_table.channel_kernels(layer):
-                n = int(np.prod(v.shape))
+            for kernel in layer_table.kernels(layer) or ():
+                n = int(np.prod(next(v for v in layer.weights if v.name == kernel.role).shape))
                 weights += n
                 macs += n * layer_table.positions(layer)
         return weights, macs

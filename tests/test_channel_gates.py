@@ -178,3 +178,34 @@ def test_a_random_start_begins_at_the_target_with_channel_gates(cost):
                            target_sparsity=0.5, init_mu="random", cost=cost, seed=0)
     assert 0.65 < gated._random_start_density() < 0.75  # about sqrt(0.5), not 0.5
     assert gated.sparsity() == pytest.approx(0.5, abs=0.05)
+
+
+def test_closed_attention_heads_leave_the_projections_and_shrink_removes_them():
+    model = helpers.tiny_transformer()
+    rng = np.random.default_rng(0)
+    for layer in model._flatten_layers():  # trained biases: a closed head must zero them
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            bias.assign(rng.standard_normal(bias.shape).astype("float32"))
+    gated = keras_stg.wrap(model, mode="joint", granularity="channel", cost="flops", seed=0)
+    heads = [i for i, g in enumerate(gated.groups)
+             if any(m.axis == 1 for m in g.members)]
+    assert len(heads) == 2
+    for i, gate in enumerate(gated.gates):
+        gate.mu.assign(np.full(gate.mu.shape, 0.5, "float32"))
+    gated.gates[heads[1]].mu.assign(np.array([0.5, -0.5, 0.5, -0.5], "float32"))
+    x, _ = helpers.batch(model, n=4)
+    reference = helpers.infer(gated, x)
+    stripped = gated.strip()
+    value = stripped.get_layer("mha1")._value_dense
+    assert not value.kernel.numpy()[:, 1::2].any() and not value.bias.numpy()[1::2].any()
+    assert value.kernel.numpy()[:, ::2].all()
+    small, info = keras_stg.shrink(stripped, return_info=True)
+    assert small.get_layer("mha1").num_heads == 2 and small.get_layer("mha0").num_heads == 4
+    assert info["units"]["mha1/value"] == (4, 2)
+    assert helpers.max_diff(helpers.infer(small, x), reference) <= 1e-5
+    # A quarter of mha1's projection weights per closed head: 2 of 4 heads gone.
+    removed = sum(int(np.prod(v.shape)) for v in model.get_layer("mha1").weights
+                  if v.name == "kernel") // 2
+    removed += (4 * 3 + 4 * 3 + 4 * 5) // 2  # query, key and value biases of those heads
+    assert info["parameters_before"] - info["parameters_after"] == removed

@@ -53,6 +53,15 @@ def test_call_shapes_of_layers_called_inside_another_layer():
     assert tuple(out.shape) == (2, 16, 32)
 
 
+def test_attention_projections():
+    inputs = keras.Input((6, 8))
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=5)
+    keras.Model(inputs, attention(inputs, inputs))
+    parts = _compat.attention_projections(attention)
+    assert {k: tuple(v.kernel.shape) for k, v in parts.items()} == {
+        "query": (8, 2, 3), "key": (8, 2, 3), "value": (8, 2, 5), "output": (2, 5, 8)}
+
+
 def test_graph_operations_their_classes_and_arguments():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.ops.relu(inputs * 2.0))

@@ -216,3 +216,38 @@ def test_a_depthwise_convolution_written_with_groups_passes_its_channels_through
     assert reasons["expand"].startswith("'dw_x2' (Conv2D): grouped convolutions are "
                                         "supported with one input and one output channel")
     assert reasons["project"].startswith("'grouped' (Conv2D): grouped convolutions")
+
+
+def test_attention_heads_are_a_group_and_its_projections_read_their_inputs():
+    groups = keras_stg.channel_groups(helpers.tiny_transformer())
+
+    def members(group):
+        return {(keras_stg.dependency.member_name(m), m.role, m.axis) for m in group.members}
+
+    heads = [g for g in groups if any(m.owner is not None and m.axis == 1 for m in g.members)]
+    assert [g.size for g in heads] == [4, 4] and all(g.prunable for g in heads)
+    # Head h: axis 1 of the query, key and value kernels, axis 0 of the output kernel.
+    assert members(heads[1]) == {("mha1/query", "producer", 1), ("mha1/key", "producer", 1),
+                                 ("mha1/value", "producer", 1),
+                                 ("mha1/attention_output", "consumer", 0)}
+    # The key and value projections read `memory` (axis 0); the query reads the trunk.
+    memory = _group_of(groups, "memory")
+    assert memory.prunable and members(memory) == {
+        ("memory", "producer", None), ("mha1/key", "consumer", 0),
+        ("mha1/value", "consumer", 0)}
+    # The output projection writes the residual trunk, which LayerNormalization keeps whole.
+    trunk = _group_of(groups, "patches")
+    assert ("mha0/attention_output", "producer", 2) in members(trunk)
+    assert not trunk.prunable and "LayerNormalization" in trunk.reason
+    assert "mha1/attention_output:producer" in str(trunk)
+
+
+def test_gated_attention_stops_its_groups_with_the_reason():
+    inputs = keras.Input((6, 8))
+    x = L.Dense(8, name="embed")(inputs)
+    x = L.MultiHeadAttention(2, 4, use_gate=True, name="mha")(x, x)
+    model = keras.Model(inputs, L.Dense(2, name="out")(L.GlobalAveragePooling1D()(x)))
+    groups = keras_stg.channel_groups(model)
+    assert _group_of(groups, "embed").reason == (
+        "'mha' (MultiHeadAttention): gated attention (use_gate=True) is not followed")
+    assert not any(m.owner is not None for g in groups for m in g.members)

@@ -67,7 +67,8 @@ STRUCTURED = [(build, gran) for build in ("keras_mobilenet_v2", "keras_efficient
                                           "keras_resnet50", "tiny_resnet50", "cnn_bn")
               for gran in ("channel", "unit")] + [("keras_mobilenet_v3_small", "channel"),
                                                   ("split_adds", "channel"),
-                                                  ("grouped_depthwise", "channel")]
+                                                  ("grouped_depthwise", "channel"),
+                                                  ("tiny_transformer", "channel")]
 
 
 @pytest.mark.parametrize("build,granularity", STRUCTURED)
