@@ -289,3 +289,25 @@ def test_shrink_through_a_preprocessing_normalization_on_the_channel_axis(axis, 
     kept = 5 if graph else 4  # a chain folds the constant into b's bias
     assert small.get_layer("a").filters == kept and small.get_layer("b").kernel.shape[2] == kept
     assert info["max_abs_diff"] <= 1e-5
+
+
+def test_a_model_with_token_and_mask_inputs_shrinks_through_its_attention():
+    tokens = keras.Input((10,), dtype="int32")
+    mask = keras.Input((10, 10), dtype="bool")
+    x = keras.layers.Dense(16, name="pre")(keras.layers.Embedding(50, 16)(tokens))
+    x = keras.layers.MultiHeadAttention(4, 4, name="mha")(x, x, attention_mask=mask,
+                                                          use_causal_mask=True)
+    x = keras.layers.Dense(16, name="post")(x)
+    outputs = keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling1D()(x))
+    model = keras.Model([tokens, mask], outputs)
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0,
+                           init_mu=0.5)
+    helpers.random_channel_masks(gated, keep=0.6, seed=1)
+    inputs = [np.random.default_rng(0).integers(0, 50, (4, 10)).astype("int32"),
+              np.random.default_rng(1).random((4, 10, 10)) < 0.8]
+    reference = np.asarray(gated(inputs, training=False))
+    small, info = shrink(gated.strip(), return_info=True)  # checked on its own probe too
+    assert np.abs(np.asarray(small(inputs)) - reference).max() <= 1e-5
+    heads = info["units"]["mha/value"]
+    assert heads[1] < heads[0] == 4 and small.get_layer("mha").num_heads == heads[1]
+    assert info["units"]["pre"][1] < 16 and info["units"]["post"][1] < 16
