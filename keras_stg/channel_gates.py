@@ -4,7 +4,8 @@ Used by `GatedModel` with `granularity="channel"`. Each prunable group of
 `keras_stg.channel_groups` whose producers are all gated gets one gate tensor
 of shape `(channels,)`. The gate multiplies, along their channel axis, every
 producer's kernel output axis and bias, every depthwise kernel and bias, and
-every BatchNormalization's gamma and beta in the group, so a closed channel is
+every BatchNormalization's gamma and beta in the group (for an attention head:
+its slice of the query, key and value kernels and biases), so a closed channel is
 exactly zero everywhere it flows (after normalization too) and `shrink` can
 remove it. At inference the consumers' input rows are multiplied by the binary
 mask as well (they only ever see zeros there), so `strip` leaves them zero.

@@ -7,7 +7,9 @@ and the excitation of a squeeze-and-excitation `Multiply`. Removing channel `c`
 of a group removes it from every *member*: the producers' output axes (kernel
 and bias), the per-channel layers' weights, the depthwise kernels, and the
 consumers' input axes (at an offset after a `Concatenate`, and once per
-position after a `Flatten`).
+position after a `Flatten`). The heads of a `MultiHeadAttention` are a group of
+their own, whose members are its projections (`Member.axis` names the kernel
+axis: 1 of the query, key and value kernels, 0 of the output kernel).
 
 `channel_groups(model)` walks the layer graph (Sequential, Functional, nested
 sub-models) and applies to every layer, and every operation that is not a layer
