@@ -6,7 +6,8 @@ of batch-1 LiteRT latency (XNNPACK, one thread) on the machine it runs on:
 - Each gated layer's latency is modelled as `a + b * w`, `w` its kernel weights
   (kept inputs x kept outputs x kernel window: a shrunk layer's size). `b` is
   measured once per layer configuration: the layer alone, converted to TFLite
-  at its full width and at half its input and output channels, timed in the
+  at its full width and at half its input and output channels (half its input
+  channels where its config has no width: an attention projection), timed in the
   interpreter, `b = (t_full - t_half) / (w_full - w_half)`.
 - The rest of the model's latency (ungated layers, the `a` of every layer,
   the interpreter's own overhead) is the fixed part: the whole dense model's
@@ -153,7 +154,8 @@ def _micro(layer, half):
     clone = type(layer).from_config(config)
     inputs = keras.Input(tuple(shape), batch_size=1)
     model = keras.Model(inputs, clone(inputs))
-    weights = sum(math.prod(v.shape) for _, v in layer_table.channel_kernels(clone))
+    weights = sum(math.prod(next(v for v in clone.weights if v.name == k.role).shape)
+                  for k in layer_table.kernels(clone) or ())
     return model, weights
 
 

@@ -202,6 +202,7 @@ def test_a_layer_called_inside_another_is_timed_at_the_shape_it_sees():
     micro, weights = latency._micro(attention._query_dense, half=False)
     assert tuple(micro.input_shape) == (1, 16, 32)
     assert tuple(micro(np.zeros((1, 16, 32), "float32")).shape) == (1, 16, 4, 8)
-    # Its kernel has no channel axis that shrink removes: no modelled slope, its time
-    # stays in the fixed cost.
-    assert weights == 0
+    assert weights == 32 * 4 * 8
+    # Half its input channels: half its kernel, the slope's other point.
+    half, weights = latency._micro(attention._query_dense, half=True)
+    assert tuple(half.input_shape) == (1, 16, 16) and weights == 16 * 4 * 8
