@@ -5,9 +5,10 @@ A unit or channel whose kernel slices and bias are all zero (what
 zero before its activation. The shrunk model drops it from its producer and
 from everything it flows through: normalization weights, depthwise kernels,
 both branches of a residual `Add`, a `Concatenate` at its offset, a `Flatten`
-once per position, the heads of a `MultiHeadAttention`, and the input axis of every consumer (Dense, convolution,
-separable and transposed convolutions, or any layer whose layer-table entry
-names its channel axes). It is then smaller and faster on every device, not
+once per position, and the input axis of every consumer (Dense, convolution,
+separable and transposed convolutions, an attention's projections, or any layer
+whose layer-table entry names its channel axes); a `MultiHeadAttention` also
+loses the heads whose value projection is zero. It is then smaller and faster on every device, not
 only on sparse kernels.
 
 Two paths, both checked against the model they were given before returning:
