@@ -8,8 +8,8 @@ both branches of a residual `Add`, a `Concatenate` at its offset, a `Flatten`
 once per position, and the input axis of every consumer (Dense, convolution,
 separable and transposed convolutions, an attention's projections, or any layer
 whose layer-table entry names its channel axes); a `MultiHeadAttention` also
-loses the heads whose value projection is zero. It is then smaller and faster on every device, not
-only on sparse kernels.
+loses the heads whose value projection is zero. It is then smaller and faster on
+every device, not only on sparse kernels.
 
 Two paths, both checked against the model they were given before returning:
 
