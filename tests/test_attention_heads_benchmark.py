@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from benchmarks import attention_heads
+from benchmarks import attention_heads, structured_methods
 
 
 def test_quick_run_writes_a_row_per_seed_and_resumes(tmp_path, shared_data, capsys,
@@ -24,6 +24,7 @@ def test_quick_run_writes_a_row_per_seed_and_resumes(tmp_path, shared_data, caps
     assert row["litert_f32_ms"]["dense"] > 0 and row["litert_f32_ms"]["ours"] > 0
     assert "python -m benchmarks.attention_heads --quick" in row["command"]
     assert "| seed | dense acc |" in capsys.readouterr().out
+    assert "vit" not in structured_methods.NETS  # the structured benchmark's nets stay its own
 
     def trained_again(*args):
         pytest.fail("seed 0 was trained again")
