@@ -24,6 +24,7 @@ import numpy as np
 from keras import ops
 
 from keras_stg import gate_math
+from keras_stg import layer_table
 from keras_stg.dependency import channel_groups
 
 
@@ -54,14 +55,6 @@ class _Axis:
         if self.block > 1:
             vector = ops.repeat(vector, self.block, axis=0)
         return ops.tile(vector, (self.repeat,)) if self.repeat > 1 else vector
-
-
-def _bias(layer):
-    """The layer's bias variable, or None (`use_bias=False`; an EinsumDense without
-    `bias_axes`, which has no `use_bias`)."""
-    if not getattr(layer, "use_bias", True):
-        return None
-    return getattr(layer, "bias", None)
 
 
 @dataclasses.dataclass
@@ -160,7 +153,7 @@ class ChannelPlan:
             if spec.out is not None:
                 vector = spec.out.vector(values, self.sizes)
                 value = value * ops.cast(self._shaped(vector, rank, spec.out_axis), value.dtype)
-                bias = _bias(t.layer)
+                bias = layer_table.bias(t.layer)
                 if bias is not None:
                     shaped = self._shaped(vector, len(bias.shape),
                                           spec.bias_axis % len(bias.shape))
@@ -182,7 +175,7 @@ class ChannelPlan:
         for i, spec in self.targets.items():
             t = targets[i]
             ids.add(id(t.variable))
-            if spec.out is not None and _bias(t.layer) is not None:
+            if spec.out is not None and layer_table.bias(t.layer) is not None:
                 ids.add(id(t.layer.bias))
         for layer, _ in self.norms.values():
             ids |= {id(v) for v in (layer.gamma, layer.beta) if v is not None}

@@ -156,7 +156,7 @@ class ChannelGroup:
             if m.role == "producer" and m.axis is not None:  # an attention projection
                 for variable, axis in ((layer.kernel, m.axis),) + (
                         ((layer.bias, table.bias_axis(layer, m.axis)),)
-                        if getattr(layer, "bias", None) is not None else ()):
+                        if table.bias(layer) is not None else ()):
                     value = np.array(variable.numpy())
                     np.moveaxis(value, axis, -1)[..., channels + m.offset] = 0
                     variable.assign(value)

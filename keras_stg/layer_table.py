@@ -403,6 +403,14 @@ def attention_parts(layer):
     return parts
 
 
+def bias(layer):
+    """The layer's bias variable, or None (`use_bias=False`; an EinsumDense without
+    `bias_axes`, which has no `use_bias`)."""
+    if not getattr(layer, "use_bias", True):
+        return None
+    return getattr(layer, "bias", None)
+
+
 def bias_axis(layer, axis):
     """The axis of `layer.bias` that matches its kernel's `axis` (the bias spans the
     kernel's last axes)."""

@@ -339,7 +339,7 @@ def _dead_along(layer, axis):
     bias row all zero?"""
     kernel = np.moveaxis(np.asarray(layer.kernel.numpy()), axis, 0)
     dead = ~kernel.reshape(kernel.shape[0], -1).any(1)
-    if getattr(layer, "bias", None) is not None:
+    if table.bias(layer) is not None:
         bias = np.moveaxis(np.asarray(layer.bias.numpy()), table.bias_axis(layer, axis), 0)
         dead &= ~bias.reshape(bias.shape[0], -1).any(1)
     return dead
@@ -449,7 +449,7 @@ def _attention_weights(layer, out_drop, in_drop):
         if part.output is not None:
             cuts.append((part.output, out_drop.get(id(part.layer))))
         variables = [(part.layer.kernel, 0)]
-        if getattr(part.layer, "bias", None) is not None:
+        if table.bias(part.layer) is not None:
             variables.append((part.layer.bias, len(part.layer.kernel.shape)
                               - len(part.layer.bias.shape)))
         for variable, skip in variables:
