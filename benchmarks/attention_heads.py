@@ -76,13 +76,6 @@ def _registered():
         sm.NETS.pop(NET, None)
 
 
-def _macs(model):
-    from keras_stg import layer_table
-
-    layer_table.record_shapes(model)  # the attention projections have no graph node
-    return sm.macs(model)
-
-
 def _widths(model):
     import keras
 
@@ -109,13 +102,13 @@ def _run_seed(args, seed):
            "epochs": args.epochs}
     start = time.time()
     dense = sm.train_dense(NET, x, y, budget)
-    params, macs = _macs(dense)
+    params, macs = sm.macs(dense)
     row["dense"] = {"accuracy": sm.accuracy(dense, xt, yt), "params": params, "macs": macs,
                     "train_s": round(time.time() - start, 1)}
     start = time.time()
     small, sparsity = sm.train_ours(NET, args.target, x, y, budget, cost="flops",
                                     recipe=sm.Recipe(finetune=VIT.finetune))
-    params, macs = _macs(small)
+    params, macs = sm.macs(small)
     heads, units = _widths(small)
     row["ours"] = {"accuracy": sm.accuracy(small, xt, yt), "params": params, "macs": macs,
                    "gated_sparsity": sparsity, "heads": heads, "mlp_units": units,

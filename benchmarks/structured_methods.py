@@ -128,6 +128,7 @@ def macs(model):
     from keras_stg import _compat
     from keras_stg import layer_table
 
+    layer_table.record_shapes(model)  # layers called inside another (attention projections)
     params = total = 0
     for layer in _compat.all_layers(model):
         for kernel in layer_table.kernels(layer) or ():
