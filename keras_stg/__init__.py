@@ -7,6 +7,7 @@ Public API:
     strip(gated)                      -> plain keras.Model with kernel * mask
     shrink(model)                     -> plain keras.Model with pruned units removed
     channel_groups(model)             -> channels coupled through residuals, concats, SE
+    inline(model)                     -> custom block layers opened into their sublayers
     summary(gated), layer_stats(gated)-> per-layer sparsity report
     StochasticGate                    -> gate layer for hand-built models
     save_ticket, load_ticket          -> an slt ticket as its seed and entropy-coded mask
@@ -20,6 +21,7 @@ from keras_stg.config import GateConfig
 from keras_stg.dependency import ChannelGroup, channel_groups
 from keras_stg.gate import StochasticGate
 from keras_stg.gated_model import GatedModel, UnreachableTargetError
+from keras_stg.inlining import InlineError, inline
 from keras_stg.layer_table import register_layer
 from keras_stg.masking import MaskedModel
 from keras_stg.penalty import FixedPenalty, TargetSparsity
@@ -36,6 +38,7 @@ __all__ = [
     "FixedPenalty",
     "GateConfig",
     "GatedModel",
+    "InlineError",
     "MaskedModel",
     "ShrinkCheckError",
     "ShrinkError",
@@ -46,6 +49,7 @@ __all__ = [
     "granularity",
     "initializers",
     "channel_groups",
+    "inline",
     "layer_stats",
     "load_ticket",
     "register_layer",

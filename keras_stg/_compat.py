@@ -38,6 +38,19 @@ def inbound_nodes(operation):
     return operation._inbound_nodes
 
 
+def graph_calls(model, known):
+    """Yields `(operation, node)` for each call in the Functional `model`'s graph, in
+    order, whose input tensors are all in `known` (a dict keyed by tensor id, which the
+    caller fills with each call's outputs); calls in other models are left out."""
+    for op in model.operations:
+        if isinstance(op, keras.layers.InputLayer):
+            continue
+        for node in inbound_nodes(op):
+            inputs = list(node.input_tensors)
+            if inputs and all(id(t) in known for t in inputs):
+                yield op, node
+
+
 def call_shapes(model, layers):
     """`{layer: (input shape, output shape)}` of `layers` (layers of `model` called inside
     another layer's `call`, which the Functional graph does not record: MultiHeadAttention's

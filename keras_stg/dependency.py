@@ -440,20 +440,15 @@ class _Walker:
                 "graph is not visible, so its channels cannot be followed. Build it as a "
                 "Functional or Sequential model.")
         known = {id(t): v for t, v in zip(model.inputs, input_views)}
-        for op in model.operations:
-            if isinstance(op, keras.layers.InputLayer):
-                continue
-            for node in _compat.inbound_nodes(op):
-                inputs = list(node.input_tensors)
-                if not inputs or any(id(t) not in known for t in inputs):
-                    continue  # a call of this layer in another model
-                views = [known[id(t)] for t in inputs]
-                outputs = list(node.output_tensors)
-                args, kwargs = _compat.node_arguments(node)
-                new = self.layer(op, views, outputs,
-                                 (args, kwargs, {id(t): known[id(t)] for t in inputs}))
-                for t, v in zip(outputs, new):
-                    known[id(t)] = v
+        for op, node in _compat.graph_calls(model, known):
+            inputs = list(node.input_tensors)
+            views = [known[id(t)] for t in inputs]
+            outputs = list(node.output_tensors)
+            args, kwargs = _compat.node_arguments(node)
+            new = self.layer(op, views, outputs,
+                             (args, kwargs, {id(t): known[id(t)] for t in inputs}))
+            for t, v in zip(outputs, new):
+                known[id(t)] = v
         return [known[id(t)] for t in model.outputs]
 
 

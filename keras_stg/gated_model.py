@@ -95,6 +95,12 @@ class GatedModel(MaskedModel):
         elif not isinstance(config, config_lib.GateConfig):
             raise TypeError(f"`config` must be a keras_stg.GateConfig, got {config!r}.")
         config = config.resolve()
+        if getattr(config.granularity, "shared", False):
+            # Channel groups are found in the graph: custom block layers are opened
+            # into their sublayers first (the GatedModel then owns the opened copy).
+            from keras_stg import inlining
+
+            model = inlining.open_custom_blocks(model)
         layer_kwargs.setdefault("name", f"gated_{model.name}")
         super().__init__(model, freeze=config.mode != "joint", include=config.include,
                          exclude=config.exclude, **layer_kwargs)

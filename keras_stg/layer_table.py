@@ -572,7 +572,39 @@ def _entrywise_op(merges, numerator_only=False):
     return channels
 
 
+def _pad_op(op):
+    """`keras.ops.pad` moves entries within their channel when it pads neither the
+    batch nor the channel axis, and keeps a zero channel zero with zeros as fill."""
+    widths = tuple(tuple(w) for w in op.pad_width)
+    if len(widths) < 2 or any(widths[0]) or any(widths[-1]):
+        return Unsupported(f"it pads the batch or channel axis (pad_width={widths})")
+    for node in _compat.inbound_nodes(op):
+        args, kwargs = _compat.node_arguments(node)
+        fill = kwargs.get("constant_values", args[1] if len(args) > 1 else None)
+        if op.mode == "constant" and fill not in (None, 0, 0.0):
+            return Unsupported(f"it pads with {fill!r}, which a removed channel would keep")
+    return SPATIAL
+
+
+def _reduce_op(op):
+    """A reduction (`keras.ops.mean(x, axis=(1, 2))`, a squeeze-and-excitation's pool)
+    keeps the channels when it reduces neither the batch nor the channel axis; a zero
+    channel reduces to zero (`Max`/`Min` with an `initial` value aside)."""
+    axes = op.axis if isinstance(op.axis, (list, tuple)) else (op.axis,)
+    if getattr(op, "initial", None) not in (None, 0, 0.0):
+        return Unsupported(f"it reduces with initial={op.initial!r}")
+    for node in _compat.inbound_nodes(op):
+        rank = len(node.input_tensors[0].shape)
+        if any(a is None for a in axes) or {a % rank for a in axes} & {0, rank - 1}:
+            return Unsupported(f"it reduces the batch or channel axis (axis={op.axis!r})")
+    return GLOBAL_POOL
+
+
 def _register_builtin_ops():
+    for cls in _compat.operation_classes(("Pad",)):
+        register_op(cls, _pad_op)
+    for cls in _compat.operation_classes(("Mean", "Max", "Min", "Sum", "Amax", "Amin")):
+        register_op(cls, _reduce_op)
     for cls in _compat.operation_classes(_UNARY_OPS):
         register_op(cls, _entrywise_op(merges=False))
     for cls in _compat.operation_classes(_BINARY_OPS):

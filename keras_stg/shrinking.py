@@ -583,6 +583,18 @@ def _probe(model, seed, n=8):
     return arrays[0] if len(arrays) == 1 else arrays
 
 
+def output_difference(reference, model, seed=0):
+    """`(max abs difference, output scale)` of `model`'s inference outputs against
+    `reference`'s on the same random inputs (`_probe`); the scale is at least 1."""
+    import keras
+
+    probe = _probe(reference, seed)
+    a = [np.asarray(t) for t in keras.tree.flatten(reference(probe, training=False))]
+    b = [np.asarray(t) for t in keras.tree.flatten(model(probe, training=False))]
+    diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    return diff, max(1.0, max(float(np.max(np.abs(x))) for x in a))
+
+
 def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_multiple=1):
     """Returns the shrunk plain `keras.Model` (and an info dict with `return_info=True`).
 
@@ -623,6 +635,9 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
             isinstance(channel_multiple, int) and channel_multiple >= 1):
         raise ValueError(f"`channel_multiple` must be an integer >= 1 or 'auto' (the runtime's "
                          f"channel tile on this machine), got {channel_multiple!r}.")
+    from keras_stg import inlining
+
+    given, model = model, inlining.open_custom_blocks(model)  # custom blocks' sublayers
     layers = _chain(model)
     unprunable = []
     if layers is not None and all(_chain_layer(l) for l in layers):
@@ -632,17 +647,11 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
     info = {
         "units": units,
         "unprunable": unprunable,
-        "parameters_before": _count_params(model),
+        "parameters_before": _count_params(given),
         "parameters_after": _count_params(shrunk),
     }
     if check:
-        import keras
-
-        probe = _probe(model, seed)
-        a = [np.asarray(t) for t in keras.tree.flatten(model(probe, training=False))]
-        b = [np.asarray(t) for t in keras.tree.flatten(shrunk(probe, training=False))]
-        diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
-        scale = max(1.0, max(float(np.max(np.abs(x))) for x in a))
+        diff, scale = output_difference(given, shrunk, seed)
         info["max_abs_diff"] = diff
         if diff > atol * scale:
             raise ShrinkCheckError(

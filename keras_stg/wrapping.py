@@ -11,6 +11,9 @@ def wrap(model, config=None, **options):
 
     The returned `GatedModel` owns `model`: in the frozen modes it marks the
     model's variables non-trainable, and with an `init` it re-draws the kernels.
+    With `granularity="channel"`, a Functional model that holds custom block
+    layers is first opened into their sublayers (`keras_stg.inline`): the
+    `GatedModel` then owns that copy and `model` is left as it is.
 
     Two forms, the same options:
 

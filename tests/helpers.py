@@ -3,6 +3,7 @@
 import os
 
 import keras
+from keras import ops
 import numpy as np
 
 import keras_stg
@@ -466,6 +467,55 @@ def tiny_transformer():
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
     outputs = keras.layers.Dense(3, name="out")(x)
     return keras.Model(inputs, outputs, name="tiny_transformer")
+
+
+class ConvBN(keras.layers.Layer):
+    """Conv2D, BatchNormalization and ReLU as one layer (a user's building block)."""
+
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.strides = filters, strides
+        self.conv = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        return ops.relu(self.bn(self.conv(x), training=training))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "strides": self.strides}
+
+
+class ResidualBlock(keras.layers.Layer):
+    """Two ConvBN blocks, a squeeze-and-excitation gate and the shortcut `x + y`."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.first = ConvBN(filters)
+        self.second = keras.layers.Conv2D(filters, 3, padding="same")
+        self.pool = keras.layers.GlobalAveragePooling2D(keepdims=True)
+        self.squeeze = keras.layers.Dense(max(1, filters // 4), activation="relu")
+        self.excite = keras.layers.Dense(filters, activation="sigmoid")
+
+    def call(self, x):
+        y = self.second(self.first(x))
+        y = y * self.excite(self.squeeze(self.pool(y)))
+        return ops.relu(x + y)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+def custom_blocks():
+    """A user's model of custom block layers: a stem `ConvBN`, two `ResidualBlock`s
+    (a nested `ConvBN`, squeeze-and-excitation, `x + y` in their `call`)."""
+    inputs = keras.Input((16, 16, 3))
+    x = ConvBN(16, strides=2, name="stem")(inputs)
+    x = ResidualBlock(16, name="block_1")(x)
+    x = ResidualBlock(16, name="block_2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10)(x)
+    return keras.Model(inputs, outputs, name="custom_blocks")
 
 
 def keras_efficientnet_b0():

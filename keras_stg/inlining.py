@@ -1,0 +1,324 @@
+"""`inline`: open up the custom blocks of a model so that its channels can be followed.
+
+Channel analysis (`keras_stg.channel_groups`) and `shrink` see a Functional
+graph's layers and operations, and know a layer's channels from the layer table.
+A custom block layer (keras-hub's `ViTEncoderBlock`, `SwinTransformerBlock` or
+`DepthwiseConvBlock`, a user's residual block) hides its sublayers inside its
+`call`, so every channel that flows through it stays whole. `inline` rebuilds
+the model as one Functional graph in which every such block is replaced by the
+graph its `call` builds when it runs on symbolic inputs: its sublayers (Dense,
+convolutions, normalization, `MultiHeadAttention`, ...) and the `keras.ops`
+between them (`x + y`, reshapes, slicing) become nodes of the graph, repeatedly,
+until no block is left that can be opened. Nested Functional models are opened
+the same way.
+
+A layer is opened when its channel behaviour is not in the layer table, it
+holds sublayers, and it holds no variables or random state of its own (those
+would become constants of the graph). A block whose `call` cannot run on
+symbolic inputs (Python arithmetic on the batch size, backend-only code) stays
+as it is, and the reason is kept. Every layer of the result is a copy with the
+same weights, named `<block>_<sublayer>`, so the given model is left untouched;
+the result's outputs are checked against the given model's on random inputs.
+"""
+
+import warnings
+
+import keras
+
+from keras_stg import _compat
+from keras_stg import layer_table as table
+
+
+class InlineError(ValueError):
+    """The model cannot be opened (a layer its config does not rebuild), or the opened
+    model's outputs differ from the model's: it is discarded."""
+
+
+class _Log:
+    """The blocks opened and those kept whole (name: reason) during one `inline`."""
+
+    def __init__(self):
+        self.opened, self.kept = [], {}
+
+
+def _own_state(layer):
+    """Variables or seed generators `layer` holds itself, not through sublayers."""
+    own = list(getattr(layer, "_trainable_variables", ()))
+    own += list(getattr(layer, "_non_trainable_variables", ()))
+    own += list(getattr(layer, "_seed_generators", ()))
+    return own
+
+
+def _openable(op):
+    """Why `op` cannot be opened, or None if it can."""
+    if not isinstance(op, keras.layers.Layer):
+        return "an operation"
+    if isinstance(op, keras.Sequential) or isinstance(op, keras.Model) and hasattr(op, "operations"):
+        return None  # a nested Sequential or Functional model
+    if type(op).__module__.split(".")[0] == "keras":
+        return "a Keras layer (its channels are the layer table's business)"
+    if table.spec(op).channels is not None or table.spec(op).kernels is not None:
+        return "in the layer table"
+    if not op._layers:
+        return "holds no sublayers"
+    if _own_state(op):
+        return "holds variables of its own"
+    return None
+
+
+def _copy(layer, args, kwargs, rename=False):
+    """A copy of `layer` called on `args, kwargs` (KerasTensors), its weights copied;
+    `rename`: its sublayers named `<layer>_<attribute>` (before the build, so the
+    variables' paths carry the names, and after it, for sublayers made in `build`)."""
+    clone = layer.__class__.from_config(layer.get_config())
+    if rename:
+        _rename_sublayers(clone)
+    out = clone(*args, **kwargs)  # a symbolic call: it builds, but records no sublayer node
+    if rename:
+        _rename_sublayers(clone)
+    if len(clone.weights) != len(layer.weights):
+        raise ValueError(f"its copy has {len(clone.weights)} weights, not {len(layer.weights)}")
+    for src, dst in zip(layer.weights, clone.weights):
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"its copy's weight {dst.path} has shape {dst.shape}, not {src.shape}")
+        dst.assign(src.numpy())
+    return clone, out
+
+
+def _open(layer, args, kwargs, reasons):
+    """A copy of the block `layer` whose `call` runs on the symbolic `args, kwargs`
+    (its sublayers renamed `<block>_<attribute>`, the blocks among them opened the
+    same way): returns the outputs (KerasTensors)."""
+    if kwargs.get("mask") is not None:
+        raise ValueError("it is called with a mask")
+    if isinstance(layer, keras.Sequential):
+        out = args[0]
+        for sub in layer.layers:
+            if isinstance(sub, keras.layers.InputLayer):
+                continue
+            if _openable(sub) is None:
+                try:
+                    out = _open(sub, (out,), {}, reasons)
+                    reasons.opened.append(f"{layer.name}_{sub.name}")
+                    continue
+                except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
+                    reasons.kept[f"{layer.name}_{sub.name}"] = _why(e)
+            clone, out = _copy(sub, (out,), {})
+            clone.name = f"{layer.name}_{sub.name}"
+        return out
+    if hasattr(layer, "operations"):  # a nested Functional model: replay its graph
+        flat = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)]
+        return _replay(layer, flat, f"{layer.name}_", reasons)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
+    clone, _ = _copy(layer, args, kwargs, rename=True)
+    return _trace(clone, args, kwargs, reasons)
+
+
+def _trace(block, args, kwargs, reasons):
+    """Runs `block.call` (a built copy of ours) on symbolic inputs. Its direct
+    sublayers record graph nodes, except the blocks among them, whose own `call`
+    is traced in turn (their class is swapped for the call's duration)."""
+    swapped = []
+    for sub in block._flatten_layers(include_self=False, recursive=False):
+        if isinstance(sub, keras.Model):
+            continue
+        swapped.append((sub, sub.__class__))
+        sub.__class__ = _tracing_class(sub.__class__, _openable(sub) is None)
+    _ACTIVE.append(reasons)
+    try:
+        return block.call(*_dense(args), **_dense(kwargs))
+    finally:
+        _ACTIVE.pop()
+        for sub, cls in swapped:
+            sub.__class__ = cls
+
+
+_ACTIVE = []  # the `_Log` of the trace in progress
+_TRACING = {}
+
+
+def _tracing_class(cls, opens):
+    """A subclass of `cls` for the length of a trace. Its `__call__` traces the
+    block's own `call` where `opens` (or records a node, the block staying whole,
+    when that fails), else records a node as `cls` does."""
+    key = (cls, opens)
+    if key in _TRACING:
+        return _TRACING[key]
+
+    def __call__(self, *args, **kwargs):
+        args, kwargs = _dense(args), _dense(kwargs)
+        if opens:
+            log = _ACTIVE[-1]
+            try:
+                if kwargs.get("mask") is not None:
+                    raise ValueError("it is called with a mask")
+                _rename_sublayers(self)
+                inner = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
+                out = _trace(self, args, inner, log)
+                log.opened.append(self.name)
+                return out
+            except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
+                log.kept[self.name] = _why(e)
+        return cls.__call__(self, *args, **kwargs)
+
+    _TRACING[key] = type(cls.__name__, (cls,), {"__call__": __call__,
+                                                "__module__": cls.__module__})
+    return _TRACING[key]
+
+
+def _dense(structure):
+    """`structure` with its KerasTensors marked dense: Keras marks `x * 2.0` sparse (it
+    takes a Python number for a sparse operand), which no layer after it can take;
+    `inline` only opens models whose inputs are dense, where no tensor is sparse."""
+    for t in keras.tree.flatten(structure):
+        if isinstance(t, keras.KerasTensor) and t.sparse:
+            t._sparse = False
+    return structure
+
+
+def _fresh(op):
+    """A new instance of the graph operation `op` (`x + y`), so that the given model's
+    operations get no call of ours; `op` itself where its config does not rebuild it."""
+    try:
+        return type(op).from_config(op.get_config())
+    except Exception:  # noqa: BLE001 - an operation holds no weights: sharing it is safe
+        return op
+
+
+def _why(error):
+    return f"its call does not run on symbolic inputs ({type(error).__name__}: {error})"[:300]
+
+
+def _rename_sublayers(block):
+    """Names each direct sublayer of `block` `<block>_<attribute>` (unique in a graph
+    where block names are), once."""
+    names = _attribute_names(block)
+    for sub in block._flatten_layers(include_self=False, recursive=False):
+        if not getattr(sub, "_stg_inlined_name", False):
+            sub.name = f"{block.name}_{names.get(id(sub), sub.name)}"
+            sub._stg_inlined_name = True
+
+
+def _attribute_names(layer):
+    """`{id(sublayer): name}`: the attribute that holds each direct sublayer of
+    `layer` (`conv`, or `blocks_2` for the third of a list `blocks`)."""
+    names = {}
+    for attribute, value in vars(layer).items():
+        if attribute.startswith("_"):
+            continue
+        if isinstance(value, keras.layers.Layer):
+            names.setdefault(id(value), attribute)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if isinstance(item, keras.layers.Layer):
+                    names.setdefault(id(item), f"{attribute}_{i}")
+    return names
+
+
+def _replay(model, inputs, prefix, reasons):
+    """Calls a copy of every operation of the Functional `model` on the symbolic
+    `inputs` (one per `model.inputs`), opening the blocks that can be; returns the
+    outputs in the structure of the model's."""
+    if len(inputs) != len(model.inputs):
+        raise ValueError(f"{model.name!r} takes {len(model.inputs)} inputs, got {len(inputs)}")
+    new = {id(t): x for t, x in zip(model.inputs, inputs)}
+
+    def mapped(structure):
+        return keras.tree.map_structure(
+            lambda t: new[id(t)] if isinstance(t, keras.KerasTensor) else t, structure)
+
+    for op, node in _compat.graph_calls(model, new):
+        call_args, call_kwargs = _compat.node_arguments(node)
+        call_args, call_kwargs = _dense(mapped(call_args)), _dense(mapped(call_kwargs))
+        out = None
+        if _openable(op) is None:
+            try:
+                out = _open(op, call_args, call_kwargs, reasons)
+                reasons.opened.append(f"{prefix}{op.name}")
+            except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
+                reasons.kept[f"{prefix}{op.name}"] = _why(e)
+        if out is None:
+            if isinstance(op, keras.layers.Layer):
+                try:
+                    clone, out = _copy(op, call_args, call_kwargs)
+                except Exception as e:
+                    raise InlineError(
+                        f"{op.name!r} ({type(op).__name__}) cannot be copied: its config "
+                        f"does not rebuild it ({type(e).__name__}: {str(e)[:200]}).") from e
+                clone.name = f"{prefix}{op.name}"
+            else:
+                out = _fresh(op)(*call_args, **call_kwargs)
+        for t, o in zip(node.output_tensors, keras.tree.flatten(out)):
+            new[id(t)] = o
+    return keras.tree.map_structure(lambda t: new[id(t)], model._outputs_struct)
+
+
+def openable_layers(model):
+    """The layers of `model` that `inline` would open (custom blocks, nested models)."""
+    if not hasattr(model, "operations"):
+        return []
+    return [op for op in model.operations
+            if not isinstance(op, keras.layers.InputLayer) and _openable(op) is None]
+
+
+def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
+    """Returns `model` as one Functional graph with its custom blocks opened.
+
+    Args:
+        model: a built Functional or Sequential Keras model.
+        check: compare the outputs of both models on random inputs and raise
+            `InlineError` when they differ by more than `atol` (relative to the
+            output scale).
+        return_info: also return `{"opened": [names], "kept": {name: reason}}`:
+            the blocks opened and the ones that stay whole, with the reason.
+
+    A model with nothing to open is returned as it is. See the module docstring
+    for what is opened.
+    """
+    if isinstance(model, keras.Sequential) or not hasattr(model, "operations") or not getattr(
+            model, "inputs", None) or any(t.sparse for t in model.inputs):
+        info = {"opened": [], "kept": {}}
+        return (model, info) if return_info else model
+    log = _Log()
+    inputs = [keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype,
+                          name=t._keras_history.operation.name) for t in model.inputs]
+    outputs = _replay(model, inputs, "", log)
+    opened, kept = log.opened, log.kept
+    current = model
+    if opened:
+        current = keras.Model(keras.tree.pack_sequence_as(model._inputs_struct, inputs),
+                              outputs, name=model.name)
+    info = {"opened": opened, "kept": kept}
+    if current is model:
+        return (model, info) if return_info else model
+    if check:
+        from keras_stg.shrinking import output_difference
+
+        diff, scale = output_difference(model, current, seed)
+        info["max_abs_diff"] = diff
+        if diff > atol * scale:
+            raise InlineError(
+                f"Opening the blocks {opened} of {model.name!r} changed its outputs by {diff:g} "
+                f"(allowed {atol * scale:g}), so the opened model was discarded. Their `call` "
+                "does not describe their computation on symbolic inputs; register the block "
+                "in keras_stg's layer table instead (keras_stg.register_layer).")
+    return (current, info) if return_info else current
+
+
+def custom_blocks(model):
+    """The custom block layers anywhere in `model` that `inline` would try to open."""
+    return [layer for layer in _compat.all_layers(model)
+            if not isinstance(layer, keras.Model) and _openable(layer) is None]
+
+
+def open_custom_blocks(model):
+    """`inline(model)` when `model` is Functional and holds custom blocks, else `model`;
+    when the opened model's outputs differ, warns and returns `model`."""
+    if isinstance(model, keras.Sequential) or not hasattr(model, "operations") or not (
+            custom_blocks(model)):
+        return model
+    try:
+        return inline(model)
+    except InlineError as e:
+        warnings.warn(str(e), stacklevel=3)
+        return model
