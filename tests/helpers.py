@@ -532,8 +532,15 @@ def keras_mobilenet_v3_small():
     model = keras.applications.MobileNetV3Small(
         weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.75,
         classifier_activation=None)
-    rng = np.random.default_rng(3)
-    for layer in model.layers:
+    return randomize_batch_norm(model, seed=3)
+
+
+def randomize_batch_norm(model, seed=0):
+    """Draws every BatchNormalization's gamma, beta and moving variance (at any depth) at
+    random, so that a model whose fresh statistics make outputs of about 1e-12 gives
+    outputs an output check can tell apart; returns the model."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
             layer.beta.assign(rng.uniform(-0.5, 0.5, layer.beta.shape))
