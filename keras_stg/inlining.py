@@ -92,26 +92,31 @@ def _open(layer, args, kwargs, reasons):
     if kwargs.get("mask") is not None:
         raise ValueError("it is called with a mask")
     if isinstance(layer, keras.Sequential):
-        out = args[0]
-        for sub in layer.layers:
-            if isinstance(sub, keras.layers.InputLayer):
-                continue
-            if _openable(sub) is None:
-                try:
-                    out = _open(sub, (out,), {}, reasons)
-                    reasons.opened.append(f"{layer.name}_{sub.name}")
-                    continue
-                except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
-                    reasons.kept[f"{layer.name}_{sub.name}"] = _why(e)
-            clone, out = _copy(sub, (out,), {})
-            clone.name = f"{layer.name}_{sub.name}"
-        return out
+        return _sequence(layer, args[0], f"{layer.name}_", reasons)
     if hasattr(layer, "operations"):  # a nested Functional model: replay its graph
         flat = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)]
         return _replay(layer, flat, f"{layer.name}_", reasons)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
     clone, _ = _copy(layer, args, kwargs, rename=True)
     return _trace(clone, args, kwargs, reasons)
+
+
+def _sequence(model, x, prefix, reasons):
+    """Calls a copy of every layer of the Sequential `model` on `x` in turn, opening
+    the blocks that can be; returns the output."""
+    for sub in model.layers:
+        if isinstance(sub, keras.layers.InputLayer):
+            continue
+        if _openable(sub) is None:
+            try:
+                x = _open(sub, (x,), {}, reasons)
+                reasons.opened.append(f"{prefix}{sub.name}")
+                continue
+            except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
+                reasons.kept[f"{prefix}{sub.name}"] = _why(e)
+        clone, x = _copy(sub, (_dense(x),), {})
+        clone.name = f"{prefix}{sub.name}"
+    return x
 
 
 def _trace(block, args, kwargs, reasons):
@@ -275,19 +280,21 @@ def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
     A model with nothing to open is returned as it is. See the module docstring
     for what is opened.
     """
-    if isinstance(model, keras.Sequential) or not hasattr(model, "operations") or not getattr(
-            model, "inputs", None) or any(t.sparse for t in model.inputs):
+    if not _graph_visible(model) or any(t.sparse for t in model.inputs):
         info = {"opened": [], "kept": {}}
         return (model, info) if return_info else model
     log = _Log()
     inputs = [keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype,
                           name=t._keras_history.operation.name) for t in model.inputs]
-    outputs = _replay(model, inputs, "", log)
+    if isinstance(model, keras.Sequential):
+        outputs, structure = _sequence(model, inputs[0], "", log), inputs[0]
+    else:
+        outputs = _replay(model, inputs, "", log)
+        structure = keras.tree.pack_sequence_as(model._inputs_struct, inputs)
     opened, kept = log.opened, log.kept
     current = model
     if opened:
-        current = keras.Model(keras.tree.pack_sequence_as(model._inputs_struct, inputs),
-                              outputs, name=model.name)
+        current = keras.Model(structure, outputs, name=model.name)
     info = {"opened": opened, "kept": kept}
     if current is model:
         return (model, info) if return_info else model
@@ -305,6 +312,16 @@ def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
     return (current, info) if return_info else current
 
 
+def _graph_visible(model):
+    """A Functional model, or a Sequential one built on an input."""
+    if isinstance(model, keras.Sequential):
+        try:
+            return len(model.inputs) == 1
+        except (AttributeError, ValueError):
+            return False
+    return hasattr(model, "operations") and bool(getattr(model, "inputs", None))
+
+
 def custom_blocks(model):
     """The custom block layers anywhere in `model` that `inline` would try to open."""
     return [layer for layer in _compat.all_layers(model)
@@ -312,10 +329,10 @@ def custom_blocks(model):
 
 
 def open_custom_blocks(model):
-    """`inline(model)` when `model` is Functional and holds custom blocks, else `model`;
+    """`inline(model)` when `model` is Functional or Sequential and holds custom blocks,
+    else `model`;
     when the opened model's outputs differ, warns and returns `model`."""
-    if isinstance(model, keras.Sequential) or not hasattr(model, "operations") or not (
-            custom_blocks(model)):
+    if not _graph_visible(model) or not custom_blocks(model):
         return model
     try:
         return inline(model)

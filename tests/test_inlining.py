@@ -115,6 +115,23 @@ def _model_with(block):
     return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
 
 
+def test_a_sequential_of_blocks_becomes_one_graph(tmp_path):
+    model = keras.Sequential([keras.Input((16, 16, 3)), helpers.ConvBN(8, name="stem"),
+                              helpers.ResidualBlock(8, name="block"),
+                              keras.layers.GlobalAveragePooling2D(name="pool"),
+                              keras.layers.Dense(4, name="head")])
+    opened, info = keras_stg.inline(model, return_info=True)
+    assert sorted(info["opened"]) == ["block", "block_first", "stem"]
+    assert [layer.name for layer in opened.layers][1:4] == ["stem_conv", "stem_bn",
+                                                            "block_first_conv"]
+    np.testing.assert_allclose(helpers.infer(opened, _x()), helpers.infer(model, _x()),
+                               atol=1e-6)
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0,
+                           init_mu=0.5)
+    helpers.random_channel_masks(gated, keep=0.6, seed=1)
+    helpers.check_structured(gated, _x(), str(tmp_path), export=False)
+
+
 def test_a_block_that_does_not_trace_stays_whole_with_the_reason():
     model = _model_with(_BackendOnly)
     opened, info = keras_stg.inline(model, return_info=True)
