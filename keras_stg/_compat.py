@@ -40,12 +40,15 @@ def inbound_nodes(operation):
 
 def graph_calls(model, known):
     """Yields `(operation, node)` for each call in the Functional `model`'s graph, in
-    order, whose input tensors are all in `known` (a dict keyed by tensor id, which the
-    caller fills with each call's outputs); calls in other models are left out."""
-    for op in model.operations:
-        if isinstance(op, keras.layers.InputLayer):
-            continue
-        for node in inbound_nodes(op):
+    an order where a call comes after the calls it reads (a shared layer's second call
+    after what lies between), whose input tensors are all in `known` (a dict keyed by
+    tensor id, which the caller fills with each call's outputs)."""
+    by_depth = model._nodes_by_depth  # depth 0: the output calls; inputs deepest
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            op = node.operation
+            if isinstance(op, keras.layers.InputLayer):
+                continue
             inputs = list(node.input_tensors)
             if inputs and all(id(t) in known for t in inputs):
                 yield op, node

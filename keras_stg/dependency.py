@@ -300,7 +300,15 @@ class _Walker:
             return self.model(layer, views)
         if getattr(layer, "weights", None) and len(_compat.inbound_nodes(layer)) > 1:
             # Its weights serve several calls: a channel cannot be removed from one alone.
-            return self.unknown(views, outputs, f"{layer.name!r} is a shared layer")
+            reason = f"{layer.name!r} is a shared layer"
+            if table.channel_kind(layer) != table.PRODUCER or len(outputs) != 1:
+                return self.unknown(views, outputs, reason)
+            for v in views:
+                _mark(v, reason)
+            out = self.new(_channels(outputs[0]), reason)  # listed, with the reason
+            slot, _, tid = out.segments[0]
+            self.add(slot, layer, "producer", dst=tid)
+            return [out]
         kind = table.channel_kind(layer)
         name = f"{layer.name!r} ({type(layer).__name__})"
         if isinstance(kind, table.Unsupported):

@@ -2,9 +2,9 @@
 
 Channel analysis (`keras_stg.channel_groups`) and `shrink` see a Functional
 graph's layers and operations, and know a layer's channels from the layer table.
-A custom block layer (keras-hub's `ViTEncoderBlock`, `SwinTransformerBlock` or
-`DepthwiseConvBlock`, a user's residual block) hides its sublayers inside its
-`call`, so every channel that flows through it stays whole. `inline` rebuilds
+A custom block layer (a user's residual block, keras-hub's `DepthwiseConvBlock`)
+hides its sublayers inside its `call`, so every channel that flows through it
+stays whole. `inline` rebuilds
 the model as one Functional graph in which every such block is replaced by the
 graph its `call` builds when it runs on symbolic inputs: its sublayers (Dense,
 convolutions, normalization, `MultiHeadAttention`, ...) and the `keras.ops`
@@ -17,8 +17,12 @@ holds sublayers, and it holds no variables or random state of its own (those
 would become constants of the graph). A block whose `call` cannot run on
 symbolic inputs (Python arithmetic on the batch size, backend-only code) stays
 as it is, and the reason is kept. Every layer of the result is a copy with the
-same weights, named `<block>_<sublayer>`, so the given model is left untouched;
-the result's outputs are checked against the given model's on random inputs.
+same weights (one per layer: a shared layer stays shared), its sublayers named
+`<block>_<attribute>`, so the given model is left untouched; a layer whose config
+does not rebuild it cannot be copied (keras-hub 0.32's `ViTPatchingAndEmbedding`
+and Swin's `PatchEmbedding`), and a model holding one outside an opened block is
+not opened. The result's outputs are checked against the given model's on random
+inputs.
 """
 
 import warnings
@@ -39,6 +43,7 @@ class _Log:
 
     def __init__(self):
         self.opened, self.kept = [], {}
+        self.copies = {}  # id(layer of the given model) -> its copy, for shared layers
 
 
 def _own_state(layer):
@@ -66,11 +71,17 @@ def _openable(op):
     return None
 
 
-def _copy(layer, args, kwargs, rename=False):
+def _copy(layer, args, kwargs, reasons, rename=False):
     """A copy of `layer` called on `args, kwargs` (KerasTensors), its weights copied;
     `rename`: its sublayers named `<layer>_<attribute>` (before the build, so the
-    variables' paths carry the names, and after it, for sublayers made in `build`)."""
+    variables' paths carry the names, and after it, for sublayers made in `build`).
+    A layer called more than once gets one copy, called each time (its weights stay
+    shared)."""
+    if id(layer) in reasons.copies:
+        clone = reasons.copies[id(layer)]
+        return clone, clone(*args, **kwargs)
     clone = layer.__class__.from_config(layer.get_config())
+    reasons.copies[id(layer)] = clone
     if rename:
         _rename_sublayers(clone)
     out = clone(*args, **kwargs)  # a symbolic call: it builds, but records no sublayer node
@@ -97,7 +108,9 @@ def _open(layer, args, kwargs, reasons):
         flat = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)]
         return _replay(layer, flat, f"{layer.name}_", reasons)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
-    clone, _ = _copy(layer, args, kwargs, rename=True)
+    if id(layer) in reasons.copies:  # a shared block: its copy's sublayers are shared too
+        return _trace(reasons.copies[id(layer)], args, kwargs, reasons)
+    clone, _ = _copy(layer, args, kwargs, reasons, rename=True)
     return _trace(clone, args, kwargs, reasons)
 
 
@@ -114,7 +127,7 @@ def _sequence(model, x, prefix, reasons):
                 continue
             except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
                 reasons.kept[f"{prefix}{sub.name}"] = _why(e)
-        clone, x = _copy(sub, (_dense(x),), {})
+        clone, x = _copy(sub, (_dense(x),), {}, reasons)
         clone.name = f"{prefix}{sub.name}"
     return x
 
@@ -245,7 +258,7 @@ def _replay(model, inputs, prefix, reasons):
         if out is None:
             if isinstance(op, keras.layers.Layer):
                 try:
-                    clone, out = _copy(op, call_args, call_kwargs)
+                    clone, out = _copy(op, call_args, call_kwargs, reasons)
                 except Exception as e:
                     raise InlineError(
                         f"{op.name!r} ({type(op).__name__}) cannot be copied: its config "

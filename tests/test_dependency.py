@@ -88,6 +88,22 @@ def test_unknown_ops_outputs_and_shared_layers_are_unprunable_with_the_reason():
     assert "channel group of 4: unprunable" in str(_group_of(groups, "d1"))
 
 
+def test_a_shared_layer_called_again_after_other_layers_is_listed():
+    """The second call of a shared convolution reads a later layer's output: the walk
+    follows the graph's depth order (it failed on this with a KeyError), and the shared
+    layer's channels are listed as a group with the reason."""
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    shared = L.Conv2D(4, 3, padding="same", name="shared")
+    x = shared(L.ReLU(name="relu")(shared(x)))
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(x))
+    groups = keras_stg.channel_groups(keras.Model(inputs, outputs))
+    shared_groups = [g for g in groups if g.members[0].layer.name == "shared"]
+    assert len(shared_groups) == 2
+    assert all("'shared' is a shared layer" in g.reason for g in shared_groups)
+    assert "shared layer" in _group_of(groups, "stem").reason
+
+
 def test_graph_operations_that_are_not_layers_carry_and_couple_channels():
     """`x + 3.0`, `x * y`, `keras.ops.relu(x)` in a Functional graph (MobileNetV3's hard
     swish and hard-sigmoid excitation, ConvNeXt's residual `x + y`) are operations, not

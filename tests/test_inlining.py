@@ -115,6 +115,26 @@ def _model_with(block):
     return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
 
 
+def test_shared_layers_stay_shared():
+    """A block and a Dense called twice: one copy each, called twice, so training the
+    opened model still trains one set of weights."""
+    inputs = keras.Input((8, 8, 8))
+    block = helpers.ResidualBlock(8, name="shared_block")
+    dense = keras.layers.Dense(8, name="shared_dense")
+    x = block(block(inputs))
+    x = dense(dense(keras.layers.GlobalAveragePooling2D()(x)))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    opened = keras_stg.inline(model)
+    assert len(opened.weights) == len(model.weights)
+    names = [layer.name for layer in opened.layers]
+    assert names.count("shared_dense") == 1 and names.count("shared_block_second") == 1
+    assert len(opened.get_layer("shared_block_second")._inbound_nodes) == 2
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 8)).astype("float32")
+    np.testing.assert_allclose(helpers.infer(opened, x), helpers.infer(model, x), atol=1e-5)
+    reasons = [g.reason or "" for g in keras_stg.channel_groups(opened)]
+    assert any("shared" in r for r in reasons)
+
+
 def test_a_sequential_of_blocks_becomes_one_graph(tmp_path):
     model = keras.Sequential([keras.Input((16, 16, 3)), helpers.ConvBN(8, name="stem"),
                               helpers.ResidualBlock(8, name="block"),
