@@ -233,13 +233,59 @@ def tf2onnx_patch():
     return patch_tf2onnx
 
 
+def _init_parameters(cls):
+    """Keyword names the constructors of `cls` take, up to `keras.layers.Layer`'s own, or
+    None if one of them takes unnamed `**kwargs` it does not pass on to its base."""
+    import inspect
+
+    names = {"input_dim", "input_shape", "batch_size", "batch_input_shape"}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                names.add(p.name)
+        if klass is keras.layers.Layer:
+            return names
+    return None
+
+
+def rebuild_layer(layer, config=None):
+    """A new, unbuilt `type(layer).from_config(config)` (`config`: the layer's own by
+    default). Where that fails because the config holds keys the constructors do not
+    take (keras-hub 0.32's `ViTPatchingAndEmbedding` stores its derived `num_patches`),
+    it is rebuilt from the keys they take, and the copy's `get_config` returns those,
+    so that it saves, loads and clones."""
+    config = layer.get_config() if config is None else config
+    try:
+        return type(layer).from_config(config)
+    except Exception as error:  # noqa: BLE001 - retried below, else re-raised
+        accepted = _init_parameters(type(layer))
+        trimmed = {k: v for k, v in config.items() if accepted is None or k in accepted}
+        if accepted is None or trimmed == config:
+            raise
+        try:
+            clone = type(layer).from_config(trimmed)
+        except Exception:  # noqa: BLE001 - the first error says more
+            raise error
+    original = clone.get_config
+
+    def get_config():
+        return {k: v for k, v in original().items() if k in accepted}
+
+    clone.get_config = get_config
+    return clone
+
+
 def clone_model(model, **kwargs):
     """`keras.models.clone_model` without the compile state: Keras recompiles a clone of
     a compiled model from its compile config, which fails for an optimizer with an
-    unregistered custom schedule; a stripped or shrunk model is a plain, uncompiled one."""
+    unregistered custom schedule; a stripped or shrunk model is a plain, uncompiled one.
+    Layers are rebuilt with `rebuild_layer` unless a `clone_function` is given."""
     compiled = getattr(model, "compiled", False)
     if compiled:
         model.compiled = False
+    kwargs.setdefault("clone_function", rebuild_layer)
     try:
         return keras.models.clone_model(model, **kwargs)
     finally:

@@ -2,8 +2,8 @@
 
 Channel analysis (`keras_stg.channel_groups`) and `shrink` see a Functional
 graph's layers and operations, and know a layer's channels from the layer table.
-A custom block layer (a user's residual block, keras-hub's `DepthwiseConvBlock`)
-hides its sublayers inside its `call`, so every channel that flows through it
+A custom block layer (a user's residual block, keras-hub's `ViTEncoderBlock` or
+`DepthwiseConvBlock`) hides its sublayers inside its `call`, so every channel that flows through it
 stays whole. `inline` rebuilds
 the model as one Functional graph in which every such block is replaced by the
 graph its `call` builds when it runs on symbolic inputs: its sublayers (Dense,
@@ -18,10 +18,11 @@ would become constants of the graph). A block whose `call` cannot run on
 symbolic inputs (Python arithmetic on the batch size, backend-only code) stays
 as it is, and the reason is kept. Every layer of the result is a copy with the
 same weights (one per layer: a shared layer stays shared), its sublayers named
-`<block>_<attribute>`, so the given model is left untouched; a layer whose config
-does not rebuild it cannot be copied (keras-hub 0.32's `ViTPatchingAndEmbedding`
-and Swin's `PatchEmbedding`), and a model holding one outside an opened block is
-not opened. The result's outputs are checked against the given model's on random
+`<block>_<attribute>`, so the given model is left untouched. Copies are rebuilt
+from their config (`keras_stg._compat.rebuild_layer`, which also takes configs
+holding keys the constructor does not, as keras-hub 0.32's
+`ViTPatchingAndEmbedding`'s); a model holding a layer whose config cannot be
+rebuilt (keras-hub's Swin `PatchEmbedding`) outside an opened block is not opened. The result's outputs are checked against the given model's on random
 inputs.
 """
 
@@ -71,7 +72,7 @@ def _openable(op):
     return None
 
 
-def _copy(layer, args, kwargs, reasons, rename=False):
+def _copy(layer, args, kwargs, reasons, rename=False, name=None):
     """A copy of `layer` called on `args, kwargs` (KerasTensors), its weights copied;
     `rename`: its sublayers named `<layer>_<attribute>` (before the build, so the
     variables' paths carry the names, and after it, for sublayers made in `build`).
@@ -80,8 +81,10 @@ def _copy(layer, args, kwargs, reasons, rename=False):
     if id(layer) in reasons.copies:
         clone = reasons.copies[id(layer)]
         return clone, clone(*args, **kwargs)
-    clone = layer.__class__.from_config(layer.get_config())
+    clone = _compat.rebuild_layer(layer)
     reasons.copies[id(layer)] = clone
+    if name is not None:
+        clone.name = name
     if rename:
         _rename_sublayers(clone)
     out = clone(*args, **kwargs)  # a symbolic call: it builds, but records no sublayer node
@@ -96,21 +99,21 @@ def _copy(layer, args, kwargs, reasons, rename=False):
     return clone, out
 
 
-def _open(layer, args, kwargs, reasons):
-    """A copy of the block `layer` whose `call` runs on the symbolic `args, kwargs`
-    (its sublayers renamed `<block>_<attribute>`, the blocks among them opened the
-    same way): returns the outputs (KerasTensors)."""
+def _open(layer, args, kwargs, reasons, prefix=""):
+    """A copy of the block `layer` (named `prefix + layer.name`) whose `call` runs on
+    the symbolic `args, kwargs` (its sublayers renamed `<block>_<attribute>`, the
+    blocks among them opened the same way): returns the outputs (KerasTensors)."""
     if kwargs.get("mask") is not None:
         raise ValueError("it is called with a mask")
     if isinstance(layer, keras.Sequential):
-        return _sequence(layer, args[0], f"{layer.name}_", reasons)
+        return _sequence(layer, args[0], f"{prefix}{layer.name}_", reasons)
     if hasattr(layer, "operations"):  # a nested Functional model: replay its graph
         flat = [t for t in keras.tree.flatten(args) if isinstance(t, keras.KerasTensor)]
-        return _replay(layer, flat, f"{layer.name}_", reasons)
+        return _replay(layer, flat, f"{prefix}{layer.name}_", reasons)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
     if id(layer) in reasons.copies:  # a shared block: its copy's sublayers are shared too
         return _trace(reasons.copies[id(layer)], args, kwargs, reasons)
-    clone, _ = _copy(layer, args, kwargs, reasons, rename=True)
+    clone, _ = _copy(layer, args, kwargs, reasons, rename=True, name=prefix + layer.name)
     return _trace(clone, args, kwargs, reasons)
 
 
@@ -122,7 +125,7 @@ def _sequence(model, x, prefix, reasons):
             continue
         if _openable(sub) is None:
             try:
-                x = _open(sub, (x,), {}, reasons)
+                x = _open(sub, (x,), {}, reasons, prefix)
                 reasons.opened.append(f"{prefix}{sub.name}")
                 continue
             except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
@@ -251,7 +254,7 @@ def _replay(model, inputs, prefix, reasons):
         out = None
         if _openable(op) is None:
             try:
-                out = _open(op, call_args, call_kwargs, reasons)
+                out = _open(op, call_args, call_kwargs, reasons, prefix)
                 reasons.opened.append(f"{prefix}{op.name}")
             except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
                 reasons.kept[f"{prefix}{op.name}"] = _why(e)
@@ -307,7 +310,10 @@ def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
     opened, kept = log.opened, log.kept
     current = model
     if opened:
-        current = keras.Model(structure, outputs, name=model.name)
+        try:
+            current = keras.Model(structure, outputs, name=model.name)
+        except ValueError as e:  # two opened layers of one name
+            raise InlineError(f"The opened graph of {model.name!r} is not a model: {e}") from e
     info = {"opened": opened, "kept": kept}
     if current is model:
         return (model, info) if return_info else model

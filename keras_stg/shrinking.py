@@ -530,7 +530,7 @@ def _shrink_graph(model, multiple=1):
             config = _per_channel_config(config, ~drop)
         if isinstance(layer, keras.layers.Reshape) and -1 not in config["target_shape"]:
             config["target_shape"] = tuple(config["target_shape"][:-1]) + (-1,)  # channels
-        new = type(layer).from_config(config)
+        new = _compat.rebuild_layer(layer, config)
         new_layers[id(layer)] = (layer, new)
         return new
 

@@ -141,3 +141,37 @@ def test_freeze_folds_variables_into_constants():
 def test_tf2onnx_patch_is_importable():
     pytest.importorskip("tf2onnx")  # the export extra; installed by the test extras
     assert callable(_compat.tf2onnx_patch())
+
+
+class _DerivedKey(keras.layers.Layer):
+    """A layer whose config holds a value it derives (`count`) but does not take, as
+    keras-hub 0.32's `ViTPatchingAndEmbedding` does: `from_config` fails on it."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.count = units, 2 * units
+        self.dense = keras.layers.Dense(units)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "count": self.count}
+
+
+def test_rebuild_layer_drops_config_keys_the_constructor_does_not_take(tmp_path):
+    layer = _DerivedKey(3, name="derived")
+    with pytest.raises(Exception, match="count"):
+        _DerivedKey.from_config(layer.get_config())
+    copy = _compat.rebuild_layer(layer)
+    assert isinstance(copy, _DerivedKey) and copy.units == 3 and copy.name == "derived"
+    assert "count" not in copy.get_config()  # so the copy saves and loads
+    assert _compat.rebuild_layer(layer, {**layer.get_config(), "units": 5}).units == 5
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, copy(inputs))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, custom_objects={"_DerivedKey": _DerivedKey})
+    assert loaded.layers[1].units == 3
+    with pytest.raises(TypeError, match="units"):  # other failures stay errors
+        _compat.rebuild_layer(keras.layers.Dense(2), {"units": 0})
