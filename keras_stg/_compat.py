@@ -257,8 +257,9 @@ def rebuild_layer(layer, config=None):
     it is rebuilt from the keys they take, and the copy's `get_config` returns those,
     so that it saves, loads and clones."""
     config = layer.get_config() if config is None else config
+    accepted = getattr(layer, "_stg_config_keys", None)  # a copy made here before
     try:
-        return type(layer).from_config(config)
+        clone = type(layer).from_config(config)
     except Exception as error:  # noqa: BLE001 - retried below, else re-raised
         accepted = _init_parameters(type(layer))
         trimmed = {k: v for k, v in config.items() if accepted is None or k in accepted}
@@ -268,12 +269,14 @@ def rebuild_layer(layer, config=None):
             clone = type(layer).from_config(trimmed)
         except Exception:  # noqa: BLE001 - the first error says more
             raise error
-    original = clone.get_config
+    if accepted is not None:
+        original = clone.get_config
 
-    def get_config():
-        return {k: v for k, v in original().items() if k in accepted}
+        def get_config():
+            return {k: v for k, v in original().items() if k in accepted}
 
-    clone.get_config = get_config
+        clone.get_config = get_config
+        clone._stg_config_keys = accepted
     return clone
 
 

@@ -166,6 +166,7 @@ def test_rebuild_layer_drops_config_keys_the_constructor_does_not_take(tmp_path)
     copy = _compat.rebuild_layer(layer)
     assert isinstance(copy, _DerivedKey) and copy.units == 3 and copy.name == "derived"
     assert "count" not in copy.get_config()  # so the copy saves and loads
+    assert "count" not in _compat.rebuild_layer(copy).get_config()  # and a copy of it
     assert _compat.rebuild_layer(layer, {**layer.get_config(), "units": 5}).units == 5
     inputs = keras.Input((4,))
     model = keras.Model(inputs, copy(inputs))

@@ -24,7 +24,7 @@ CASES = [
     (model, mode, "channel")
     for model in ("lenet", "tiny_mobilenet_v2")
     for mode in ("slt", "post_training", "joint")
-] + [("tiny_resnet50", "joint", "channel")]
+] + [("tiny_resnet50", "joint", "channel"), ("vit", "joint", "channel")]
 
 
 @pytest.mark.parametrize("model_name,mode,granularity", CASES)
