@@ -35,6 +35,18 @@ def test_quick_run_writes_a_row_per_seed_and_resumes(tmp_path, shared_data, caps
     assert os.listdir(tmp_path / "attention_heads") == ["seed_0.json"]
 
 
+def test_keras_hub_vit_opens_and_loses_heads_and_mlp_units(tmp_path, shared_data):
+    """keras-hub's ViTBackbone: channel gates open its blocks (`keras_stg.inline`), so
+    its heads and MLP units are removed like the Functional transformer's."""
+    (row,) = attention_heads.main(["--quick", "--net", "keras_hub_vit", "--data-dir",
+                                   shared_data, "--out", str(tmp_path)])
+    assert (tmp_path / "attention_heads" / "keras_hub_vit" / "seed_0.json").exists()
+    assert row["net"] == "keras_hub_vit" and row["ours"]["macs"] <= row["dense"]["macs"]
+    # The shrunk model is the opened one: its attentions and MLPs are its own layers.
+    assert len(row["ours"]["heads"]) == 4 and all(1 <= h <= 4 for h in row["ours"]["heads"])
+    assert len(row["ours"]["mlp_units"]) == 4
+
+
 def test_the_table_pairs_each_seed_with_its_dense_model():
     def row(seed, dense, ours, ms):
         return {"seed": seed, "dense": {"accuracy": dense, "macs": 100},
