@@ -622,6 +622,10 @@ def shrink(model, check=True, atol=1e-5, seed=0, return_info=False, channel_mult
     and biases in every producer, and every layer on their path mapping 0 to
     0 (what `granularity="channel"` leaves after `strip`).
 
+    A model holding custom block layers (a layer of yours whose `call` runs
+    sublayers) is opened first (`keras_stg.inline`), so the shrunk model is
+    plain Keras layers and the blocks' insides lose their zero channels too.
+
     Raises:
         ShrinkError: the model cannot be shrunk (a subclassed model, an
             unsupported layer in a chain); names the layer and the fix.
