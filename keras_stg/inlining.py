@@ -141,10 +141,13 @@ def _trace(block, args, kwargs, reasons):
     is traced in turn (their class is swapped for the call's duration)."""
     swapped = []
     for sub in block._flatten_layers(include_self=False, recursive=False):
+        opens = not isinstance(sub, keras.Model) and _openable(sub) is None
+        if not opens:
+            _check_rebuilds(sub)  # it becomes a layer of the opened model
         if isinstance(sub, keras.Model):
             continue
         swapped.append((sub, sub.__class__))
-        sub.__class__ = _tracing_class(sub.__class__, _openable(sub) is None)
+        sub.__class__ = _tracing_class(sub.__class__, opens)
     _ACTIVE.append(reasons)
     try:
         return block.call(*_dense(args), **_dense(kwargs))
@@ -180,11 +183,22 @@ def _tracing_class(cls, opens):
                 return out
             except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
                 log.kept[self.name] = _why(e)
+                _check_rebuilds(self)  # else the block around it stays whole
         return cls.__call__(self, *args, **kwargs)
 
     _TRACING[key] = type(cls.__name__, (cls,), {"__call__": __call__,
                                                 "__module__": cls.__module__})
     return _TRACING[key]
+
+
+def _check_rebuilds(layer):
+    """Raises ValueError unless `layer` can be rebuilt from its config: every layer of
+    the opened model must be, or `strip`, `shrink` and saving could not copy it."""
+    try:
+        _compat.rebuild_layer(layer)
+    except Exception as e:  # noqa: BLE001 - any failure: the block around it stays whole
+        raise ValueError(f"its sublayer {layer.name!r} ({type(layer).__name__}) cannot be "
+                         f"rebuilt from its config ({type(e).__name__}: {e})") from e
 
 
 def _dense(structure):
@@ -320,7 +334,13 @@ def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
     if check:
         from keras_stg.shrinking import output_difference
 
-        diff, scale = output_difference(model, current, seed)
+        try:
+            diff, scale = output_difference(model, current, seed)
+        except Exception as e:  # noqa: BLE001 - a trace that baked in a symbolic value
+            raise InlineError(
+                f"The opened graph of {model.name!r} (blocks {opened}) does not run "
+                f"({type(e).__name__}: {str(e)[:300]}), so it was discarded: a block's "
+                "`call` depends on values it only has when it runs (the batch size).") from e
         info["max_abs_diff"] = diff
         if diff > atol * scale:
             raise InlineError(

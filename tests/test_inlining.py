@@ -173,6 +173,63 @@ def test_a_trace_that_changes_the_outputs_is_discarded():
     assert any("changed its outputs" in str(w.message) for w in caught)
 
 
+class ApplyFunction(keras.layers.Layer):
+    """A layer built on a Python function: its config cannot rebuild it."""
+
+    def __init__(self, fn, **kwargs):
+        super().__init__(**kwargs)
+        self.fn = fn
+
+    def call(self, x):
+        return self.fn(x)
+
+
+class _WithApply(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8)
+        self.double = ApplyFunction(lambda x: 2.0 * x)
+
+    def call(self, x):
+        return self.double(self.dense(x))
+
+
+class _BatchReshape(keras.layers.Layer):
+    """Reshapes to the batch size it sees: on symbolic inputs that is None, which the
+    opened graph would keep."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8)
+
+    def call(self, x):
+        y = self.dense(x)
+        return ops.reshape(y, (ops.shape(y)[0], -1))
+
+
+def test_a_block_with_a_sublayer_its_config_cannot_rebuild_stays_whole():
+    """Opening it would put a layer into the model that strip, shrink and saving cannot
+    copy; the model still strips."""
+    model = _model_with(_WithApply)
+    opened, info = keras_stg.inline(model, return_info=True)
+    assert "cannot be rebuilt" in info["kept"]["block"] and "kept" in info["opened"]
+    assert any(isinstance(layer, _WithApply) for layer in opened.layers)
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0,
+                           init_mu=0.5)
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    assert helpers.max_diff(helpers.infer(gated.strip(), x), helpers.infer(gated, x)) <= 1e-5
+
+
+def test_a_trace_that_does_not_run_is_discarded():
+    model = _model_with(_BatchReshape)
+    with pytest.raises(inlining.InlineError, match="does not run"):
+        keras_stg.inline(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert inlining.open_custom_blocks(model) is model
+    assert any("does not run" in str(w.message) for w in caught)
+
+
 def test_models_without_blocks_are_returned_as_they_are():
     for model in (helpers.lenet(), helpers.tiny_mobilenet_v2()):
         opened, info = keras_stg.inline(model, return_info=True)
