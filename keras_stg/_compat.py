@@ -38,6 +38,34 @@ def inbound_nodes(operation):
     return operation._inbound_nodes
 
 
+def own_state(layer):
+    """Variables and seed generators `layer` holds itself, not through sublayers."""
+    return (list(getattr(layer, "_trainable_variables", ()))
+            + list(getattr(layer, "_non_trainable_variables", ()))
+            + list(getattr(layer, "_seed_generators", ())))
+
+
+def sublayers(layer):
+    """The layers `layer` holds directly (attributes, lists of layers)."""
+    return layer._flatten_layers(include_self=False, recursive=False)
+
+
+def mark_dense(tensor):
+    """Marks a KerasTensor dense (Keras marks `x * 2.0` sparse: it takes a Python number
+    for a sparse operand)."""
+    tensor._sparse = False
+
+
+def input_name(tensor):
+    """The name of the InputLayer that made the model input `tensor`."""
+    return tensor._keras_history.operation.name
+
+
+def structures(model):
+    """`(inputs, outputs)` of a Functional model in the nesting it was built with."""
+    return model._inputs_struct, model._outputs_struct
+
+
 def graph_calls(model, known):
     """Yields `(operation, node)` for each call in the Functional `model`'s graph, in
     an order where a call comes after the calls it reads (a shared layer's second call

@@ -22,8 +22,9 @@ same weights (one per layer: a shared layer stays shared), its sublayers named
 from their config (`keras_stg._compat.rebuild_layer`, which also takes configs
 holding keys the constructor does not, as keras-hub 0.32's
 `ViTPatchingAndEmbedding`'s); a model holding a layer whose config cannot be
-rebuilt (keras-hub's Swin `PatchEmbedding`) outside an opened block is not opened. The result's outputs are checked against the given model's on random
-inputs.
+rebuilt (keras-hub's Swin `PatchEmbedding`) is not opened, nor is a block with a
+sublayer that cannot be. The result's outputs are checked against the given
+model's on random inputs; a result that differs or does not run is discarded.
 """
 
 import warnings
@@ -47,14 +48,6 @@ class _Log:
         self.copies = {}  # id(layer of the given model) -> its copy, for shared layers
 
 
-def _own_state(layer):
-    """Variables or seed generators `layer` holds itself, not through sublayers."""
-    own = list(getattr(layer, "_trainable_variables", ()))
-    own += list(getattr(layer, "_non_trainable_variables", ()))
-    own += list(getattr(layer, "_seed_generators", ()))
-    return own
-
-
 def _openable(op):
     """Why `op` cannot be opened, or None if it can."""
     if not isinstance(op, keras.layers.Layer):
@@ -65,9 +58,9 @@ def _openable(op):
         return "a Keras layer (its channels are the layer table's business)"
     if table.spec(op).channels is not None or table.spec(op).kernels is not None:
         return "in the layer table"
-    if not op._layers:
+    if not _compat.sublayers(op):
         return "holds no sublayers"
-    if _own_state(op):
+    if _compat.own_state(op):
         return "holds variables of its own"
     return None
 
@@ -140,7 +133,7 @@ def _trace(block, args, kwargs, reasons):
     sublayers record graph nodes, except the blocks among them, whose own `call`
     is traced in turn (their class is swapped for the call's duration)."""
     swapped = []
-    for sub in block._flatten_layers(include_self=False, recursive=False):
+    for sub in _compat.sublayers(block):
         opens = not isinstance(sub, keras.Model) and _openable(sub) is None
         if not opens:
             _check_rebuilds(sub)  # it becomes a layer of the opened model
@@ -207,7 +200,7 @@ def _dense(structure):
     `inline` only opens models whose inputs are dense, where no tensor is sparse."""
     for t in keras.tree.flatten(structure):
         if isinstance(t, keras.KerasTensor) and t.sparse:
-            t._sparse = False
+            _compat.mark_dense(t)
     return structure
 
 
@@ -228,7 +221,7 @@ def _rename_sublayers(block):
     """Names each direct sublayer of `block` `<block>_<attribute>` (unique in a graph
     where block names are), once."""
     names = _attribute_names(block)
-    for sub in block._flatten_layers(include_self=False, recursive=False):
+    for sub in _compat.sublayers(block):
         if not getattr(sub, "_stg_inlined_name", False):
             sub.name = f"{block.name}_{names.get(id(sub), sub.name)}"
             sub._stg_inlined_name = True
@@ -285,7 +278,7 @@ def _replay(model, inputs, prefix, reasons):
                 out = _fresh(op)(*call_args, **call_kwargs)
         for t, o in zip(node.output_tensors, keras.tree.flatten(out)):
             new[id(t)] = o
-    return keras.tree.map_structure(lambda t: new[id(t)], model._outputs_struct)
+    return keras.tree.map_structure(lambda t: new[id(t)], _compat.structures(model)[1])
 
 
 def openable_layers(model):
@@ -315,12 +308,12 @@ def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
         return (model, info) if return_info else model
     log = _Log()
     inputs = [keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype,
-                          name=t._keras_history.operation.name) for t in model.inputs]
+                          name=_compat.input_name(t)) for t in model.inputs]
     if isinstance(model, keras.Sequential):
         outputs, structure = _sequence(model, inputs[0], "", log), inputs[0]
     else:
         outputs = _replay(model, inputs, "", log)
-        structure = keras.tree.pack_sequence_as(model._inputs_struct, inputs)
+        structure = keras.tree.pack_sequence_as(_compat.structures(model)[0], inputs)
     opened, kept = log.opened, log.kept
     current = model
     if opened:

@@ -176,3 +176,17 @@ def test_rebuild_layer_drops_config_keys_the_constructor_does_not_take(tmp_path)
     assert loaded.layers[1].units == 3
     with pytest.raises(TypeError, match="units"):  # other failures stay errors
         _compat.rebuild_layer(keras.layers.Dense(2), {"units": 0})
+
+
+def test_block_internals_inline_reads():
+    block = _DerivedKey(3, name="derived")
+    inputs = keras.Input((4,), name="features")
+    model = keras.Model({"x": inputs}, [block(inputs)])
+    assert _compat.sublayers(block) == [block.dense]
+    assert _compat.own_state(block) == [] and len(_compat.own_state(block.dense)) == 2
+    assert _compat.input_name(model.inputs[0]) == "features"
+    ins, outs = _compat.structures(model)
+    assert isinstance(ins, dict) and isinstance(outs, list)
+    doubled = inputs * 2.0
+    _compat.mark_dense(doubled)
+    assert not doubled.sparse
