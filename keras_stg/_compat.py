@@ -262,8 +262,9 @@ def tf2onnx_patch():
 
 
 def _init_parameters(cls):
-    """Keyword names the constructors of `cls` take, up to `keras.layers.Layer`'s own, or
-    None if one of them takes unnamed `**kwargs` it does not pass on to its base."""
+    """Keyword names the constructors of the layer class `cls` name, down to
+    `keras.layers.Layer`'s own (with the input-shape keys it takes from `**kwargs`);
+    None for a class that is not a layer."""
     import inspect
 
     names = {"input_dim", "input_shape", "batch_size", "batch_input_shape"}
