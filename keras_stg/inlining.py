@@ -114,18 +114,32 @@ def _sequence(model, x, prefix, reasons):
     """Calls a copy of every layer of the Sequential `model` on `x` in turn, opening
     the blocks that can be; returns the output."""
     for sub in model.layers:
-        if isinstance(sub, keras.layers.InputLayer):
-            continue
-        if _openable(sub) is None:
-            try:
-                x = _open(sub, (x,), {}, reasons, prefix)
-                reasons.opened.append(f"{prefix}{sub.name}")
-                continue
-            except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
-                reasons.kept[f"{prefix}{sub.name}"] = _why(e)
-        clone, x = _copy(sub, (_dense(x),), {}, reasons)
-        clone.name = f"{prefix}{sub.name}"
+        if not isinstance(sub, keras.layers.InputLayer):
+            x = _call_copy(sub, (_dense(x),), {}, prefix, reasons)
     return x
+
+
+def _call_copy(op, args, kwargs, prefix, reasons):
+    """One call of the given model's `op` in the opened graph: the block opened where it
+    can be, else a copy of the layer (named `prefix + op.name`) or a fresh operation,
+    called on `args, kwargs`; returns its outputs."""
+    if _openable(op) is None:
+        try:
+            out = _open(op, args, kwargs, reasons, prefix)
+            reasons.opened.append(f"{prefix}{op.name}")
+            return out
+        except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
+            reasons.kept[f"{prefix}{op.name}"] = _why(e)
+    if not isinstance(op, keras.layers.Layer):
+        return _fresh(op)(*args, **kwargs)
+    try:
+        clone, out = _copy(op, args, kwargs, reasons)
+    except Exception as e:
+        raise InlineError(
+            f"{op.name!r} ({type(op).__name__}) cannot be copied: its config "
+            f"does not rebuild it ({type(e).__name__}: {str(e)[:200]}).") from e
+    clone.name = f"{prefix}{op.name}"
+    return out
 
 
 def _trace(block, args, kwargs, reasons):
@@ -258,35 +272,10 @@ def _replay(model, inputs, prefix, reasons):
     for op, node in _compat.graph_calls(model, new):
         call_args, call_kwargs = _compat.node_arguments(node)
         call_args, call_kwargs = _dense(mapped(call_args)), _dense(mapped(call_kwargs))
-        out = None
-        if _openable(op) is None:
-            try:
-                out = _open(op, call_args, call_kwargs, reasons, prefix)
-                reasons.opened.append(f"{prefix}{op.name}")
-            except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
-                reasons.kept[f"{prefix}{op.name}"] = _why(e)
-        if out is None:
-            if isinstance(op, keras.layers.Layer):
-                try:
-                    clone, out = _copy(op, call_args, call_kwargs, reasons)
-                except Exception as e:
-                    raise InlineError(
-                        f"{op.name!r} ({type(op).__name__}) cannot be copied: its config "
-                        f"does not rebuild it ({type(e).__name__}: {str(e)[:200]}).") from e
-                clone.name = f"{prefix}{op.name}"
-            else:
-                out = _fresh(op)(*call_args, **call_kwargs)
+        out = _call_copy(op, call_args, call_kwargs, prefix, reasons)
         for t, o in zip(node.output_tensors, keras.tree.flatten(out)):
             new[id(t)] = o
     return keras.tree.map_structure(lambda t: new[id(t)], _compat.structures(model)[1])
-
-
-def openable_layers(model):
-    """The layers of `model` that `inline` would open (custom blocks, nested models)."""
-    if not hasattr(model, "operations"):
-        return []
-    return [op for op in model.operations
-            if not isinstance(op, keras.layers.InputLayer) and _openable(op) is None]
 
 
 def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
