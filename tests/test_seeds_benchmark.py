@@ -300,3 +300,20 @@ def test_each_method_pins_its_controller_error_whatever_the_library_default(monk
     assert variants.POLISHES[variants.DEFAULT_METHOD] == config_lib.AUTO_POLISH
     assert variants.SIGMAS[variants.DEFAULT_METHOD] == config_lib.AUTO_SIGMA
     assert set(variants.CONTROLLER_ERRORS) == set(part_seeds.METHODS) - {"edge_popup"}
+
+
+def test_training_order_is_a_function_of_the_seed_alone(shared_data):
+    """A run sees its seed's data order whatever the process ran before (tf.data mixes
+    TensorFlow's global seed into a shuffle's order; the previous run set it)."""
+    import tensorflow as tf
+
+    setup = tasks.Setup(bench.parse_args(["--quick", "--data-dir", shared_data]))
+
+    def first_labels(seed, global_seed):
+        tf.random.set_seed(global_seed)  # what the run before left behind
+        setup.seed = seed
+        train, _, _ = setup.datasets("lenet_mnist")
+        return next(iter(train))[1].numpy().tolist()
+
+    assert first_labels(1, 0) == first_labels(1, 7) == first_labels(1, 1)
+    assert first_labels(1, 0) != first_labels(2, 0)

@@ -86,7 +86,10 @@ def setting(setup, task, method):
     """What a row's number depends on besides method, target and seed."""
     s = {"epochs": setup.epochs_for(task), "limit": setup.limits(task)[0],
          "batch": setup.batch_for(task), "scale_fan": setup.scale_fan(task),
-         "quick": bool(setup.quick)}
+         "quick": bool(setup.quick),
+         # The training order is the seed's alone (`Setup.datasets`); rows from before
+         # saw the order of the seed their process ran before, and are not mixed in.
+         "order": "seed"}
     if method == "edge_popup":
         s["ep"] = f"SGD(lr={setup.ep_lr}, momentum={EP_MOMENTUM}, cosine), wd={setup.ep_wd}"
         return s

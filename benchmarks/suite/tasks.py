@@ -74,8 +74,15 @@ class Setup:
                                  if limit and not self.quick else "")
 
     def datasets(self, task, part="slt"):
+        """`(train, test, steps per epoch)` of the task at this setup's seed. The training
+        order is a function of the seed alone: `tf.data` draws a shuffle's order from
+        its own seed and TensorFlow's global one, so the global seed is set to the
+        run's first (a run used to see the order of the seed the process ran before)."""
+        import keras
+
         from keras_stg.experiments import data
 
+        keras.utils.set_random_seed(self.seed)
         _, dataset, _, _ = TASKS[task]
         limit, test_limit = self.limits(task)
         train = data.dataset(dataset, "train", self.batch_for(task, part), self.data_dir,

@@ -456,7 +456,9 @@ def dataset(
         name, split, data_dir: as in `load`.
         batch_size: batch size.
         shuffle: shuffle every epoch (default: only the train split).
-        seed: shuffle seed.
+        seed: shuffle seed. `tf.data` combines it with TensorFlow's global seed
+            (`keras.utils.set_random_seed`) as the dataset is made, so the order
+            repeats when both do; `epochs_dataset` gives orders of `seed` alone.
         flatten: flatten images to vectors (for MLPs).
         image_size: resize to `(h, w)` or `s` x `s` (ImageNet-style backbones).
         channels: repeat grayscale channels up to this count (e.g. 3).
