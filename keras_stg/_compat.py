@@ -24,7 +24,8 @@ TESTED_KERAS = ">=3.15,<3.16"
 
 
 def sublayers(layer):
-    """Direct sublayers of `layer` (Keras tracks them in a private list)."""
+    """The layers `layer` holds directly (attributes, lists of layers; Keras tracks them
+    in a private list)."""
     return layer._flatten_layers(include_self=False, recursive=False)
 
 
@@ -43,11 +44,6 @@ def own_state(layer):
     return (list(getattr(layer, "_trainable_variables", ()))
             + list(getattr(layer, "_non_trainable_variables", ()))
             + list(getattr(layer, "_seed_generators", ())))
-
-
-def sublayers(layer):
-    """The layers `layer` holds directly (attributes, lists of layers)."""
-    return layer._flatten_layers(include_self=False, recursive=False)
 
 
 def mark_dense(tensor):
@@ -141,6 +137,44 @@ def operation_classes(names):
                 found.append(cls)
                 break
     return found
+
+
+def infer_batch_in_reshapes(model):
+    """Makes the `keras.ops.reshape` calls in `model`'s graph that reshape to a symbolic
+    batch size (None: a block's `call` that reshaped to `ops.shape(x)[0]` on symbolic
+    inputs put the unknown size into the graph, which no run can take) infer it (-1):
+    a target shape with one None and no -1; or, for an input whose other axes are
+    known, a None first (the batch) beside a -1, which is then worked out. Returns how
+    many were changed."""
+    import math
+
+    from keras.src.ops import numpy
+
+    changed = 0
+    for op in model.operations:
+        shape = getattr(op, "newshape", None)
+        if not isinstance(op, numpy.Reshape) or not isinstance(shape, (tuple, list)) \
+                or None not in shape:
+            continue
+        shape = list(shape)
+        if sum(d is None for d in shape) == 1 and -1 not in shape:
+            op.newshape = tuple(-1 if d is None else d for d in shape)
+            changed += 1
+            continue
+        nodes = op._inbound_nodes
+        if len(nodes) != 1 or shape[0] is not None or None in shape[1:] \
+                or shape[1:].count(-1) != 1:
+            continue
+        x = node_arguments(nodes[0])[0][0]
+        if x.shape[0] is not None or None in x.shape[1:]:
+            continue
+        size = math.prod(x.shape[1:])
+        known = math.prod(d for d in shape[1:] if d != -1)
+        if known <= 0 or size % known:
+            continue
+        op.newshape = tuple([-1] + [size // known if d == -1 else d for d in shape[1:]])
+        changed += 1
+    return changed
 
 
 def application_layer(module, name):
@@ -279,13 +313,39 @@ def _init_parameters(cls):
     return None
 
 
+def _base_config(layer):
+    """`{name, trainable, dtype}` of `layer` if its class's constructors take no
+    arguments of their own (only `keras.layers.Layer`'s), else None."""
+    import inspect
+
+    for klass in type(layer).__mro__:
+        if klass is keras.layers.Layer:
+            return {"name": layer.name, "trainable": layer.trainable,
+                    "dtype": keras.dtype_policies.serialize(layer.dtype_policy)}
+        if "__init__" in vars(klass) and any(
+                p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
+                and p.name != "self"
+                for p in inspect.signature(klass.__init__).parameters.values()):
+            return None
+    return None
+
+
 def rebuild_layer(layer, config=None):
     """A new, unbuilt `type(layer).from_config(config)` (`config`: the layer's own by
     default). Where that fails because the config holds keys the constructors do not
     take (keras-hub 0.32's `ViTPatchingAndEmbedding` stores its derived `num_patches`),
     it is rebuilt from the keys they take, and the copy's `get_config` returns those,
-    so that it saves, loads and clones."""
-    config = layer.get_config() if config is None else config
+    so that it saves, loads and clones. A layer whose `get_config` fails although its
+    constructors take nothing beyond `keras.layers.Layer`'s (keras-hub builds
+    `layers.Identity(dtype=policy)`, which Keras 3.15's automatic config refuses) is
+    rebuilt from its name, trainability and dtype policy."""
+    if config is None:
+        try:
+            config = layer.get_config()
+        except NotImplementedError:
+            config = _base_config(layer)
+            if config is None:
+                raise
     accepted = getattr(layer, "_stg_config_keys", None)  # a copy made here before
     try:
         clone = type(layer).from_config(config)

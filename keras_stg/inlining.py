@@ -23,8 +23,10 @@ from their config (`keras_stg._compat.rebuild_layer`, which also takes configs
 holding keys the constructor does not, as keras-hub 0.32's
 `ViTPatchingAndEmbedding`'s); a model holding a layer whose config cannot be
 rebuilt (keras-hub's Swin `PatchEmbedding`) is not opened, nor is a block with a
-sublayer that cannot be. The result's outputs are checked against the given
-model's on random inputs; a result that differs or does not run is discarded.
+sublayer that cannot be. A reshape to the batch size the trace saw (None) infers
+that axis in the opened graph (`keras_stg._compat.infer_batch_in_reshapes`). The
+result's outputs are checked against the given model's on random inputs; a result
+that differs or does not run is discarded.
 """
 
 import warnings
@@ -75,7 +77,6 @@ def _copy(layer, args, kwargs, reasons, rename=False, name=None):
         clone = reasons.copies[id(layer)]
         return clone, clone(*args, **kwargs)
     clone = _compat.rebuild_layer(layer)
-    reasons.copies[id(layer)] = clone
     if name is not None:
         clone.name = name
     if rename:
@@ -89,6 +90,7 @@ def _copy(layer, args, kwargs, reasons, rename=False, name=None):
         if tuple(src.shape) != tuple(dst.shape):
             raise ValueError(f"its copy's weight {dst.path} has shape {dst.shape}, not {src.shape}")
         dst.assign(src.numpy())
+    reasons.copies[id(layer)] = clone  # only a copy that holds the layer's weights
     return clone, out
 
 
@@ -124,11 +126,13 @@ def _call_copy(op, args, kwargs, prefix, reasons):
     can be, else a copy of the layer (named `prefix + op.name`) or a fresh operation,
     called on `args, kwargs`; returns its outputs."""
     if _openable(op) is None:
+        before = len(reasons.opened)
         try:
             out = _open(op, args, kwargs, reasons, prefix)
             reasons.opened.append(f"{prefix}{op.name}")
             return out
         except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
+            del reasons.opened[before:]  # the blocks inside it stay closed with it
             reasons.kept[f"{prefix}{op.name}"] = _why(e)
     if not isinstance(op, keras.layers.Layer):
         return _fresh(op)(*args, **kwargs)
@@ -147,19 +151,21 @@ def _trace(block, args, kwargs, reasons):
     sublayers record graph nodes, except the blocks among them, whose own `call`
     is traced in turn (their class is swapped for the call's duration)."""
     swapped = []
-    for sub in _compat.sublayers(block):
-        opens = not isinstance(sub, keras.Model) and _openable(sub) is None
-        if not opens:
-            _check_rebuilds(sub)  # it becomes a layer of the opened model
-        if isinstance(sub, keras.Model):
-            continue
-        swapped.append((sub, sub.__class__))
-        sub.__class__ = _tracing_class(sub.__class__, opens)
-    _ACTIVE.append(reasons)
     try:
-        return block.call(*_dense(args), **_dense(kwargs))
-    finally:
-        _ACTIVE.pop()
+        for sub in _compat.sublayers(block):
+            opens = not isinstance(sub, keras.Model) and _openable(sub) is None
+            if not opens:
+                _check_rebuilds(sub)  # it becomes a layer of the opened model
+            if isinstance(sub, keras.Model):
+                continue
+            swapped.append((sub, sub.__class__))
+            sub.__class__ = _tracing_class(sub.__class__, opens)
+        _ACTIVE.append(reasons)
+        try:
+            return block.call(*_dense(args), **_dense(kwargs))
+        finally:
+            _ACTIVE.pop()
+    finally:  # also when a sublayer fails the check: no class stays swapped
         for sub, cls in swapped:
             sub.__class__ = cls
 
@@ -180,6 +186,7 @@ def _tracing_class(cls, opens):
         args, kwargs = _dense(args), _dense(kwargs)
         if opens:
             log = _ACTIVE[-1]
+            before = len(log.opened)
             try:
                 if kwargs.get("mask") is not None:
                     raise ValueError("it is called with a mask")
@@ -189,6 +196,7 @@ def _tracing_class(cls, opens):
                 log.opened.append(self.name)
                 return out
             except Exception as e:  # noqa: BLE001 - any failure keeps the block whole
+                del log.opened[before:]
                 log.kept[self.name] = _why(e)
                 _check_rebuilds(self)  # else the block around it stays whole
         return cls.__call__(self, *args, **kwargs)
@@ -313,6 +321,8 @@ def inline(model, check=True, atol=1e-5, seed=0, return_info=False):
     info = {"opened": opened, "kept": kept}
     if current is model:
         return (model, info) if return_info else model
+    # Reshapes a trace made to the batch size it saw (None) take it from the input.
+    _compat.infer_batch_in_reshapes(current)
     if check:
         from keras_stg.shrinking import output_difference
 

@@ -190,3 +190,24 @@ def test_block_internals_inline_reads():
     doubled = inputs * 2.0
     _compat.mark_dense(doubled)
     assert not doubled.sparse
+
+
+def test_rebuild_layer_takes_a_layer_whose_automatic_config_fails():
+    """`layers.Identity(dtype=policy)` (keras-hub's drop path at rate 0): Keras cannot
+    write its config; it is rebuilt from name, trainability and dtype, and the copy's
+    config works. A layer with constructor arguments of its own is not guessed."""
+    layer = keras.layers.Identity(dtype=keras.DTypePolicy("float32"), name="drop_path")
+    with pytest.raises(NotImplementedError):
+        layer.get_config()
+    copy = _compat.rebuild_layer(layer)
+    assert type(copy) is keras.layers.Identity and copy.name == "drop_path"
+    assert copy.dtype_policy.name == "float32"
+    assert keras.layers.Identity.from_config(copy.get_config()).name == "drop_path"
+
+    class Scale(keras.layers.Layer):
+        def __init__(self, factor, **kwargs):
+            super().__init__(**kwargs)
+            self.factor = factor
+
+    with pytest.raises(NotImplementedError):
+        _compat.rebuild_layer(Scale(lambda: 2.0, name="scale"))

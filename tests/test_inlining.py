@@ -226,8 +226,95 @@ def test_a_block_with_a_sublayer_its_config_cannot_rebuild_stays_whole():
     assert helpers.max_diff(helpers.infer(gated.strip(), x), helpers.infer(gated, x)) <= 1e-5
 
 
+class _Scaled(keras.layers.Layer):
+    """An openable block: a Dense, then a product by two."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8)
+
+    def call(self, x):
+        return self.dense(x) * 2.0
+
+
+class _InnerWithApply(keras.layers.Layer):
+    """An openable block first, then a sublayer its config cannot rebuild: the block
+    stays whole, found out after its first sublayer was readied for the trace."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scaled = _Scaled(name="scaled")
+        self.double = ApplyFunction(lambda x: 2.0 * x)
+
+    def call(self, x):
+        return self.double(self.scaled(x))
+
+
+class _Outer(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = _InnerWithApply(name="inner")
+        self.dense = keras.layers.Dense(8)
+
+    def call(self, x):
+        return self.dense(self.inner(x))
+
+
+def test_a_nested_block_kept_whole_still_runs():
+    """The outer block opens around the inner one, which stays whole and still computes
+    what it did (its sublayers were left as they were, not as the trace readies them)."""
+    model = _model_with(_Outer)
+    opened, info = keras_stg.inline(model, return_info=True)
+    assert "block" in info["opened"] and "cannot be rebuilt" in info["kept"]["block_inner"]
+    kept = [layer for layer in opened.layers if isinstance(layer, _InnerWithApply)]
+    assert len(kept) == 1 and type(kept[0].scaled) is _Scaled
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    assert helpers.max_diff(helpers.infer(opened, x), helpers.infer(model, x)) <= 1e-5
+
+
+class _SplitHeads(keras.layers.Layer):
+    """Reshapes a sequence of unknown length to `(batch, -1, 4)`: traced, the batch is
+    None beside the -1, and the length is unknown too, so no axis can be worked out and
+    the opened graph does not run."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8)
+
+    def call(self, x):
+        y = self.dense(x)
+        return ops.reshape(y, (ops.shape(y)[0], -1, 4))
+
+
 def test_a_trace_that_does_not_run_is_discarded():
-    _assert_discarded(_model_with(_BatchReshape), "does not run")
+    inputs = keras.Input((None, 6))
+    x = _SplitHeads(name="block")(keras.layers.Dense(8)(inputs))
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x))
+    _assert_discarded(keras.Model(inputs, outputs), "does not run")
+
+
+class _HeadsReshape(keras.layers.Layer):
+    """Reshapes to `(batch, -1, 4)` and back, as attention blocks split heads."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(8)
+
+    def call(self, x):
+        y = ops.reshape(self.dense(x), (ops.shape(x)[0], -1, 4))
+        return ops.reshape(ops.relu(y), (ops.shape(x)[0], 8))
+
+
+@pytest.mark.parametrize("block", [_BatchReshape, _HeadsReshape])
+def test_reshapes_to_the_traced_batch_size_take_it_from_the_input(block):
+    """A reshape to `ops.shape(x)[0]` traces to a None in the graph; the opened model
+    infers that axis instead, so it runs at any batch size and matches."""
+    model = _model_with(block)
+    opened, info = keras_stg.inline(model, return_info=True)
+    assert "block" in info["opened"]
+    for n in (1, 5):
+        x = np.random.default_rng(n).normal(size=(n, 6)).astype("float32")
+        assert helpers.max_diff(helpers.infer(opened, x), helpers.infer(model, x)) <= 1e-5
 
 
 def test_models_without_blocks_are_returned_as_they_are():
@@ -283,3 +370,30 @@ def test_reductions_and_padding_in_the_op_table():
     assert groups["conv"].prunable
     assert "channel axis" in groups["conv2"].reason
     assert "channel axis" in groups["conv3"].reason
+
+
+def test_keras_hub_dinov2_blocks_open():
+    """keras-hub's DINOv2 layers hold `layers.Identity(dtype=policy)`, whose config Keras
+    cannot write: rebuilt from its name and dtype, the layers open, and heads and MLP
+    units become channel groups that shrink."""
+    import keras_hub
+
+    backbone = keras_hub.models.DINOV2Backbone(
+        patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64,
+        image_shape=(28, 28, 3))
+    inputs = keras.Input((28, 28, 3))
+    features = keras.layers.GlobalAveragePooling1D()(backbone(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10)(features))
+    opened, info = keras_stg.inline(model, return_info=True)
+    assert info["kept"] == {} and any("layers_1_attention" in n for n in info["opened"])
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0,
+                           init_mu=0.5)
+    sizes = sorted(g.size for g in gated.groups if g.prunable)
+    assert sizes.count(2) == 2 and sizes.count(64) == 2  # heads and MLP units, per layer
+    helpers.random_channel_masks(gated, keep=0.5, seed=1)
+    small, info = keras_stg.shrink(gated.strip(), return_info=True)
+    assert info["parameters_after"] < info["parameters_before"]
+    x = np.random.default_rng(0).normal(size=(2, 28, 28, 3)).astype("float32")
+    reference = helpers.infer(gated, x)
+    scale = float(np.abs(reference).max())
+    assert helpers.max_diff(helpers.infer(small, x), reference) <= 1e-5 * scale
