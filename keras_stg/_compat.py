@@ -161,7 +161,7 @@ def infer_batch_in_reshapes(model):
             op.newshape = tuple(-1 if d is None else d for d in shape)
             changed += 1
             continue
-        nodes = op._inbound_nodes
+        nodes = inbound_nodes(op)
         if len(nodes) != 1 or shape[0] is not None or None in shape[1:] \
                 or shape[1:].count(-1) != 1:
             continue
