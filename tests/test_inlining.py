@@ -202,7 +202,7 @@ class _WithApply(keras.layers.Layer):
 
 class _BatchReshape(keras.layers.Layer):
     """Reshapes to the batch size it sees: on symbolic inputs that is None, which the
-    opened graph would keep."""
+    opened graph infers instead (the only unknown axis of the target shape)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
