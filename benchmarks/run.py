@@ -115,7 +115,8 @@ def parse_args(argv=None):
                         "error at rate 0.01, ours_rate at rate 0.05 (the defaults of 2026-12-05), "
                         "ours_polish that with polish=0.25, ours_psigma that with sigma=0.25 "
                         "(the current defaults), ours_erk ours_polish with an ERK-weighted "
-                        "penalty, ours_phalf ours_psigma with polish=0.5; "
+                        "penalty, ours_phalf ours_psigma with polish=0.5, ours_ptime "
+                        "ours_psigma for edge-popup's training time; "
                         "default ours and edge_popup")
     p.add_argument("--seeds", type=int, nargs="+", default=list(part_seeds.SEEDS),
                    help="seeds of the seeds part (default 0 1 2); run one per process to "

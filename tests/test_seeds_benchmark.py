@@ -101,6 +101,49 @@ def test_rows_file_skips_a_cut_line_and_claims_respect_live_processes(tmp_path):
     assert part_seeds._claim(path, "ours", 0.9, 0) == claim  # a dead run's claim is taken
 
 
+def test_the_default_method_at_edge_popups_time_is_timed_against_its_own_rows(monkeypatch,
+                                                                               tmp_path):
+    setup = tasks.Setup(bench.parse_args(["--out", str(tmp_path), "--only", "seeds"]))
+    setup.command, setup.run_info = "cmd", "now"
+    monkeypatch.setattr(setup, "datasets", lambda task, part="slt": (None, None, 1))
+    monkeypatch.setattr(part_seeds, "task_available", lambda setup, task: None)
+    times = {"ours": 40.0, "ours_psigma": 8.0, "ours_ptime": 20.0}
+    calls = []
+
+    def fake_ours(setup, task, sparsity, mode, train, test, epochs=None, per_epoch=False,
+                  wrap=None, **kwargs):
+        calls.append(epochs)
+        return {"accuracy": 0.9, "sparsity": sparsity, "epochs": epochs or 20,
+                "wall_time_s": times[method_now[0]], "epoch_accuracy": [0.9]}, None
+
+    def fake_ep(setup, task, sparsity, train, test, steps, per_epoch=False):
+        return {"accuracy": 0.8, "sparsity": sparsity, "wall_time_s": 20.0, "epochs": 20,
+                "epoch_accuracy": [0.8]}
+
+    method_now = [None]
+    real_run = part_seeds._run_point
+
+    def run_point(setup, task, method, target, epochs):
+        method_now[0] = method
+        return real_run(setup, task, method, target, epochs)
+
+    monkeypatch.setattr(part_seeds, "train_ours", fake_ours)
+    monkeypatch.setattr(part_seeds, "train_edge_popup", fake_ep)
+    monkeypatch.setattr(part_seeds, "_run_point", run_point)
+    out = str(tmp_path)
+    part_seeds.part_seeds(setup, ["lenet_mnist"], [0.9], [0], ["ours", "edge_popup"], out)
+    part_seeds.part_seeds(setup, ["lenet_mnist"], [0.9], [0], ["ours_ptime"], out)
+    assert calls == [None]  # waits for the ours_psigma row, not the absolute controller's
+    part_seeds.part_seeds(setup, ["lenet_mnist"], [0.9], [0], ["ours_psigma", "ours_ptime"],
+                          out)
+    assert calls == [None, None, 50]  # 20 epochs * 20 s / 8 s
+    rows = part_seeds.read_rows(part_seeds.rows_path(out, "lenet_mnist"))
+    ptime = [r for r in rows if r["method"] == "ours_ptime"]
+    assert len(ptime) == 1 and ptime[0]["setting"]["polish"] == 0.25
+    assert ptime[0]["setting"]["sigma"] == 0.25
+    assert "50 ep" in "\n".join(part_seeds.report(out, ["lenet_mnist"]))
+
+
 def test_part_resumes_point_by_point_and_times_ours_to_edge_popup(monkeypatch, tmp_path):
     setup = tasks.Setup(bench.parse_args(["--out", str(tmp_path), "--only", "seeds"]))
     setup.command, setup.run_info = "cmd", "now"

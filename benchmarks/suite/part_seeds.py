@@ -30,7 +30,7 @@ from benchmarks.edge_popup import sgd_cosine
 from benchmarks.suite.common import EP_MOMENTUM, TASKS, log
 from benchmarks.suite.tasks import task_available, train_edge_popup, train_ours
 from benchmarks.suite.variants import (CONTROLLER_RATES, DEFAULT_METHOD, GATE_SGD_LR, POLISHES,
-                                       SIGMAS, VARIANTS, controller_error, wrap_for)
+                                       SIGMAS, TIMED, VARIANTS, controller_error, wrap_for)
 
 #: Default target sparsities per task (`--sparsities` overrides).
 SEED_SPARSITIES = {"lenet_mnist": (0.5, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)}
@@ -48,7 +48,7 @@ MISSED_TARGET = 0.005
 TARGET_METHODS = (DEFAULT_METHOD, "ours_polish", "ours_rate", "ours")
 #: Columns and plot order: the library default first.
 METHODS = ("ours_psigma", "edge_popup", "ours_polish", "ours_erk", "ours_rate", "ours_sigma",
-           "ours_ratio", "ours", "ours_layer", "ours_sgd", "ours_time", "ours_phalf")
+           "ours_ratio", "ours", "ours_layer", "ours_sgd", "ours_time", "ours_phalf", "ours_ptime")
 LABELS = dict({k: v[0] for k, v in VARIANTS.items()}, edge_popup="edge-popup")
 
 
@@ -129,11 +129,12 @@ def part_seeds(setup, tasks, sparsities, seeds, methods, out):
                 continue
             setup.seed = seed
             epochs = None
-            if method == "ours_time":
-                epochs = _equal_time_epochs(read_rows(path), setup, task, target, seed)
+            if method in TIMED:
+                epochs = _equal_time_epochs(read_rows(path), setup, task, target, seed,
+                                            TIMED[method])
                 if epochs is None:
-                    log(f"seeds {i}/{len(todo)}: ours_time at {target} seed {seed} needs the "
-                        "ours and edge-popup rows of that point first; skipped")
+                    log(f"seeds {i}/{len(todo)}: {method} at {target} seed {seed} needs the "
+                        f"{TIMED[method]} and edge-popup rows of that point first; skipped")
                     continue
             claim = _claim(path, method, target, seed)
             if claim is None:  # another process runs this point now
@@ -195,10 +196,10 @@ def _claim(path, method, target, seed):
     return None
 
 
-def _equal_time_epochs(rows, setup, task, target, seed):
+def _equal_time_epochs(rows, setup, task, target, seed, base="ours"):
     """Epochs of ours that take edge-popup's training time at this target and seed:
-    the default epochs times the ratio of the two runs' measured times (None
-    while either run is missing)."""
+    the epochs of `base`'s run times the ratio of the two runs' measured times
+    (None while either run is missing)."""
     def find(method):
         s = setting(setup, task, method)
         for r in rows:
@@ -206,7 +207,7 @@ def _equal_time_epochs(rows, setup, task, target, seed):
                 return r
         return None
 
-    ours, ep = find("ours"), find("edge_popup")
+    ours, ep = find(base), find("edge_popup")
     if ours is None or ep is None:
         return None
     return max(1, int(round(ours["epochs"] * ep["wall_time_s"] / ours["wall_time_s"])))
@@ -342,7 +343,7 @@ def _frontier_table(summary):
             if p is None:
                 cells.append("")
                 continue
-            extra = f", {p['epochs']:.0f} ep" if m == "ours_time" else ""
+            extra = f", {p['epochs']:.0f} ep" if m in TIMED else ""
             cells.append(f"{_pm(p['acc'], p['acc_std'], p['n'])} at "
                          f"{100 * p['sparsity']:.2f}%{extra}")
         if "edge_popup" in summary:
