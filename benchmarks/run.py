@@ -107,9 +107,10 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", type=float, nargs="+", default=None,
                    help=f"frontier sparsities (default {' '.join(map(str, FRONTIER_SPARSITIES))})")
     p.add_argument("--methods", nargs="+", choices=part_seeds.METHODS,
-                   default=["ours", "edge_popup"],
-                   help="methods of the frontier part (ours: the library defaults, edge_popup) "
-                        "and the seeds part, where each method pins its controller: ours and "
+                   default=None,
+                   help="methods of the frontier part (ours: the library defaults, edge_popup; "
+                        "default both) and the seeds part, where each method pins its "
+                        "controller: ours and "
                         "the variants ours_layer, ours_sgd, ours_time the 'absolute' error at "
                         "rate 0.01 (the defaults up to 2026-12-05), ours_ratio the 'log_ratio' "
                         "error at rate 0.01, ours_rate at rate 0.05 (the defaults of 2026-12-05), "
@@ -117,7 +118,8 @@ def parse_args(argv=None):
                         "(the current defaults), ours_erk ours_polish with an ERK-weighted "
                         "penalty, ours_phalf ours_psigma with polish=0.5, ours_ptime "
                         "ours_psigma for edge-popup's training time; "
-                        "default ours and edge_popup")
+                        f"default {part_seeds.DEFAULT_METHOD} (the current defaults) and "
+                        "edge_popup")
     p.add_argument("--seeds", type=int, nargs="+", default=list(part_seeds.SEEDS),
                    help="seeds of the seeds part (default 0 1 2); run one per process to "
                         "use several cores: they append to the same files")
@@ -244,7 +246,8 @@ def main(argv=None):
     if "cost" in args.only:
         part_cost(setup, args.tasks, results, save)
     if "frontier" in args.only:
-        part_frontier(setup, args.tasks, args.sparsities, results, save, args.methods)
+        part_frontier(setup, args.tasks, args.sparsities, results, save,
+                      args.methods or ["ours", "edge_popup"])
     if "joint" in args.only:
         part_joint(setup, [t for t in args.tasks if t != "conv4_cifar10"],
                    args.joint_sparsities, results, save)
@@ -252,7 +255,7 @@ def main(argv=None):
         part_export(setup, results, save)
     if "seeds" in args.only:
         part_seeds.part_seeds(setup, args.tasks, args.sparsities_given, args.seeds,
-                              args.methods, out)
+                              args.methods or [part_seeds.DEFAULT_METHOD, "edge_popup"], out)
     if "seeds" in args.only or REPORT in args.only:
         seeds_plots = part_seeds.plot(out)
         seeds_lines = part_seeds.report(out)

@@ -261,7 +261,8 @@ def test_layerwise_model_has_one_controller_per_layer():
 
 
 def test_seeds_part_quick_run_end_to_end(tmp_path, shared_data):
-    """Two seeds, ours and edge-popup, tiny data: rows, section and plot are written."""
+    """Two seeds, tiny data, no `--methods`: the library's current defaults and edge-popup
+    run; rows, section and plot are written."""
     out = tmp_path / "out"
     results = tmp_path / "R.md"
     results.write_text("# hand-written\n")
@@ -270,7 +271,8 @@ def test_seeds_part_quick_run_end_to_end(tmp_path, shared_data):
                 "--results", str(results)])
     rows = part_seeds.read_rows(part_seeds.rows_path(str(out), "lenet_mnist"))
     assert sorted((r["method"], r["seed"]) for r in rows) == [
-        ("edge_popup", 0), ("edge_popup", 1), ("ours", 0), ("ours", 1)]
+        ("edge_popup", 0), ("edge_popup", 1), (variants.DEFAULT_METHOD, 0),
+        (variants.DEFAULT_METHOD, 1)]
     assert all(len(r["epoch_accuracy"]) == 1 for r in rows)
     text = results.read_text()
     assert text.startswith("# hand-written") and "<!-- benchmarks.seeds:begin -->" in text
