@@ -20,6 +20,7 @@ interpolation in log kept share between measured points) and the ratio of
 kept weights, edge-popup / ours.
 """
 
+import itertools
 import json
 import math
 import os
@@ -50,6 +51,8 @@ TARGET_METHODS = (DEFAULT_METHOD, "ours_polish", "ours_rate", "ours")
 METHODS = ("ours_psigma", "edge_popup", "ours_polish", "ours_erk", "ours_rate", "ours_sigma",
            "ours_ratio", "ours", "ours_layer", "ours_sgd", "ours_time", "ours_phalf", "ours_ptime")
 LABELS = dict({k: v[0] for k, v in VARIANTS.items()}, edge_popup="edge-popup")
+#: Methods the plots draw in full; the other variants are drawn faint.
+PLOT_MAIN = (DEFAULT_METHOD, "edge_popup", "ours_ptime")
 
 
 def rows_path(out, task):
@@ -439,14 +442,18 @@ def plot(out, tasks=None):
 
     paths = []
     for task, _, summary in _summaries(out, tasks):
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for m, marker in zip(METHODS, "osXv^Dph"):
+        fig, ax = plt.subplots(figsize=(7.5, 5.0))
+        for m, marker in zip(METHODS, itertools.cycle("osXv^Dph*<>dP")):
             if m not in summary:
                 continue
             pts = sorted(summary[m]["points"], key=lambda p: p["sparsity"])
+            # The default, edge-popup and the default at edge-popup's time stand out;
+            # the other variants (hypotheses tried) are drawn faint.
+            main = m in PLOT_MAIN
             ax.errorbar([100 * (1 - p["sparsity"]) for p in pts], [100 * p["acc"] for p in pts],
                         yerr=[100 * p["acc_std"] for p in pts], marker=marker, capsize=3,
-                        label=LABELS[m])
+                        label=LABELS[m], alpha=1.0 if main else 0.35,
+                        linewidth=1.8 if main else 0.8, markersize=6 if main else 4)
         ax.set_xscale("log")
         ax.invert_xaxis()
         ax.set_xlabel("weights kept (%, log scale)")
@@ -456,7 +463,7 @@ def plot(out, tasks=None):
         lo = min(100 * p["acc"] for s in summary.values() for p in s["points"])
         ax.set_ylim(max(lo - 1, 0), None)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="lower left", fontsize=7, ncol=2 if len(summary) > 6 else 1)
         fig.tight_layout()
         path = os.path.join(os.path.dirname(rows_path(out, task)), "..", f"seeds_{task}.png")
         path = os.path.normpath(path)
