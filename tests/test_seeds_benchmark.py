@@ -362,3 +362,21 @@ def test_training_order_is_a_function_of_the_seed_alone(shared_data):
 
     assert first_labels(1, 0) == first_labels(1, 7) == first_labels(1, 1)
     assert first_labels(1, 0) != first_labels(2, 0)
+
+
+def test_plot_draws_every_method(monkeypatch, tmp_path):
+    """More methods than markers: each still gets its line and legend entry."""
+    from benchmarks.suite import plots
+
+    path = part_seeds.rows_path(str(tmp_path), "lenet_mnist")
+    for m in part_seeds.METHODS:
+        for t in (0.5, 0.9):
+            part_seeds.append_row(path, {
+                "method": m, "target": t, "seed": 0, "accuracy": 0.9, "sparsity": t,
+                "wall_time_s": 1.0, "epochs": 20, "epoch_accuracy": [0.9], "setting": {}})
+    drawn = []
+    monkeypatch.setattr(plots, "_save_fig", lambda fig, p: drawn.append(
+        [t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    part_seeds.plot(str(tmp_path), ["lenet_mnist"])
+    assert len(part_seeds.METHODS) > 8
+    assert sorted(drawn[0]) == sorted(part_seeds.LABELS[m] for m in part_seeds.METHODS)
