@@ -211,7 +211,15 @@ def test_targets_say_where_ours_is_behind_and_the_kept_ratio():
             rows.append(_row("edge_popup", t, seed, ep))
     lines = part_seeds._targets("lenet_mnist", part_seeds.summarize(rows))
     text = "\n".join(lines)
-    assert "**not met** (behind at 50% (-0.20))" in text
+    assert ("**not met** (behind at 50% (-0.20; paired by seed -0.20 ± 0.00, ahead on 0 of 3))"
+            in text)
+    # The paired figures come from the seeds both methods ran: ours ahead on seed 0 only.
+    spread = [r for r in rows if r["target"] != 0.5] + [
+        _row(m, 0.5, seed, acc) for seed, pair in enumerate(((0.981, 0.980), (0.979, 0.982),
+                                                             (0.983, 0.984), (0.901, None)))
+        for m, acc in zip(("ours", "edge_popup"), pair) if acc is not None]
+    paired = "\n".join(part_seeds._targets("lenet_mnist", part_seeds.summarize(spread)))
+    assert "behind at 50% (-2.10; paired by seed -0.10 ± 0.20, ahead on 1 of 3)" in paired
     more = rows + [_row("ours", 0.9, 0, 0.99, sparsity=0.8)]  # ahead, but at 80% sparsity
     more += [_row("ours", 0.5, s, 0.99) for s in (0, 1, 2)]
     other = "\n".join(part_seeds._targets("lenet_mnist", part_seeds.summarize(more)))

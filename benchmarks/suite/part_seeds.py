@@ -220,8 +220,8 @@ def _equal_time_epochs(rows, setup, task, target, seed, base="ours"):
 
 
 def summarize(rows):
-    """Per method: sorted points {target, n, acc mean/std, sparsity mean, best-epoch mean/std,
-    epochs mean, time mean}. Rows of different settings of one method are not mixed:
+    """Per method: sorted points {target, n, seeds, accuracy by seed, acc mean/std, sparsity
+    mean, best-epoch mean/std, epochs mean, time mean}. Rows of different settings of one method are not mixed:
     the newest setting (last row's) wins."""
     by_method = {}
     for r in rows:
@@ -240,6 +240,7 @@ def summarize(rows):
             best = np.array([max(r.get("epoch_accuracy") or [r["accuracy"]]) for r in group])
             out.append({
                 "target": target, "n": len(group), "seeds": sorted(points[target]),
+                "by_seed": {seed: r["accuracy"] for seed, r in points[target].items()},
                 "acc": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                 "best": float(best.mean()),
                 "best_std": float(best.std(ddof=1)) if len(best) > 1 else 0.0,
@@ -395,7 +396,8 @@ def _targets(task, summary, method="ours"):
         pairs = [(p, next((q for q in ep["points"] if q["target"] == p["target"]), None))
                  for p in ours["points"]]
         pairs = [(p, q) for p, q in pairs if q is not None]
-        behind = [f"{100 * p['target']:g}% ({100 * (p['acc'] - q['acc']):+.2f})"
+        behind = [f"{100 * p['target']:g}% "
+                  f"({100 * (p['acc'] - q['acc']):+.2f}{_paired(p, q)})"
                   for p, q in pairs if p["acc"] < q["acc"]]
         # Ahead in accuracy but sparser by less: not the same sparsity.
         missed = [f"{100 * p['target']:g}% (ours at {100 * p['sparsity']:.2f}%)"
@@ -429,6 +431,18 @@ def _targets(task, summary, method="ours"):
                 lines.append(f"- >= {100 * need:g}% at {100 * target:g}% (seed mean): "
                              f"**{verdict}** ({_pm(p['acc'], p['acc_std'], p['n'])})")
     return lines
+
+
+def _paired(p, q):
+    """The per-seed differences of two points over their seeds in common (at least two),
+    as "; paired by seed MEAN ± STD, ahead on A of N": how far a gap in the means is
+    from the seeds' own spread."""
+    seeds = sorted(set(p.get("by_seed", {})) & set(q.get("by_seed", {})))
+    if len(seeds) < 2:
+        return ""
+    d = 100 * np.array([p["by_seed"][s] - q["by_seed"][s] for s in seeds])
+    return (f"; paired by seed {d.mean():+.2f} ± {d.std(ddof=1):.2f}, "
+            f"ahead on {int((d > 0).sum())} of {len(seeds)}")
 
 
 def plot(out, tasks=None):
