@@ -29,6 +29,7 @@ for group in keras_stg.channel_groups(model):
 """
 
 import dataclasses
+import itertools
 import math
 
 import keras
@@ -47,8 +48,9 @@ class Member:
             `"depthwise"` (channel axis of a depthwise kernel, and its bias),
             `"per_channel"` (every weight of the layer, indexed by channel),
             `"elementwise"` (no weights; on the channels' path),
-            `"merge"` (an element-wise merge of coupled inputs) or
-            `"consumer"` (input axis of its kernel).
+            `"merge"` (an element-wise merge of coupled inputs),
+            `"split"` (the input of a split along the channel axis, no weights:
+            `shrink` moves its cuts) or `"consumer"` (input axis of its kernel).
         offset: where the group's channel 0 sits on the member's channel axis
             (after a `Concatenate`, or in a producer whose channels were split).
         repeat, period: a consumer after a `Flatten` sees channel `c` at the
@@ -313,6 +315,8 @@ class _Walker:
         name = f"{layer.name!r} ({type(layer).__name__})"
         if isinstance(kind, table.Unsupported):
             return self.unknown(views, outputs, f"{name}: {kind.reason}")
+        if kind == table.SPLIT:
+            return self.split_op(layer, views, outputs, name)
         if len(outputs) != 1:
             return self.unknown(views, outputs, f"{name} has {len(outputs)} outputs")
         out_channels = _channels(outputs[0])
@@ -361,6 +365,35 @@ class _Walker:
                 return self.unknown(views, outputs, f"{name} flattens an unknown shape")
             return [_View(view.segments, repeat=max(1, out_channels // view.channels))]
         return self.unknown(views, outputs, f"{name}: unknown channel kind {kind!r}")
+
+    def split_op(self, op, views, outputs, name):
+        """A split: along the channel axis, output i holds the input's channels from where
+        the outputs before it end (the channel spaces are split at those cuts, so each
+        output's channels are whole spaces); along another axis every output holds the
+        input's channels."""
+        sizes = [_channels(t) for t in outputs]
+        if len(views) != 1 or views[0].repeat != 1 or not all(sizes):
+            return self.unknown(views, outputs, f"{name}: a split this walk cannot follow")
+        view = views[0]
+        if all(size == view.channels for size in sizes):
+            return [view for _ in outputs]  # split along a spatial axis
+        if sum(sizes) != view.channels:
+            return self.unknown(views, outputs, f"{name}: parts of {sizes} channels do not "
+                                                f"add up to its input's {view.channels}")
+        cuts = list(itertools.accumulate(sizes))[:-1]
+        for slot, offset, _ in view.segments:
+            inner = [c - offset for c in cuts if offset < c < offset + slot.size]
+            if inner:
+                self.split(slot.root(), inner)
+        view = self.resolve(view)
+        for slot, offset, tid in view.segments:
+            self.add(slot, op, "split", offset, src=(tid,))
+        out, start = [], 0
+        for size in sizes:
+            out.append(_View([(slot, offset - start, tid) for slot, offset, tid in view.segments
+                              if start <= offset < start + size]))
+            start += size
+        return out
 
     def attention(self, layer, views, arguments, out_channels, name):
         """A multi-head attention call: the query, key and value projections read their

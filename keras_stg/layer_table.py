@@ -67,13 +67,19 @@ MERGE = "merge"
 #: Inputs concatenated on the channel axis.
 CONCAT = "concat"
 
+#: Outputs that are parts of the input along one axis (`keras.ops.split`): along the
+#: channel axis each output holds a contiguous range of the input's channels (its
+#: offset is where the previous outputs end), along another axis every output holds
+#: them all.
+SPLIT = "split"
+
 #: Multi-head attention: projections read its query, key and value inputs (their
 #: kernels' input axis), its heads are a channel space of their own, and its output
 #: is its output projection's (see `attention_parts`).
 ATTENTION = "attention"
 
 CHANNEL_KINDS = (PRODUCER, DEPTHWISE, PER_CHANNEL, ELEMENTWISE, SPATIAL, GLOBAL_POOL,
-                 FLATTEN, MERGE, CONCAT, ATTENTION)
+                 FLATTEN, MERGE, CONCAT, SPLIT, ATTENTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,9 +512,15 @@ def _norm_over_channels(layer):
 
 
 def _concat_channels(layer):
+    """CONCAT on the channel axis; along another axis but the batch axis, channel c of
+    every input is channel c of the output: coupled as by an element-wise merge (a
+    removed channel is zero in the output where it is zero in every input)."""
     if _is_last_axis(layer, layer.axis):
         return CONCAT
-    return Unsupported(f"it concatenates on axis {layer.axis}, not the channel axis")
+    rank = _input_rank(layer)
+    if rank is None or layer.axis % rank == 0:
+        return Unsupported(f"it concatenates on axis {layer.axis}, the batch axis")
+    return MERGE
 
 
 def _normalization_channels(layer):
@@ -600,7 +612,20 @@ def _reduce_op(op):
     return GLOBAL_POOL
 
 
+def _split_op(op):
+    """`keras.ops.split` (and `array_split`) along any axis but the batch axis."""
+    axis = getattr(op, "axis", -1)
+    for node in _compat.inbound_nodes(op):
+        if axis % len(node.input_tensors[0].shape) == 0:
+            return Unsupported(f"it splits the batch axis (axis={axis!r})")
+    return SPLIT
+
+
 def _register_builtin_ops():
+    for cls in _compat.operation_classes(("Split", "ArraySplit")):
+        register_op(cls, _split_op)
+    for cls in _compat.operation_classes(("Concatenate",)):  # keras.ops.concatenate
+        register_op(cls, _concat_channels)
     for cls in _compat.operation_classes(("Pad",)):
         register_op(cls, _pad_op)
     for cls in _compat.operation_classes(("Mean", "Max", "Min", "Sum", "Amax", "Amin")):

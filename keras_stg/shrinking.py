@@ -4,7 +4,8 @@ A unit or channel whose kernel slices and bias are all zero (what
 `granularity="unit"` or `"channel"` gates leave after `strip`) outputs exactly
 zero before its activation. The shrunk model drops it from its producer and
 from everything it flows through: normalization weights, depthwise kernels,
-both branches of a residual `Add`, a `Concatenate` at its offset, a `Flatten`
+both branches of a residual `Add`, a `Concatenate` at its offset, a channel
+split (`keras.ops.split`, whose cuts move to the kept channels), a `Flatten`
 once per position, and the input axis of every consumer (Dense, convolution,
 separable and transposed convolutions, an attention's projections, or any layer
 whose layer-table entry names its channel axes); a `MultiHeadAttention` also
@@ -461,6 +462,17 @@ def _attention_weights(layer, out_drop, in_drop):
     return values
 
 
+def _split_without(op, drop):
+    """A copy of `op`, a split along the channel axis, that cuts its input where the
+    given op did once the channels `drop` marks are gone (each part keeps a channel:
+    every group does)."""
+    sizes = [int(t.shape[-1]) for t in _compat.inbound_nodes(op)[0].output_tensors]
+    cuts = np.cumsum(sizes)[:-1]
+    kept = np.concatenate([[0], np.cumsum(~drop)])
+    (split,) = _compat.operation_classes(("Split",))
+    return split([int(kept[c]) for c in cuts], axis=op.axis)
+
+
 def _shrink_graph(model, multiple=1):
     """`(shrunk model, units)`: the channels of each group that are zero everywhere removed."""
     import keras
@@ -503,7 +515,7 @@ def _shrink_graph(model, multiple=1):
                 for k in range(m.repeat):
                     start = m.offset + k * m.period
                     drop[start:start + group.size] |= dead
-            elif m.role in ("producer", "depthwise", "per_channel"):
+            elif m.role in ("producer", "depthwise", "per_channel", "split"):
                 size = (_output_channels(layer) if m.role == "producer" else
                         int(_input_shape(layer)[-1]))
                 drop = out_drop.setdefault(id(layer), np.zeros(size, bool))
@@ -517,6 +529,8 @@ def _shrink_graph(model, multiple=1):
 
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
+            if id(layer) in out_drop:  # a channel split: its cuts move
+                return _split_without(layer, out_drop[id(layer)])
             return layer  # a graph operation (`x + 3.0`): no weights, any channel count
         config = layer.get_config()
         if table.channel_kind(layer) == table.ATTENTION:

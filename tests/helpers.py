@@ -388,6 +388,24 @@ def split_adds():
     return keras.Model(inputs, outputs, name="split_adds")
 
 
+def channel_split():
+    """A cross-stage-partial stage (CSPNet, YOLO's C2f): `exp` (12 channels) split into
+    its first 5 channels, which a residual block adds to, and the other 7, concatenated
+    back; a split along a spatial axis after it keeps the channels."""
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(12, 3, padding="same",
+                                                          name="exp")(inputs)))
+    part, cross = keras.ops.split(x, [5], axis=-1)
+    block = L.Conv2D(5, 3, padding="same", name="block")(part)
+    x = L.Concatenate(name="cat")([L.Add(name="res")([part, block]), cross])
+    x = L.Conv2D(6, 1, name="trans")(x)
+    top, bottom = keras.ops.split(x, 2, axis=1)
+    x = L.Concatenate(axis=1, name="rows")([bottom, top])
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name="channel_split")
+
+
 def scale_residual():
     """InceptionResNetV2's residual, its own `CustomScaleLayer` (`x + branch * scale`)."""
     from keras_stg import _compat

@@ -68,8 +68,8 @@ def test_a_concatenation_on_the_channel_axis_by_index_keeps_its_offsets():
             ("transition", "consumer", 0, 1, 0)} <= _roles(stem)
     assert {("bn1", "per_channel", 6, 1, 0), ("bn", "per_channel", 6, 1, 0)} <= _roles(grow0)
     assert ("transition", "consumer", 10, 1, 0) in _roles(grow1)
-    tall = _group_of(groups, "transition")  # concatenated on a spatial axis
-    assert not tall.prunable and "concatenates on axis 1" in tall.reason
+    tall = _group_of(groups, "transition")  # concatenated on a spatial axis: same channels
+    assert tall.prunable and ("tall", "merge", 0, 1, 0) in _roles(tall)
 
 
 def test_unknown_ops_outputs_and_shared_layers_are_unprunable_with_the_reason():
@@ -136,6 +136,40 @@ def test_an_add_of_a_convolution_and_a_concatenation_splits_its_channels():
     assert ("d", "consumer", 4, 1, 0) in _roles(third)
     assert ("g", "consumer", 0, 1, 0) in _roles(first)
     assert sum("a" in [layer.name for layer in g.producers] for g in groups) == 3
+
+
+def test_a_channel_split_cuts_its_producers_channels_into_groups():
+    """`keras.ops.split` on the channel axis: each part is its own group (the residual
+    block couples only the first part), read by the consumer at the part's offset; a
+    split along the height keeps the channels."""
+    groups = keras_stg.channel_groups(helpers.channel_split())
+    by_offset = {m.offset: g for g in groups for m in g.members
+                 if m.layer.name == "exp" and m.role == "producer"}
+    first, second = by_offset[0], by_offset[5]
+    assert (first.size, second.size) == (5, 7)
+    assert all(g.prunable for g in groups if "trans" in [l.name for l in g.producers])
+    assert {l.name for l in first.producers} == {"exp", "block"}
+    assert {l.name for l in second.producers} == {"exp"}
+    assert first.prunable and second.prunable
+    assert ("trans", "consumer", 0, 1, 0) in _roles(first)
+    assert ("trans", "consumer", 5, 1, 0) in _roles(second)
+    assert ("block", "consumer", 0, 1, 0) in _roles(first)
+    assert ("bn", "per_channel", 5, 1, 0) in _roles(second)
+    assert {m.offset for m in first.members + second.members if m.role == "split"} == {0, 5}
+    trans = _group_of(groups, "trans")
+    assert trans.prunable and trans.size == 6
+
+
+def test_a_split_or_concatenation_of_the_batch_axis_stops_its_channels():
+    inputs = keras.Input((4, 4, 3))
+    x = L.Conv2D(6, 1, name="c")(inputs)
+    y = L.Conv2D(6, 1, name="d")(inputs)
+    a, b = keras.ops.split(x, 2, axis=0)
+    model = keras.Model(inputs, [L.Conv2D(2, 1, name="out")(a + b),
+                                 L.Conv2D(2, 1, name="out2")(keras.ops.concatenate([y, y]))])
+    groups = keras_stg.channel_groups(model)
+    assert "splits the batch axis" in _group_of(groups, "c").reason
+    assert "concatenates on axis 0, the batch axis" in _group_of(groups, "d").reason
 
 
 def test_inception_resnet_v2s_own_scaled_residual_couples_its_inputs():

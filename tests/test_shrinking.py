@@ -140,9 +140,9 @@ def test_an_unknown_layer_makes_its_channels_unprunable_and_says_so():
 @pytest.mark.parametrize("build", [helpers.tiny_resnet50, helpers.tiny_mobilenet_v2,
                                    helpers.se_concat_flatten, helpers.dense_block,
                                    helpers.graph_ops, helpers.split_adds,
-                                   helpers.scale_residual],
+                                   helpers.scale_residual, helpers.channel_split],
                          ids=["resnet", "mobilenet_v2", "se_concat_flatten", "dense_block",
-                              "graph_ops", "split_adds", "scale_residual"])
+                              "graph_ops", "split_adds", "scale_residual", "channel_split"])
 def test_graph_shrink_removes_coupled_zero_channels_exactly(build, tmp_path):
     model = build()
     rng = np.random.default_rng(0)
@@ -189,6 +189,29 @@ def test_graph_shrink_of_a_full_keras_application():
     small, info = shrink(model, return_info=True)  # checks the outputs itself
     assert info["parameters_after"] < 0.6 * info["parameters_before"]
     assert info["max_abs_diff"] <= 1e-5
+
+
+def test_channel_gates_shrink_a_channel_split_and_move_its_cut():
+    """The parts of a split channel space get a gate each; the shrunk model splits its
+    smaller input where the first part's kept channels end."""
+    model = helpers.channel_split()
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0)
+    assert sorted(g.mu.shape[0] for g in gated.gates) == [5, 6, 7]
+    rng = np.random.default_rng(0)
+    for gate in gated.gates:
+        mu = np.where(rng.random(gate.mu.shape) < 0.5, 0.5, -0.5).astype("float32")
+        mu[0], mu[-1] = 0.5, -0.5
+        gate.mu.assign(mu)
+    kept = {g.mu.shape[0]: int((g.mu.numpy() > 0).sum()) for g in gated.gates}
+    small, info = shrink(gated.strip(), return_info=True)
+    x, _ = helpers.batch(model, 4)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(gated, x)) <= 1e-5
+    assert small.get_layer("exp").filters == kept[5] + kept[7]
+    assert small.get_layer("block").filters == kept[5]
+    assert small.get_layer("trans").kernel.shape[-2:] == (kept[5] + kept[7], kept[6])
+    splits = [op for op in small.operations if type(op).__name__ == "Split"]
+    assert sorted(str(op.indices_or_sections) for op in splits) == sorted(["2", f"({kept[5]},)"])
+    assert info["unprunable"] == ["out: reaches a model output"]
 
 
 def test_channel_gates_shrink_separable_and_transposed_convolutions_exactly():
