@@ -214,6 +214,27 @@ def test_channel_gates_shrink_a_channel_split_and_move_its_cut():
     assert info["unprunable"] == ["out: reaches a model output"]
 
 
+def test_a_gated_linear_unit_couples_the_halves_of_its_split_and_shrinks():
+    """SwiGLU (DINOv2's MLP, Llama's): one Dense's output split in halves that multiply,
+    so its unit c and unit c + h are one channel: one gate, removed together."""
+    inputs = keras.Input((5, 8))
+    x1, x2 = keras.ops.split(keras.layers.Dense(12, name="up")(inputs), 2, axis=-1)
+    hidden = keras.ops.silu(x1) * x2
+    outputs = keras.layers.Dense(3, name="out")(keras.layers.Dense(8, name="down")(hidden))
+    model = keras.Model(inputs, outputs)
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0)
+    (group,) = [g for g in gated.groups if "up" in [l.name for l in g.producers]]
+    assert group.size == 6 and group.prunable
+    assert {(m.layer.name, m.offset) for m in group.members if m.role == "producer"} == {
+        ("up", 0), ("up", 6)}
+    gate = gated.gates[gated.groups.index(group)]
+    gate.mu.assign(np.array([0.5, -0.5, 0.5, -0.5, -0.5, 0.5], "float32"))
+    small, info = shrink(gated.strip(), return_info=True)
+    assert info["units"]["up"] == (12, 6) and small.get_layer("down").kernel.shape[0] == 3
+    x, _ = helpers.batch(model, 4)
+    assert helpers.max_diff(helpers.infer(small, x), helpers.infer(gated, x)) <= 1e-5
+
+
 def test_channel_gates_shrink_separable_and_transposed_convolutions_exactly():
     model = helpers.separable_transposed_merges()
     gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0)
