@@ -49,8 +49,9 @@ class Member:
             `"per_channel"` (every weight of the layer, indexed by channel),
             `"elementwise"` (no weights; on the channels' path),
             `"merge"` (an element-wise merge of coupled inputs),
-            `"split"` (the input of a split along the channel axis, no weights:
-            `shrink` moves its cuts) or `"consumer"` (input axis of its kernel).
+            `"split"` (the input of a split or an index that cuts the channel axis,
+            no weights: `shrink` moves its cuts) or `"consumer"` (input axis of its
+            kernel).
         offset: where the group's channel 0 sits on the member's channel axis
             (after a `Concatenate`, or in a producer whose channels were split).
         repeat, period: a consumer after a `Flatten` sees channel `c` at the
@@ -317,6 +318,8 @@ class _Walker:
             return self.unknown(views, outputs, f"{name}: {kind.reason}")
         if kind == table.SPLIT:
             return self.split_op(layer, views, outputs, name)
+        if kind == table.SLICE:
+            return [self.slice_op(layer, views, outputs, arguments, name)]
         if len(outputs) != 1:
             return self.unknown(views, outputs, f"{name} has {len(outputs)} outputs")
         out_channels = _channels(outputs[0])
@@ -366,6 +369,37 @@ class _Walker:
             return [_View(view.segments, repeat=max(1, out_channels // view.channels))]
         return self.unknown(views, outputs, f"{name}: unknown channel kind {kind!r}")
 
+    def slice_op(self, op, views, outputs, arguments, name):
+        """`x[key]`: every channel of `x` when the key keeps the channel axis whole, else
+        the channels `[start, stop)` (the channel spaces split at both ends)."""
+        if arguments is None or len(views) != 1 or views[0].repeat != 1 or len(outputs) != 1:
+            return self._stopped(views, _channels(outputs[0]), f"{name}: an index this walk "
+                                                               "cannot follow")
+        args, kwargs, _ = arguments
+        key = kwargs.get("key", args[1] if len(args) > 1 else None)
+        view, rank = views[0], len(args[0].shape)
+        found = table.channel_range(key, rank, view.channels)
+        if isinstance(found, table.Unsupported):
+            return self._stopped(views, _channels(outputs[0]), f"{name}: {found.reason}")
+        start, stop = found
+        if (start, stop) == (0, view.channels):
+            return view
+        view = self._cut(op, view, [start, stop])
+        return _View([(slot, offset - start, tid) for slot, offset, tid in view.segments
+                      if start <= offset < stop])
+
+    def _cut(self, op, view, cuts):
+        """`view` (the input of `op`) with its channel spaces split at the channel indices
+        `cuts`, and `op` a `"split"` member at every segment (`shrink` moves the cuts)."""
+        for slot, offset, _ in view.segments:
+            inner = [c - offset for c in cuts if offset < c < offset + slot.size]
+            if inner:
+                self.split(slot.root(), inner)
+        view = self.resolve(view)
+        for slot, offset, tid in view.segments:
+            self.add(slot, op, "split", offset, src=(tid,))
+        return view
+
     def split_op(self, op, views, outputs, name):
         """A split: along the channel axis, output i holds the input's channels from where
         the outputs before it end (the channel spaces are split at those cuts, so each
@@ -380,14 +414,7 @@ class _Walker:
         if sum(sizes) != view.channels:
             return self.unknown(views, outputs, f"{name}: parts of {sizes} channels do not "
                                                 f"add up to its input's {view.channels}")
-        cuts = list(itertools.accumulate(sizes))[:-1]
-        for slot, offset, _ in view.segments:
-            inner = [c - offset for c in cuts if offset < c < offset + slot.size]
-            if inner:
-                self.split(slot.root(), inner)
-        view = self.resolve(view)
-        for slot, offset, tid in view.segments:
-            self.add(slot, op, "split", offset, src=(tid,))
+        view = self._cut(op, view, list(itertools.accumulate(sizes))[:-1])
         out, start = [], 0
         for size in sizes:
             out.append(_View([(slot, offset - start, tid) for slot, offset, tid in view.segments

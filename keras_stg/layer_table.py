@@ -73,13 +73,18 @@ CONCAT = "concat"
 #: them all.
 SPLIT = "split"
 
+#: An index into the tensor (`x[..., a:b]`, `x[:, 0]`, keras' `GetItem`): the batch
+#: axis whole, any other axis indexed, the channel axis whole or cut to one range of
+#: channels (`channel_range`).
+SLICE = "slice"
+
 #: Multi-head attention: projections read its query, key and value inputs (their
 #: kernels' input axis), its heads are a channel space of their own, and its output
 #: is its output projection's (see `attention_parts`).
 ATTENTION = "attention"
 
 CHANNEL_KINDS = (PRODUCER, DEPTHWISE, PER_CHANNEL, ELEMENTWISE, SPATIAL, GLOBAL_POOL,
-                 FLATTEN, MERGE, CONCAT, SPLIT, ATTENTION)
+                 FLATTEN, MERGE, CONCAT, SPLIT, SLICE, ATTENTION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,7 +626,60 @@ def _split_op(op):
     return SPLIT
 
 
+def full_key(key, rank):
+    """`key` of `x[key]` as one entry per axis of a rank-`rank` tensor (the Ellipsis and
+    the missing trailing axes made whole slices), or None for a key this table does not
+    read (tensors, lists, `None` for a new axis, more entries than axes)."""
+    key = tuple(key) if isinstance(key, (tuple, list)) else (key,)
+    if any(k is None or not isinstance(k, (int, slice, type(Ellipsis))) or isinstance(k, bool)
+           for k in key) or sum(k is Ellipsis for k in key) > 1:
+        return None
+    if Ellipsis in key:
+        at = key.index(Ellipsis)
+        key = key[:at] + (slice(None),) * (rank - len(key) + 1) + key[at + 1:]
+    key = key + (slice(None),) * (rank - len(key))
+    if len(key) != rank or any(isinstance(k, slice) and not all(
+            v is None or isinstance(v, int) and not isinstance(v, bool)
+            for v in (k.start, k.stop, k.step)) for k in key):
+        return None
+    return key
+
+
+def channel_range(key, rank, channels):
+    """`(start, stop)` of the channels `x[key]` keeps of a rank-`rank` tensor with
+    `channels` channels, or `Unsupported(reason)`."""
+    full = full_key(key, rank)
+    if full is None:
+        return Unsupported(f"it indexes with {key!r}, which the layer table does not read")
+    if full[0] != slice(None):
+        return Unsupported(f"it indexes the batch axis ({full[0]!r})")
+    last = full[-1]
+    if not isinstance(last, slice):
+        return Unsupported(f"it takes channel {last!r} alone, dropping the channel axis")
+    start, stop, step = last.indices(channels)
+    if step != 1:
+        return Unsupported(f"it takes the channels in steps of {step}")
+    return start, max(start, stop)
+
+
+def _getitem_op(op):
+    """`x[key]` (`GetItem`): SLICE when every call's key keeps the batch axis whole and
+    takes one range of channels (or all)."""
+    for node in _compat.inbound_nodes(op):
+        args, kwargs = _compat.node_arguments(node)
+        key = kwargs.get("key", args[1] if len(args) > 1 else None)
+        shape = node.input_tensors[0].shape
+        if not shape or shape[-1] is None:
+            return Unsupported("its input's channel count is not known")
+        found = channel_range(key, len(shape), shape[-1])
+        if isinstance(found, Unsupported):
+            return found
+    return SLICE
+
+
 def _register_builtin_ops():
+    for cls in _compat.operation_classes(("GetItem",)):
+        register_op(cls, _getitem_op)
     for cls in _compat.operation_classes(("Split", "ArraySplit")):
         register_op(cls, _split_op)
     for cls in _compat.operation_classes(("Concatenate",)):  # keras.ops.concatenate

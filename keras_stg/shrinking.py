@@ -5,7 +5,8 @@ A unit or channel whose kernel slices and bias are all zero (what
 zero before its activation. The shrunk model drops it from its producer and
 from everything it flows through: normalization weights, depthwise kernels,
 both branches of a residual `Add`, a `Concatenate` at its offset, a channel
-split (`keras.ops.split`, whose cuts move to the kept channels), a `Flatten`
+split (`keras.ops.split`) or range (`x[..., a:b]`), whose cuts move to the kept
+channels, a `Flatten`
 once per position, and the input axis of every consumer (Dense, convolution,
 separable and transposed convolutions, an attention's projections, or any layer
 whose layer-table entry names its channel axes); a `MultiHeadAttention` also
@@ -462,15 +463,25 @@ def _attention_weights(layer, out_drop, in_drop):
     return values
 
 
-def _split_without(op, drop):
-    """A copy of `op`, a split along the channel axis, that cuts its input where the
-    given op did once the channels `drop` marks are gone (each part keeps a channel:
-    every group does)."""
-    sizes = [int(t.shape[-1]) for t in _compat.inbound_nodes(op)[0].output_tensors]
-    cuts = np.cumsum(sizes)[:-1]
+def _recut(op, drop):
+    """What replaces `op`, a split or an index (`x[..., a:b]`) that cuts the channel axis,
+    in the shrunk graph: the same cuts moved to where they fall once the channels `drop`
+    marks are gone (each part keeps a channel: every group does). A split becomes a new
+    split; an index, a function indexing its input with the moved key (the key is an
+    argument of the graph's node, not of the operation)."""
     kept = np.concatenate([[0], np.cumsum(~drop)])
-    (split,) = _compat.operation_classes(("Split",))
-    return split([int(kept[c]) for c in cuts], axis=op.axis)
+    if table.channel_kind(op) == table.SPLIT:
+        sizes = [int(t.shape[-1]) for t in _compat.inbound_nodes(op)[0].output_tensors]
+        (split,) = _compat.operation_classes(("Split",))
+        return split([int(kept[c]) for c in np.cumsum(sizes)[:-1]], axis=op.axis)
+
+    def index(x, key):
+        rank = len(x.shape)
+        start, stop = table.channel_range(key, rank, drop.size)
+        moved = table.full_key(key, rank)[:-1] + (slice(int(kept[start]), int(kept[stop])),)
+        return x[moved]
+
+    return index
 
 
 def _shrink_graph(model, multiple=1):
@@ -529,8 +540,8 @@ def _shrink_graph(model, multiple=1):
 
     def clone(layer):
         if not isinstance(layer, keras.layers.Layer):
-            if id(layer) in out_drop:  # a channel split: its cuts move
-                return _split_without(layer, out_drop[id(layer)])
+            if id(layer) in out_drop:  # a split or an index of the channels: its cuts move
+                return _recut(layer, out_drop[id(layer)])
             return layer  # a graph operation (`x + 3.0`): no weights, any channel count
         config = layer.get_config()
         if table.channel_kind(layer) == table.ATTENTION:

@@ -406,6 +406,23 @@ def channel_split():
     return keras.Model(inputs, outputs, name="channel_split")
 
 
+def channel_slices():
+    """Channel ranges taken by indexing (`x[..., a:b]`, GhostNet's and many a hand-written
+    CSP block's way): `wide` (10 channels) read as channels 2-5, which a residual block
+    adds to, and 6-9, concatenated back (channels 0-1 are read by nothing); a crop of the
+    rows and columns by index keeps the channels."""
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(10, 3, padding="same",
+                                                          name="wide")(inputs)))
+    part, rest = x[..., 2:6], x[:, :, :, 6:]
+    x = L.Concatenate(name="cat")([L.Add(name="res")([part, L.Conv2D(4, 1, name="p")(part)]),
+                                   rest])
+    x = L.Conv2D(6, 1, name="mix")(x)[:, 1:-1, 1:-1]
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name="channel_slices")
+
+
 def scale_residual():
     """InceptionResNetV2's residual, its own `CustomScaleLayer` (`x + branch * scale`)."""
     from keras_stg import _compat

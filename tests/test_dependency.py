@@ -160,6 +160,32 @@ def test_a_channel_split_cuts_its_producers_channels_into_groups():
     assert trans.prunable and trans.size == 6
 
 
+def test_an_index_of_a_channel_range_cuts_its_producers_channels_into_groups():
+    groups = keras_stg.channel_groups(helpers.channel_slices())
+    by_offset = {m.offset: g for g in groups for m in g.members
+                 if m.layer.name == "wide" and m.role == "producer"}
+    assert sorted((o, g.size) for o, g in by_offset.items()) == [(0, 2), (2, 4), (6, 4)]
+    assert all(g.prunable for g in by_offset.values())
+    assert {l.name for l in by_offset[2].producers} == {"wide", "p"}
+    assert ("mix", "consumer", 4, 1, 0) in _roles(by_offset[6])
+    assert not [m for m in by_offset[0].members if m.role == "consumer"]  # read by nothing
+    assert _group_of(groups, "mix").prunable  # through the crop
+
+
+@pytest.mark.parametrize("index, reason", [
+    (lambda t: t[:, 0], None),  # a class token: the channels stay
+    (lambda t: t[..., ::2], "in steps of 2"),
+    (lambda t: t[:1, :], "indexes the batch axis"),
+    (lambda t: t[:, :, 3], "takes channel 3 alone"),
+])
+def test_indexing_keeps_or_stops_the_channels_with_the_reason(index, reason):
+    inputs = keras.Input((5, 8))
+    x = L.Dense(8, name="d")(inputs)
+    model = keras.Model(inputs, L.Dense(2, name="out")(index(x)))
+    group = _group_of(keras_stg.channel_groups(model), "d")
+    assert group.prunable if reason is None else reason in group.reason
+
+
 def test_a_split_or_concatenation_of_the_batch_axis_stops_its_channels():
     inputs = keras.Input((4, 4, 3))
     x = L.Conv2D(6, 1, name="c")(inputs)

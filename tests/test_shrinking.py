@@ -140,9 +140,11 @@ def test_an_unknown_layer_makes_its_channels_unprunable_and_says_so():
 @pytest.mark.parametrize("build", [helpers.tiny_resnet50, helpers.tiny_mobilenet_v2,
                                    helpers.se_concat_flatten, helpers.dense_block,
                                    helpers.graph_ops, helpers.split_adds,
-                                   helpers.scale_residual, helpers.channel_split],
+                                   helpers.scale_residual, helpers.channel_split,
+                                   helpers.channel_slices],
                          ids=["resnet", "mobilenet_v2", "se_concat_flatten", "dense_block",
-                              "graph_ops", "split_adds", "scale_residual", "channel_split"])
+                              "graph_ops", "split_adds", "scale_residual", "channel_split",
+                              "channel_slices"])
 def test_graph_shrink_removes_coupled_zero_channels_exactly(build, tmp_path):
     model = build()
     rng = np.random.default_rng(0)
