@@ -221,8 +221,8 @@ def _equal_time_epochs(rows, setup, task, target, seed, base="ours"):
 
 def summarize(rows):
     """Per method: sorted points {target, n, seeds, accuracy by seed, acc mean/std, sparsity
-    mean, best-epoch mean/std, epochs mean, time mean}. Rows of different settings of one method are not mixed:
-    the newest setting (last row's) wins."""
+    mean, best-epoch mean/std, epochs mean, time mean}. Rows of different settings of one
+    method are not mixed: the newest setting (last row's) wins."""
     by_method = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
