@@ -107,7 +107,8 @@ def check(model):
             problems.append(Problem("op", k, name, "not supported by the Edge TPU (runs on the CPU "
                                     "and splits the graph there)"))
         inputs = [i for i in (op.inputs if op.inputs is not None else []) if i >= 0]
-        if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"):
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
+                    "SPLIT"):  # SPLIT's first operand is its axis
             int32_ok.update(i for i in inputs if i in constant)
         else:
             int32_ok.update(i for i in inputs[1:] if i in constant)

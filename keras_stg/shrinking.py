@@ -466,14 +466,20 @@ def _attention_weights(layer, out_drop, in_drop):
 def _recut(op, drop):
     """What replaces `op`, a split or an index (`x[..., a:b]`) that cuts the channel axis,
     in the shrunk graph: the same cuts moved to where they fall once the channels `drop`
-    marks are gone (each part keeps a channel: every group does). A split becomes a new
-    split; an index, a function indexing its input with the moved key (the key is an
+    marks are gone (each part keeps a channel: every group does). A split into equal parts
+    stays a split; into unequal ones it becomes one index per part, which TFLite runs as
+    STRIDED_SLICE (its SPLIT_V, what an uneven split converts to, is not an Edge TPU op).
+    An index becomes a function indexing its input with the moved key (the key is an
     argument of the graph's node, not of the operation)."""
     kept = np.concatenate([[0], np.cumsum(~drop)])
     if table.channel_kind(op) == table.SPLIT:
         sizes = [int(t.shape[-1]) for t in _compat.inbound_nodes(op)[0].output_tensors]
-        (split,) = _compat.operation_classes(("Split",))
-        return split([int(kept[c]) for c in np.cumsum(sizes)[:-1]], axis=op.axis)
+        bounds = [int(kept[c]) for c in np.concatenate([[0], np.cumsum(sizes)])]
+        parts = np.diff(bounds)
+        if len(set(parts)) == 1:
+            (split,) = _compat.operation_classes(("Split",))
+            return split(len(parts), axis=op.axis)
+        return lambda x: [x[..., a:b] for a, b in zip(bounds, bounds[1:])]
 
     def index(x, key):
         rank = len(x.shape)

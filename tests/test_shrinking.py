@@ -211,9 +211,29 @@ def test_channel_gates_shrink_a_channel_split_and_move_its_cut():
     assert small.get_layer("exp").filters == kept[5] + kept[7]
     assert small.get_layer("block").filters == kept[5]
     assert small.get_layer("trans").kernel.shape[-2:] == (kept[5] + kept[7], kept[6])
-    splits = [op for op in small.operations if type(op).__name__ == "Split"]
-    assert sorted(str(op.indices_or_sections) for op in splits) == sorted(["2", f"({kept[5]},)"])
+    # The uneven channel split became two indexes (the height split stays a split).
+    assert [op.indices_or_sections for op in small.operations
+            if type(op).__name__ == "Split"] == [2]
+    assert sum(type(op).__name__ == "GetItem" for op in small.operations) == 2
     assert info["unprunable"] == ["out: reaches a model output"]
+
+
+def test_a_shrunk_uneven_channel_split_stays_edge_tpu_ready():
+    """An uneven split converts to TFLite's SPLIT_V, which the Edge TPU lacks: the shrunk
+    model cuts with indexes (STRIDED_SLICE) instead; the split of the height into equal
+    parts stays a SPLIT, whose constant axis operand is no activation."""
+    from export import edgetpu, tflite
+
+    model = helpers.channel_split()
+    gated = keras_stg.wrap(model, mode="post_training", granularity="channel", seed=0)
+    for gate in gated.gates:
+        mu = np.full(gate.mu.shape, 0.5, "float32")
+        mu[1:3] = -0.5  # every group loses two channels: parts of 3 and 5
+        gate.mu.assign(mu)
+    small = shrink(gated.strip())
+    x, _ = helpers.batch(model, 8)
+    data = tflite.convert(small, int8=True, representative=x)
+    assert [str(p) for p in edgetpu.check(data)] == []
 
 
 def test_a_gated_linear_unit_couples_the_halves_of_its_split_and_shrinks():
