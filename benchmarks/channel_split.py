@@ -59,7 +59,7 @@ def cspnet(size, seed):
     return model
 
 
-def shrunk_pair(model, keep, seed):
+def shrunk_models(model, keep, seed):
     """`{name: (shrunk, the masked model it was shrunk from)}` for "split-aware" and
     "splits whole", the number of gated groups and of those a split cuts, for random
     channel masks keeping `keep` of every group."""
@@ -114,7 +114,7 @@ def main(argv=None):
 
     start = time.time()
     model = cspnet(args.size, args.seed)
-    shrunk, gates, cut = shrunk_pair(model, args.keep, args.seed)
+    shrunk, gates, cut = shrunk_models(model, args.keep, args.seed)
     x = np.random.default_rng(args.seed + 1).normal(
         size=(4, args.size, args.size, 3)).astype("float32")
     models = {"dense": model} | {name: small for name, (small, _) in shrunk.items()}
